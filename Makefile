@@ -1,0 +1,32 @@
+# rag-pipeline: `make run` and `make test` are the two commands a new user needs (see README).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+RP      := $(VENV)/bin/rag-pipeline
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export ANONYMIZED_TELEMETRY := False
+
+.PHONY: setup run test lint bench clean
+
+setup:            ## idempotent: apt packages, .venv, torch CPU, project, llama.cpp (cached wheel), SmolLM2
+	bash scripts/setup.sh
+
+run: setup        ## the main job on the bundled example data (CPU: a llama.cpp SmolLM2 server is started)
+	$(RP) run --input data/example/records.jsonl --output output/example
+
+test: setup       ## the whole test suite, real components
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	shellcheck launch_servers.sh scripts/*.sh .ci/run
+
+bench: setup      ## benchmarks: print measured ratios against a baseline measured in the same run
+	$(PY) bench/ingest.py
+	$(PY) bench/llm_client.py
+	$(PY) bench/orchestration.py
+	$(PY) bench/memory.py
+
+clean:
+	rm -rf output data/store .pytest_cache

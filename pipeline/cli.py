@@ -1,0 +1,112 @@
+"""The `rag-pipeline` command line: a thin click layer over the library.
+
+Importing this module must stay cheap: no torch, chromadb or sentence_transformers (tested).
+Library errors (:class:`pipeline.errors.RagPipelineError`) become one clear message and the
+error's exit code; no traceback for user errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import RagPipelineError
+
+# CLI parameter name -> config key, for every command. Checked against the config by a test.
+CONFIG_FLAGS: dict[str, str] = {}
+
+
+def config_option(*param_decls: str, key: str, **attrs: Any) -> Callable:
+    """A click option whose value overrides config field ``key`` ("section.field") when given.
+
+    The option's default is ``None`` so that "not given" falls through to the config file and defaults.
+    """
+    attrs.setdefault("default", None)
+    attrs.setdefault("show_default", False)
+
+    def deco(fn: Callable) -> Callable:
+        opt = click.option(*param_decls, **attrs)(fn)
+        name = opt.__click_params__[-1].name  # type: ignore[attr-defined]
+        if CONFIG_FLAGS.setdefault(name, key) != key:
+            raise RuntimeError(f"CLI parameter {name!r} maps to both {CONFIG_FLAGS[name]!r} and {key!r}")
+        return opt
+
+    return deco
+
+
+def config_file_option(fn: Callable) -> Callable:
+    """Adds ``--config FILE`` (a TOML file layered over configs/default.toml)."""
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="TOML config file (overrides configs/default.toml; CLI flags override it).",
+    )(fn)
+
+
+def build_config(config_file: str | None, params: dict[str, Any]):
+    """Effective config from --config and the flags of the current command (those in CONFIG_FLAGS)."""
+    from pipeline.config import load_config
+
+    overrides = {CONFIG_FLAGS[k]: v for k, v in params.items() if k in CONFIG_FLAGS and v is not None}
+    return load_config(config_file, overrides)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn library errors into `Error: ...` on stderr and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RagPipelineError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+class _LazyGroup(click.Group):
+    """Registers the commands of pipeline.commands on first use, so `import pipeline.cli` stays cheap and
+    `python -m pipeline.cli` does not import this module twice in a circle."""
+
+    _loaded = False
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            from pipeline.commands import COMMANDS
+
+            for cmd in COMMANDS:
+                self.add_command(cmd)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="rag-pipeline")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """rag-pipeline: offline, multi-GPU batch retrieval-augmented generation.
+
+    JSONL records + a document corpus in, one Parquet row per record out.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    main()

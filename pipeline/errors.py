@@ -1,0 +1,43 @@
+"""Exceptions raised by library code. The CLI turns each into one message and a non-zero exit."""
+
+
+class RagPipelineError(Exception):
+    """Base of every user-facing error; ``exit_code`` is the process exit status the CLI uses."""
+
+    exit_code = 1
+
+
+class ConfigError(RagPipelineError):
+    """Invalid configuration: unknown key, wrong type, missing file."""
+
+    exit_code = 2
+
+
+class InputError(RagPipelineError):
+    """Bad user input (file, line, field named in the message)."""
+
+    exit_code = 2
+
+
+class ServerError(RagPipelineError):
+    """An LLM server could not be started, reached or verified."""
+
+    exit_code = 3
+
+
+class StoreError(RagPipelineError):
+    """The vector store could not be opened, read or written."""
+
+    exit_code = 4
+
+
+class RunError(RagPipelineError):
+    """The run could not complete (a worker died for good, rank0 failed, ...)."""
+
+    exit_code = 5
+
+
+class Interrupted(RagPipelineError):
+    """The run was stopped by SIGINT/SIGTERM/SIGUSR1 after committing finished rows (resumable)."""
+
+    exit_code = 130
