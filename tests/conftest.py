@@ -9,4 +9,5 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 pytest_plugins = [
     "tests.fixtures.store",
     "tests.fixtures.llm",
+    "tests.fixtures.slurm",
 ]

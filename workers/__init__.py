@@ -1,0 +1,1 @@
+"""Code that runs inside the RAG-worker and generation processes."""

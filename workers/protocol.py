@@ -1,0 +1,34 @@
+"""Messages between the main process and its workers (plain tuples and dicts: cheap to pickle).
+
+Main -> worker inbox: a list of work items, or ``None`` (the sentinel: finish in-flight work, then exit).
+Worker -> main results queue:
+    ("READY", worker_name, detail)       startup finished (rank0: the store is ready)
+    ("ERROR", worker_name, traceback)    fatal error in the worker; traceback as formatted text
+    ("RAG", worker_name, [rag_result])   one dict per record (see workers.rag_worker)
+    ("GEN", worker_name, [gen_result])   one dict per record (see workers.generation)
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+from typing import Any
+
+POLL_S = 0.5
+
+
+def ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which coordinates shutdown (distilabel style)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def get_work(inbox: Any, parent_pid: int) -> list | None:
+    """Block until work or the sentinel arrives; return None if the parent died (no orphan workers)."""
+    while True:
+        try:
+            return inbox.get(timeout=POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent_pid:
+                return None

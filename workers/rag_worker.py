@@ -1,0 +1,223 @@
+"""The RAG worker process: one per GPU (or per endpoint in attach/CPU mode).
+
+It loads the embedding model once on its device and opens its own vector-store client (seed 000: load heavy
+resources once per process role). Rank0 alone may write: it resets/ingests the collection before any other
+worker starts (DESIGN.md: Chroma is not multi-process safe), then reports READY.
+
+Per micro-batch of records it embeds all queries in one call, searches top-k, and (``rag.mode =
+"retrieve+answer"``) asks ITS OWN endpoint for a grounded answer, keeping several requests in flight with a
+thread pool so a batching server (SGLang) stays busy.
+
+Result dict per record (sent as ("RAG", name, [result, ...])):
+    id: str; contexts: list of {doc_id, chunk_id, text, score (float, cosine similarity)};
+    rag_answer: str | None; rag_status: "ok" | "soft_fail" | "hard_fail"; rag_error: str | None;
+    retrieve_ms: float (the micro-batch's retrieval wall time); rag_llm_ms: float | None;
+    attempts: int (LLM request attempts); endpoint: str | None; model: str | None.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pipeline.config import Config
+from workers.protocol import get_work, ignore_sigint
+
+log = logging.getLogger(__name__)
+
+
+def _rag_llm_call(client: Any, cfg: Config, template: str, item: dict, result: dict, prefer: str | None) -> dict:
+    """Ask for a grounded answer; set the status by the failure rules of seed 001."""
+    from workers.llm_client import NoEndpointAvailable, RequestFailed
+    from workers.prompts import format_context, render
+
+    prompt = render(
+        template,
+        query=item["query"],
+        context=format_context(result["contexts"], cfg.rag.context_chars),
+        extra=item.get("extra"),
+    )
+    t0 = time.perf_counter()
+    try:
+        comp = client.chat(prompt, cfg.rag.max_tokens, prefer=prefer)
+    except (RequestFailed, NoEndpointAvailable) as exc:
+        result.update(
+            rag_status="hard_fail",
+            rag_error=f"{type(exc).__name__}: {exc}",
+            rag_llm_ms=(time.perf_counter() - t0) * 1000,
+            attempts=len(getattr(exc, "attempts", []) or []),
+        )
+        return result
+    answer = (comp.text or "").strip()
+    result.update(
+        rag_answer=answer,
+        rag_llm_ms=comp.latency_ms,
+        attempts=len(comp.attempts),
+        endpoint=comp.endpoint,
+        model=comp.model,
+    )
+    if len(answer) < cfg.rag.min_answer_chars:
+        result.update(rag_status="soft_fail", rag_error=f"RAG answer shorter than {cfg.rag.min_answer_chars} chars")
+    return result
+
+
+def _deliver(fut: Any, result: dict, send: Any) -> None:
+    """Send a finished RAG-answer future; an unexpected exception becomes a hard failure of that record."""
+    try:
+        send(fut.result())
+    except Exception as exc:  # noqa: BLE001 - one bad record never fails the run
+        result.update(rag_status="hard_fail", rag_error=f"internal error: {type(exc).__name__}: {exc}")
+        send(result)
+
+
+def rag_worker_main(
+    name: str,
+    rank0: bool,
+    cfg: Config,
+    endpoint: str | None,
+    endpoints: list[str],
+    device: str,
+    llm_concurrency: int,
+    inbox: Any,
+    outbox: Any,
+    parent_pid: int,
+) -> None:
+    """Process entry point (spawned). Never raises: a fatal error is sent as ("ERROR", name, traceback).
+
+    Args:
+        name: worker name used in messages ("rag-0", ...).
+        rank0: this worker may reset/ingest the collection (single writer), before the others start.
+        endpoint: this worker's own LLM endpoint (preferred for its RAG answers); None in retrieve mode.
+        endpoints: every endpoint of the pool (failover targets).
+        device: embedding device ("cpu", "cuda:0", ...).
+        llm_concurrency: RAG-answer requests kept in flight (threads), sized to fill the server's batch.
+        inbox: multiprocessing queue of work lists (dicts with id, query, extra) or None (sentinel).
+        outbox: multiprocessing queue of results (see workers.protocol).
+        parent_pid: the main process; the worker exits if it disappears.
+    """
+    ignore_sigint()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+    try:
+        state = _startup(name, rank0, cfg, endpoint, endpoints, device, llm_concurrency)
+    except BaseException:  # noqa: BLE001 - every startup failure is reported to main as text
+        outbox.put(("ERROR", name, traceback.format_exc()))
+        return
+    outbox.put(("READY", name, state["detail"]))
+    try:
+        _loop(name, cfg, state, endpoint, inbox, outbox, parent_pid)
+    except BaseException:  # noqa: BLE001 - reported to main, which decides (requeue/stop)
+        outbox.put(("ERROR", name, traceback.format_exc()))
+
+
+def _startup(
+    name: str, rank0: bool, cfg: Config, endpoint: str | None, endpoints: list[str], device: str, llm_concurrency: int
+) -> dict:
+    from pipeline.errors import StoreError
+    from workers.embedding import load_embedder
+    from workers.retriever import Retriever
+
+    embedder = load_embedder(device)
+    detail: dict[str, Any] = {"device": device, "endpoint": endpoint}
+    if rank0:
+        from workers.ingest import ingest_source
+        from workers.store import open_client, reset_collection
+
+        if cfg.run.reset_collection:
+            reset_collection(open_client(cfg.store), cfg.store.collection)
+            log.info("%s: collection %r reset", name, cfg.store.collection)
+        if cfg.run.ingest:
+            summary = ingest_source(
+                cfg.run.ingest, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False
+            )
+            detail["ingest"] = summary.as_dict() if hasattr(summary, "as_dict") else str(summary)
+    retriever = Retriever(cfg.store, embedder, list(cfg.retrieval.collections) or None)
+    n = retriever.count()
+    if rank0 and n == 0 and cfg.run.ingest_if_empty:
+        from workers.ingest import ingest_source
+
+        summary = ingest_source(
+            cfg.run.ingest_if_empty, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False
+        )
+        detail["ingest"] = summary.as_dict() if hasattr(summary, "as_dict") else str(summary)
+        retriever = Retriever(cfg.store, embedder, list(cfg.retrieval.collections) or None)
+        n = retriever.count()
+    if n == 0:
+        where = cfg.store.chroma_url or cfg.store.path
+        raise StoreError(f"collection {cfg.store.collection!r} in {where} is empty: ingest a corpus first")
+    detail["collection_count"] = n
+    state: dict[str, Any] = {"retriever": retriever, "detail": detail, "client": None}
+    if cfg.rag.mode == "retrieve+answer":
+        from workers.llm_client import LLMClient
+        from workers.prompts import load_template
+
+        order = ([endpoint] if endpoint else []) + [e for e in endpoints if e != endpoint]
+        api_key = os.environ.get(cfg.servers.api_key_env) if cfg.servers.api_key_env else None
+        client = LLMClient(order, cfg.llm, api_key=api_key, max_concurrency=llm_concurrency)
+        state.update(client=client, template=load_template(cfg.rag.prompt_file), threads=llm_concurrency)
+    return state
+
+
+def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any, outbox: Any, parent_pid: int) -> None:
+    from pipeline.errors import StoreError
+
+    retriever = state["retriever"]
+    client = state["client"]
+    pool = ThreadPoolExecutor(max_workers=max(1, state.get("threads", 1)), thread_name_prefix=f"{name}-llm")
+    lock = threading.Lock()
+
+    def send(result: dict) -> None:
+        with lock:
+            outbox.put(("RAG", name, [result]))
+
+    try:
+        while True:
+            items = get_work(inbox, parent_pid)
+            if items is None:
+                break
+            t0 = time.perf_counter()
+            error: str | None = None
+            try:
+                found = retriever.search([it["query"] for it in items], cfg.retrieval.top_k)
+            except StoreError as exc:
+                found, error = None, f"StoreError: {exc}"
+            retrieve_ms = (time.perf_counter() - t0) * 1000
+            ready: list[dict] = []
+            for i, item in enumerate(items):
+                result: dict[str, Any] = {
+                    "id": item["id"], "contexts": [], "rag_answer": None, "rag_status": "ok", "rag_error": None,
+                    "retrieve_ms": retrieve_ms, "rag_llm_ms": None, "attempts": 0, "endpoint": None, "model": None,
+                }
+                if found is None:
+                    result.update(rag_status="hard_fail", rag_error=error)
+                    ready.append(result)
+                    continue
+                qr = found[i]
+                hits = [h for h in qr.hits if h.score >= cfg.retrieval.min_score]
+                result["contexts"] = [
+                    {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "text": h.text, "score": float(h.score)} for h in hits
+                ]
+                if qr.source_errors:
+                    errs = "; ".join(f"{k}: {v}" for k, v in sorted(qr.source_errors.items()))
+                    result.update(rag_status="soft_fail", rag_error=f"retrieval source error: {errs}")
+                elif not hits:
+                    result.update(
+                        rag_status="soft_fail",
+                        rag_error=f"no passage with score >= retrieval.min_score={cfg.retrieval.min_score}",
+                    )
+                if client is not None and result["rag_status"] == "ok":
+                    fut = pool.submit(_rag_llm_call, client, cfg, state["template"], item, result, endpoint)
+                    fut.add_done_callback(lambda f, r=result: _deliver(f, r, send))
+                else:
+                    ready.append(result)
+            if ready:
+                with lock:
+                    outbox.put(("RAG", name, ready))
+    finally:
+        pool.shutdown(wait=True)
