@@ -125,6 +125,7 @@ class GenerationConfig:
 
     num_processes: int = _f(4, "Generation processes (CPU only; they never import torch/chromadb).")
     max_tokens: int = _f(64, "max_tokens of the generation.")
+    concurrency: int = _f(1, "Generation requests each pool process keeps in flight (threads).")
     prompt_file: str = _f("configs/prompts/generate.txt", "Template of the generation prompt.")
     fallback_prompt_file: str = _f(
         "configs/prompts/generate_no_context.txt", "Template used after a RAG soft failure (no context)."

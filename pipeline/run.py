@@ -240,7 +240,7 @@ class _Run:
         else:
             args = (name, self.cfg, self.gen_endpoints, inbox, self.results, os.getpid())
             proc = self.ctx.Process(target=generation_worker_main, args=args, name=name, daemon=True)
-            credit = GEN_CREDIT
+            credit = GEN_CREDIT * max(1, self.cfg.generation.concurrency)
         proc.start()
         log.info("started %s (pid %s)", name, proc.pid)
         return _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit)
@@ -478,13 +478,10 @@ class _Run:
         deadline = time.monotonic() + (0.5 if force else 10.0)
         for w in self.workers:
             w.process.join(timeout=max(0.0, deadline - time.monotonic()))
-        for w in self.workers:
-            if w.process.is_alive():
-                w.process.terminate()
-                w.process.join(timeout=3)
+        for w in self.workers:  # workers ignore SIGTERM (see workers.protocol): kill the stragglers
             if w.process.is_alive():
                 w.process.kill()
-                w.process.join(timeout=3)
+                w.process.join(timeout=5)
         for w in self.workers:
             w.inbox.cancel_join_thread()
         self.results.cancel_join_thread()

@@ -521,6 +521,7 @@ class ServerPool:
         pending = {s.port: s for s in specs}
         deadline = time.monotonic() + timeout_s
         with requests.Session() as http:
+            http.trust_env = False  # local servers: never through an http_proxy from the environment
             while True:
                 for port, s in list(pending.items()):
                     code = self._procs[port].poll()

@@ -35,21 +35,9 @@ from pipeline.servers import (
     resolve_endpoints,
     verify_endpoints,
 )
-from tests.fixtures.llm import dead_endpoint, free_port_block, llama_config, requires_llama
+from tests.fixtures.llm import dead_endpoint, free_port_block, llama_config, requires_llama, server_processes
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def server_processes(port: int) -> list[psutil.Process]:
-    """Live processes whose command line has ``--port <port>`` (how we find a server we did not start)."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        cmd = p.info["cmdline"] or []
-        if p.info["status"] != psutil.STATUS_ZOMBIE and any(
-            a == "--port" and b == str(port) for a, b in zip(cmd, cmd[1:], strict=False)
-        ):
-            found.append(p)
-    return found
 
 
 def sglang_cfg(n_gpus: int, **servers):

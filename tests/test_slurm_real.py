@@ -67,7 +67,7 @@ def test_array_requeue_usr1_and_merge_chain(slurm_cluster: SlurmCluster, tmp_pat
             output_dir=out,
             nodes=2,
             run_command=(sys.executable, str(STANDIN)),
-            run_options=("--limit", "8", "--delay-s", "0.7"),
+            run_options=("--limit", "8", "--delay-s", "1.0"),
             workdir=tmp_path,
             job_name="rag-test-standin",
         )
@@ -222,6 +222,7 @@ def test_real_run_array_with_requeue_and_merge(
     logs = _logs(out, "run-*") + _logs(out, "merge-*")
     assert state == "COMPLETED", f"merge job {state}\n{logs[-6000:]}"
     assert slurm_cluster.job(f"{array_id}_0")["Restarts"] == "1"
+    assert "DUE TO JOB REQUEUE" in _logs(out, f"run-{array_id}_0.err")  # it was running when requeued
     expected = [json.loads(x)["id"] for x in EXAMPLE_RECORDS.read_text().splitlines()[:6]]
     _assert_exactly_once(out / "merged", expected)
     assert run_status(out)["complete"] is True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
@@ -69,7 +70,8 @@ def generation_worker_main(
 
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
         api_key = os.environ.get(key_env) if key_env else None
-        client = LLMClient(endpoints, cfg.llm, api_key=api_key, max_concurrency=1)
+        threads = max(1, cfg.generation.concurrency)
+        client = LLMClient(endpoints, cfg.llm, api_key=api_key, max_concurrency=threads)
         templates = {
             "context": load_template(cfg.generation.prompt_file),
             "no_context": load_template(cfg.generation.fallback_prompt_file),
@@ -78,12 +80,19 @@ def generation_worker_main(
         outbox.put(("ERROR", name, traceback.format_exc()))
         return
     outbox.put(("READY", name, {}))
+
+    def work(item: dict) -> None:
+        outbox.put(("GEN", name, [generate_one(client, cfg, templates, item)]))
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
     try:
         while True:
             items = get_work(inbox, parent_pid)
             if items is None:
-                return
+                break
             for item in items:
-                outbox.put(("GEN", name, [generate_one(client, cfg, templates, item)]))
+                pool.submit(work, item)
     except BaseException:  # noqa: BLE001 - reported to main, which requeues or stops
         outbox.put(("ERROR", name, traceback.format_exc()))
+    finally:
+        pool.shutdown(wait=True)

@@ -9,10 +9,10 @@ Request life (one call of :meth:`LLMClient.chat` / :meth:`LLMClient.complete`):
    (round-robin among equals). An endpoint whose circuit breaker is open is skipped. A retryable failure
    (timeout, connection error, HTTP 408/429/500/502/503/504) moves on to the next endpoint at once
    (failover); any other 4xx (or an unparsable 200) raises :class:`RequestFailed` at once, never retried.
-2. If a whole pass fails, tenacity waits (exponential backoff with jitter:
-   ``min(backoff_initial_s * 2**n + U(0, backoff_initial_s), backoff_max_s)``, tenacity's
-   ``wait_exponential_jitter``; the jitter idea is from "Exponential Backoff And Jitter", AWS Architecture
-   Blog, 2015) and runs another pass, up to ``llm.max_attempts`` passes.
+2. If a whole pass fails, tenacity waits (exponential backoff with jitter: before pass n+1,
+   ``min(backoff_initial_s * 2**(n-1), backoff_max_s) + U(0, backoff_initial_s)`` seconds, tenacity's
+   ``wait_exponential + wait_random``; additive jitter as in "Exponential Backoff And Jitter", AWS
+   Architecture Blog, 2015) and runs another pass, up to ``llm.max_attempts`` passes.
 3. Every HTTP attempt is recorded as an :class:`Attempt` (endpoint, outcome, latency) in the result or
    in the exception.
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from pipeline.config import LLMConfig
@@ -272,7 +272,8 @@ class LLMClient:
         Args:
             prompt: the user message.
             max_tokens: most tokens generated.
-            prefer: endpoint tried first (a RAG worker's own server); others are failovers.
+            prefer: endpoint tried first (a RAG worker's own server); others are failovers. An endpoint
+                not in the list joins the pool.
             system: optional system message put before the prompt.
             temperature: overrides ``cfg.temperature``.
             extra: more OpenAI request fields (``stop``, ``seed``, ``top_p``, ...).
@@ -415,11 +416,8 @@ class LLMClient:
         attempts: list[Attempt] = []
         retrying = Retrying(
             stop=stop_after_attempt(max(1, self.cfg.max_attempts)),
-            wait=wait_exponential_jitter(
-                initial=self.cfg.backoff_initial_s,
-                max=self.cfg.backoff_max_s,
-                jitter=self.cfg.backoff_initial_s,
-            ),
+            wait=wait_exponential(multiplier=self.cfg.backoff_initial_s, max=self.cfg.backoff_max_s)
+            + wait_random(0, self.cfg.backoff_initial_s),
             retry=retry_if_exception_type(_PassFailed),
             reraise=True,
         )

@@ -19,16 +19,26 @@ POLL_S = 0.5
 
 
 def ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which coordinates shutdown (distilabel style)."""
+    """Workers leave Ctrl-C, SIGTERM and SIGUSR1 to the parent, which coordinates shutdown (distilabel style).
+
+    Ctrl-C reaches the whole foreground process group, and Slurm signals every process of a job on requeue or
+    preemption: a worker that died on it would lose its in-flight records instead of finishing them in the grace
+    period. The parent stops workers with the sentinel, then SIGKILL.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def get_work(inbox: Any, parent_pid: int) -> list | None:
-    """Block until work or the sentinel arrives; return None if the parent died (no orphan workers)."""
+    """Block until work or the sentinel (None) arrives.
+
+    If the parent process died (kill -9 of main), exit the worker at once: nobody will read its results,
+    and an orphan would keep its device and memory. The records it held are redone by the resumed run.
+    """
     while True:
         try:
             return inbox.get(timeout=POLL_S)
         except queue.Empty:
             if os.getppid() != parent_pid:
-                return None
+                os._exit(0)

@@ -1,0 +1,295 @@
+"""A small OpenAI-compatible *benchmark* server. It is a bench tool, not a part of the product.
+
+It stands in for a GPU inference server (SGLang) with two numbers only: every request is served after a fixed
+**service time** (``--service-ms``), and at most **capacity** requests are in service at once (``--capacity``,
+a semaphore: requests beyond it wait in arrival order, as in a server whose batch is full). So one server
+completes at most ``capacity / service_s`` requests per second: the ideal the benchmarks compare against.
+
+Endpoints:
+    GET  /v1/models             {"object": "list", "data": [{"id": MODEL, ...}]}
+    GET  /health                200 "ok"
+    POST /v1/chat/completions   a short fixed text in choices[0].message.content, with usage counts
+    POST /v1/completions        the same text in choices[0].text
+    GET  /stats                 served/waiting/peak counters and the (start, end) wall time of every service
+                                (time.time(), seconds), so a benchmark can compute utilisation over a window
+    POST /stats/reset           clear the counters
+
+Implementation: the standard library's ThreadingHTTPServer (one thread per connection, HTTP/1.1 keep-alive,
+TCP_NODELAY, listen backlog 1024), so hundreds of concurrent connections are fine. Several servers can live
+in one process (``--n``), each with its own port and its own capacity semaphore; they are independent servers.
+
+Usage:
+    python bench/bench_server.py --n 4 --service-ms 400 --capacity 8
+prints one JSON line ``{"urls": [...], "pid": PID, ...}`` on stdout once every server listens (free ports
+chosen by the kernel), then serves until SIGTERM/SIGINT (or, with --exit-on-stdin-eof, until stdin is closed).
+
+From Python: ``with launch(n, service_ms, capacity) as servers: servers.urls`` (a subprocess, stopped by pid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+MODEL = "bench-model"
+TEXT = "The evidence supports the claim, with moderate confidence, based on the retrieved abstracts."
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.served = 0
+        self.in_service = 0
+        self.waiting = 0
+        self.peak_in_service = 0
+        self.peak_waiting = 0
+        self.bad_requests = 0
+        self.services: list[tuple[float, float]] = []
+
+    def as_dict(self, with_services: bool) -> dict[str, Any]:
+        with self.lock:
+            out: dict[str, Any] = {
+                "served": self.served, "in_service": self.in_service, "waiting": self.waiting,
+                "peak_in_service": self.peak_in_service, "peak_waiting": self.peak_waiting,
+                "bad_requests": self.bad_requests,
+            }
+            if with_services:
+                out["services"] = list(self.services)
+        return out
+
+
+class BenchHTTPServer(ThreadingHTTPServer):
+    """One benchmark server: fixed service time, fixed capacity."""
+
+    daemon_threads = True
+    request_queue_size = 1024  # listen backlog: hundreds of clients connect at once
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], service_s: float, capacity: int) -> None:
+        super().__init__(addr, _Handler)
+        self.service_s = service_s
+        self.capacity = capacity
+        self.slots = threading.Semaphore(capacity)  # waiters are woken in FIFO order (threading.Condition)
+        self.stats = _Stats()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as LLM clients use pooled connections
+    disable_nagle_algorithm = True  # TCP_NODELAY: no 40 ms delayed-ACK stalls on small responses
+    server: BenchHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: no line per request
+        return
+
+    def _send(self, code: int, payload: Any) -> None:
+        body = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json" if not isinstance(payload, str) else "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]})
+        elif path == "/health":
+            self._send(200, "ok")
+        elif path == "/stats":
+            self._send(200, self.server.stats.as_dict(with_services="services=1" in self.path))
+        else:
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server naming
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        path = self.path.rstrip("/")
+        if path == "/stats/reset":
+            with self.server.stats.lock:
+                self.server.stats.reset()
+            self._send(200, {"ok": True})
+            return
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        try:
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            with self.server.stats.lock:
+                self.server.stats.bad_requests += 1
+            self._send(400, {"error": {"message": f"invalid JSON body: {exc}"}})
+            return
+        if path.endswith("/chat/completions"):
+            prompt = " ".join(str(m.get("content", "")) for m in body.get("messages") or [] if isinstance(m, dict))
+        else:
+            prompt = str(body.get("prompt", ""))
+        self._serve(path, body, prompt)
+
+    def _serve(self, path: str, body: dict, prompt: str) -> None:
+        srv = self.server
+        st = srv.stats
+        with st.lock:
+            st.waiting += 1
+            st.peak_waiting = max(st.peak_waiting, st.waiting)
+        srv.slots.acquire()
+        try:
+            t0 = time.time()
+            with st.lock:
+                st.waiting -= 1
+                st.in_service += 1
+                st.peak_in_service = max(st.peak_in_service, st.in_service)
+            time.sleep(srv.service_s)
+            t1 = time.time()
+            with st.lock:
+                st.in_service -= 1
+                st.served += 1
+                st.services.append((t0, t1))
+        finally:
+            srv.slots.release()
+        max_tokens = body.get("max_tokens")
+        words = TEXT.split()
+        if isinstance(max_tokens, int) and max_tokens > 0:
+            words = words[:max_tokens]
+        text = " ".join(words)
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),
+                 "total_tokens": len(prompt.split()) + len(words)}
+        created = int(t1)
+        if path.endswith("/chat/completions"):
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": "stop"}
+            obj = "text_completion"
+        self._send(200, {"id": f"bench-{created}-{st.served}", "object": obj, "created": created,
+                         "model": body.get("model") or MODEL, "choices": [choice], "usage": usage})
+
+
+def serve(n: int, service_s: float, capacity: int, host: str = "127.0.0.1", port: int = 0) -> list[BenchHTTPServer]:
+    """Start ``n`` servers in this process (ports: ``port + i``, or kernel-chosen free ports if 0)."""
+    servers = []
+    for i in range(n):
+        srv = BenchHTTPServer((host, port + i if port else 0), service_s, capacity)
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
+                         name=f"bench-server-{i}").start()
+        servers.append(srv)
+    return servers
+
+
+# ------------------------------------------------------------------------------------------------ client side
+class BenchServers:
+    """Handle on a bench-server subprocess started by :func:`launch`."""
+
+    def __init__(self, proc: subprocess.Popen, urls: list[str], service_s: float, capacity: int) -> None:
+        self.proc = proc
+        self.urls = urls
+        self.service_s = service_s
+        self.capacity = capacity
+
+    @property
+    def ideal_requests_per_s(self) -> float:
+        return len(self.urls) * self.capacity / self.service_s
+
+    def stats(self, services: bool = False) -> list[dict[str, Any]]:
+        out = []
+        for u in self.urls:
+            with urllib.request.urlopen(u + "/stats" + ("?services=1" if services else ""), timeout=30) as r:
+                out.append(json.loads(r.read()))
+        return out
+
+    def reset(self) -> None:
+        for u in self.urls:
+            req = urllib.request.Request(u + "/stats/reset", data=b"{}", method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                r.read()
+
+    def utilisation(self, t_a: float, t_b: float) -> float:
+        """Busy slot-seconds inside [t_a, t_b] over all servers / (n * capacity * (t_b - t_a))."""
+        busy = 0.0
+        for st in self.stats(services=True):
+            for s0, s1 in st["services"]:
+                busy += max(0.0, min(s1, t_b) - max(s0, t_a))
+        return busy / (len(self.urls) * self.capacity * (t_b - t_a))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def __enter__(self) -> BenchServers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def launch(n: int, service_ms: float, capacity: int, host: str = "127.0.0.1") -> BenchServers:
+    """Start ``n`` bench servers in one subprocess; return when all listen."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--n", str(n), "--service-ms", str(service_ms),
+           "--capacity", str(capacity), "--host", host, "--exit-on-stdin-eof"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"bench server did not start (exit code {proc.wait()})")
+    info = json.loads(line)
+    return BenchServers(proc, info["urls"], service_ms / 1000.0, capacity)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1, help="servers to start (independent, one port each)")
+    ap.add_argument("--service-ms", type=float, default=400.0, help="service time of every request, ms")
+    ap.add_argument("--capacity", type=int, default=8, help="requests in service at once per server")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0, help="port of server 0 (server i: port+i); 0 = free ports")
+    ap.add_argument("--exit-on-stdin-eof", action="store_true",
+                    help="stop when stdin is closed (used by launch(): the servers die with their parent)")
+    args = ap.parse_args()
+    servers = serve(args.n, args.service_ms / 1000.0, args.capacity, args.host, args.port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def watch_stdin() -> None:  # the parent closed our stdin (or died): stop
+        try:
+            sys.stdin.read()
+        except (OSError, ValueError):
+            pass
+        stop.set()
+
+    if args.exit_on_stdin_eof:
+        threading.Thread(target=watch_stdin, daemon=True).start()
+    print(json.dumps({"urls": [s.url for s in servers], "pid": os.getpid(),
+                      "service_ms": args.service_ms, "capacity": args.capacity}), flush=True)
+    stop.wait()
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Orchestration benchmark: `rag-pipeline run` (retrieval included) vs the ideal of N benchmark LLM servers.
+
+For N = 1, 2, 4, 8 bench servers (bench/bench_server.py: fixed service time, fixed capacity) the pipeline runs
+in attach mode (``--endpoints``: one RAG worker per server, each embedding its queries on CPU) with
+``rag.mode = "retrieve+answer"``, so every record makes 2 LLM calls: the RAG answer (on its RAG worker's own
+server) and the generation (generation pool, spread over all servers). The servers allow at most
+
+    ideal records/s = N * capacity / (service_s * 2 calls per record)
+
+**What "ours" measures (steady state, not startup).** Starting N RAG workers that each import torch and load
+the embedding model takes tens of seconds on 2 cores; that is startup, not throughput. So "ours" is the rate at
+which rows are committed (Parquet parts, ``run.part_rows`` rows each; the part's mtime is its commit time)
+between the first commit after every worker logged READY (+ a warm-up of 4 service times) and the last commit
+before the final ``tail`` rows (the drain at the end of the input). The server side is measured too: the
+servers' busy slot-time in that same window over N * capacity * window ("server util"), which should agree
+with ratio = ours / ideal. The manifest's ``this_invocation.records_per_s`` (startup included) is printed for
+reference only.
+
+**Seed 001 baseline, same servers, same run.** The "original design" (bench/seed001_baseline.py): a pool of P
+processes, each doing retrieve -> RAG answer (all on server 0) -> generation for one record at a time.
+Its pool is started once before the measurements (startup excluded as well); its rate is steady state too
+(completions between the P-th and the (M-P)-th).
+
+**Choice of service time and capacity (defaults 500 ms, capacity 8).** A GPU server running SGLang answers a
+64-token request in a few hundred ms and batches many requests; 500 ms and 8 slots are inside the range the
+issue names (200-500 ms, 8-32) and give the LOWEST request rate of that range: 8 records/s per server,
+64 records/s (128 LLM requests/s) with 8 servers. The benchmark must measure orchestration, not this machine's
+2 shared CPU cores: everything the pipeline does per record (embedding the query on CPU, the Chroma query,
+2 HTTP requests, pickling between processes, the Parquet row) costs CPU, and the bench servers themselves run
+on the same cores, so the lowest rate in range keeps CPU out of the way. Capacity x service is what matters
+(1000 ms x 16 has the same ideal rate and needs twice the requests in flight); try it with
+``--service-ms 1000 --capacity 16``.
+
+**Torch threads.** By default the pipeline's processes run with OMP_NUM_THREADS=1 (``--torch-threads 1``):
+with N RAG workers on 2 cores, torch's default of one thread per core oversubscribes the CPU and OpenMP threads
+spin; measured here under load, single queries embedded at 3 q/s with 2 threads vs 39 q/s with 1.
+``--torch-threads 0`` leaves torch's default to see the difference.
+
+Usage:
+    .venv/bin/python bench/orchestration.py [--sizes 1,2,4,8] [--service-ms 500] [--capacity 8]
+        [--steady-s 20] [--baseline-procs 8] [--baseline-sizes 1,8] [--torch-threads 1] [--store DIR]
+Runs in ~5-7 minutes on 2 cores (startup of the RAG workers dominates). The example corpus is ingested once
+into DIR (default: a temp dir, reused later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_server import BenchServers, launch  # noqa: E402
+from bench.common import (  # noqa: E402
+    DEFAULT_STORE,
+    PipelineRun,
+    committed_parts,
+    ensure_store,
+    steady_rate,
+    write_config,
+    write_records,
+)
+
+CALLS_PER_RECORD = 2
+
+
+def run_ours(servers: BenchServers, n: int, args: argparse.Namespace, store: Path, collection: str,
+             work: Path) -> dict[str, Any]:
+    """One `rag-pipeline run` against ``servers``; the steady-state rows/s and the server utilisation."""
+    ideal = n * args.capacity / (args.service_ms / 1000 * CALLS_PER_RECORD)
+    # enough records for the startup allowance (rank0 works while the other workers load) + the steady window
+    m = int(math.ceil(ideal * (args.steady_s + args.startup_allowance_s)))
+    part_rows = max(5, m // 80)
+    gen_procs = args.gen_procs
+    gen_conc = max(1, math.ceil(args.gen_inflight_factor * n * args.capacity / gen_procs))
+    d = work / f"ours-n{n}"
+    d.mkdir(parents=True)
+    records = write_records(d / "records.jsonl", m)
+    cfg = write_config(d / "bench.toml", {
+        "retrieval": {"top_k": 5, "min_score": -1.0, "query_batch_size": args.query_batch_size},
+        "rag": {"mode": "retrieve+answer", "max_tokens": 64},
+        "llm": {"max_concurrency": args.capacity * args.rag_inflight_factor, "read_timeout_s": 120.0},
+        "generation": {"num_processes": gen_procs, "concurrency": gen_conc, "max_tokens": 64},
+        "run": {"part_rows": part_rows},
+    })
+    servers.reset()
+    run = PipelineRun(d, ["--input", str(records), "--output", str(d / "out"), "--config", str(cfg),
+                          "--endpoints", ",".join(servers.urls), "--store", str(store),
+                          "--collection", collection], args.torch_threads)
+    rc = run.wait(args.run_timeout_s)
+    if rc != 0:
+        raise RuntimeError(f"rag-pipeline run (N={n}) exited with {rc}; log tail:\n{run.log_tail()}")
+    manifest = json.loads((d / "out" / "_manifest.json").read_text())
+    ready = run.ready_times()
+    want = {f"rag-{i}" for i in range(n)} | {f"gen-{i}" for i in range(gen_procs)}
+    if not want <= set(ready):
+        raise RuntimeError(f"READY lines missing in the log: {sorted(want - set(ready))}")
+    t_ready = max(ready[w] for w in want)
+    warm = 4 * args.service_ms / 1000
+    tail = max(int(0.05 * m), 3 * n * args.capacity)
+    parts = committed_parts(d / "out")
+    sr = steady_rate(parts, t_ready + warm, m, tail)
+    if sr is None:
+        raise RuntimeError(f"N={n}: no steady window (all workers READY {t_ready - run.t_launch:.0f} s after "
+                           f"launch); raise --steady-s or --startup-allowance-s")
+    rate, t0, t1, rows = sr
+    util = servers.utilisation(t0, t1)
+    statuses = manifest["counts"]
+    return {
+        "n": n, "ideal": ideal, "ours": rate, "ratio": rate / ideal, "util": util, "records": m,
+        "window_s": t1 - t0, "window_rows": rows, "startup_s": t_ready - run.t_launch,
+        "manifest_rps": manifest["this_invocation"]["records_per_s"], "statuses": statuses,
+        "gen": f"{gen_procs}x{gen_conc}", "part_rows": part_rows,
+        "peak": [{k: st[k] for k in ("peak_in_service", "peak_waiting", "served")} for st in servers.stats()],
+    }
+
+
+def run_baseline(pool: Any, servers: BenchServers, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    s = args.service_ms / 1000
+    # each worker: one record at a time, 2 calls in sequence; server 0 takes every RAG call
+    est = min(args.baseline_procs / (CALLS_PER_RECORD * s), args.capacity / s if n > 1 else args.capacity / (2 * s))
+    m = max(4 * args.baseline_procs, int(est * args.steady_s))
+    queries = [json.loads(ln)["text"] for ln in (REPO / "data/example/queries.jsonl").read_text().splitlines()]
+    records = [(f"b{i:06d}", queries[i % len(queries)]) for i in range(m)]
+    servers.reset()
+    res = pool.run(records, servers.urls[0], servers.urls, args.run_timeout_s)
+    ft = res["finish_times"]
+    p = args.baseline_procs
+    k0, k1 = p, m - p  # after the pool filled, before its drain
+    rate = (k1 - k0) / (ft[k1 - 1] - ft[k0 - 1])
+    ideal = n * args.capacity / (s * CALLS_PER_RECORD)
+    return {"n": n, "rate": rate, "ideal": ideal, "records": m, "statuses": res["statuses"],
+            "util": servers.utilisation(ft[k0 - 1], ft[k1 - 1]), "cap": est}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1,2,4,8", help="numbers of bench servers")
+    ap.add_argument("--service-ms", type=float, default=500.0)
+    ap.add_argument("--capacity", type=int, default=8)
+    ap.add_argument("--steady-s", type=float, default=20.0, help="target length of the measured window")
+    ap.add_argument("--startup-allowance-s", type=float, default=15.0,
+                    help="records added for the time rank0 works alone while the other workers start")
+    ap.add_argument("--query-batch-size", type=int, default=32, help="retrieval.query_batch_size")
+    ap.add_argument("--rag-inflight-factor", type=int, default=1,
+                    help="llm.max_concurrency = capacity x this (RAG answers in flight per RAG worker)")
+    ap.add_argument("--gen-procs", type=int, default=4, help="generation.num_processes")
+    ap.add_argument("--gen-inflight-factor", type=float, default=1.0,
+                    help="generation requests in flight = N x capacity x this, split over the processes")
+    ap.add_argument("--baseline-procs", type=int, default=8, help="seed 001 pool size (0 = skip the baseline)")
+    ap.add_argument("--baseline-sizes", default="1,8", help="server counts at which the baseline runs")
+    ap.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS of bench processes (0 = unset)")
+    ap.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    ap.add_argument("--run-timeout-s", type=float, default=600.0)
+    ap.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    base_sizes = [int(x) for x in args.baseline_sizes.split(",") if x.strip()] if args.baseline_procs > 0 else []
+
+    store, collection = ensure_store(args.store)
+    work = Path(tempfile.mkdtemp(prefix="rag-bench-orch-"))
+    print(f"bench servers: service {args.service_ms:.0f} ms, capacity {args.capacity}; "
+          f"{CALLS_PER_RECORD} LLM calls per record; torch threads {args.torch_threads or 'default'}; "
+          f"work dir {work}", flush=True)
+    pool = None
+    ours: list[dict[str, Any]] = []
+    base: list[dict[str, Any]] = []
+    try:
+        if base_sizes:
+            from bench.common import bench_env
+            from bench.seed001_baseline import BaselineConfig, Seed001Pool
+
+            os.environ.update({k: v for k, v in bench_env(args.torch_threads).items() if k.endswith("THREADS")})
+            pool = Seed001Pool(args.baseline_procs, BaselineConfig(str(store), collection, min_score=-1.0))
+            took = pool.wait_ready(args.run_timeout_s)
+            print(f"seed 001 baseline pool: {args.baseline_procs} processes ready in {took:.0f} s", flush=True)
+        for n in sizes:
+            with launch(n, args.service_ms, args.capacity) as servers:
+                r = run_ours(servers, n, args, store, collection, work)
+                ours.append(r)
+                print(f"N={n}: ours {r['ours']:.2f} rec/s (ideal {r['ideal']:.1f}, ratio {r['ratio']:.3f}, "
+                      f"server util {r['util']:.3f}); {r['window_rows']} rows in a {r['window_s']:.1f} s window; "
+                      f"startup {r['startup_s']:.0f} s; gen {r['gen']}; statuses {r['statuses']}", flush=True)
+                if n in base_sizes and pool is not None:
+                    b = run_baseline(pool, servers, n, args)
+                    base.append(b)
+                    print(f"N={n}: seed 001 baseline {b['rate']:.2f} rec/s (server util {b['util']:.3f}); "
+                          f"statuses {b['statuses']}", flush=True)
+    finally:
+        if pool is not None:
+            pool.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"Orchestration: service {args.service_ms:.0f} ms, capacity {args.capacity} per server, "
+          f"{CALLS_PER_RECORD} calls/record; steady-state rows/s after all workers READY (startup excluded)")
+    print(f"{'N':>3} {'ideal rec/s':>12} {'ours rec/s':>11} {'ratio':>7} {'server util':>12} {'window s':>9} "
+          f"{'startup s':>10} {'manifest rec/s*':>16}")
+    for r in ours:
+        print(f"{r['n']:>3} {r['ideal']:>12.2f} {r['ours']:>11.2f} {r['ratio']:>7.3f} {r['util']:>12.3f} "
+              f"{r['window_s']:>9.1f} {r['startup_s']:>10.0f} {r['manifest_rps']:>16.2f}")
+    print("  * manifest this_invocation records/s: whole invocation, worker startup included (reference only)")
+    by_n = {r["n"]: r for r in ours}
+    ok_ratio = all(r["ratio"] >= 0.90 for r in ours)
+    print(f"ratio >= 0.90 at every size: {'yes' if ok_ratio else 'NO'} "
+          f"(min {min(r['ratio'] for r in ours):.3f})")
+    lo, hi = min(by_n), max(by_n)
+    if hi != lo:
+        scale = by_n[hi]["ours"] / by_n[lo]["ours"]
+        goal = 7.0 * (hi // lo) / 8 if (hi, lo) != (8, 1) else 7.0
+        print(f"scaling {hi} vs {lo} servers: {scale:.2f}x (goal >= {goal:.2f}x): {'yes' if scale >= goal else 'NO'}")
+    if base:
+        print()
+        print(f"Seed 001 original design: pool of {args.baseline_procs} processes, one record at a time each, "
+              f"all RAG calls to server 0")
+        print(f"{'N':>3} {'ideal rec/s':>12} {'seed001 rec/s':>14} {'server util':>12} {'ours rec/s':>11} "
+              f"{'speed-up':>9}")
+        for b in base:
+            o = by_n.get(b["n"])
+            sp = f"{o['ours'] / b['rate']:.2f}x" if o else "-"
+            print(f"{b['n']:>3} {b['ideal']:>12.2f} {b['rate']:>14.2f} {b['util']:>12.3f} "
+                  f"{(o['ours'] if o else float('nan')):>11.2f} {sp:>9}")
+    if args.keep:
+        print(f"run directories kept in {work}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Helpers for tests that run `rag-pipeline run` as a real subprocess (signals, crashes, orphans)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "data" / "example"
+
+SMALL_CONFIG: dict[str, dict] = {
+    "retrieval": {"top_k": 3},
+    "rag": {"max_tokens": 8, "context_chars": 600},
+    "generation": {"max_tokens": 8, "num_processes": 2},
+    "llm": {"max_attempts": 2, "backoff_initial_s": 0.1, "backoff_max_s": 0.5, "breaker_failures": 2,
+            "breaker_cooldown_s": 5.0, "read_timeout_s": 60.0},
+    "run": {"part_rows": 1, "grace_s": 30.0},
+}
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def write_config(tmp_path: Path, overrides: dict[str, dict] | None = None) -> Path:
+    """A small, fast test config (few tokens, one row per part) as TOML, with per-section overrides."""
+    sections = {k: dict(v) for k, v in SMALL_CONFIG.items()}
+    for sec, values in (overrides or {}).items():
+        sections.setdefault(sec, {}).update(values)
+    text = "".join(
+        f"[{sec}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) for sec, values in sections.items()
+    )
+    p = tmp_path / "test.toml"
+    p.write_text(text)
+    return p
+
+
+def write_records(tmp_path: Path, n: int, name: str = "records.jsonl") -> Path:
+    """The first n example records (real SciFact claims)."""
+    lines = (EXAMPLE / "records.jsonl").read_text().splitlines()
+    out = []
+    i = 0
+    while len(out) < n:
+        rec = json.loads(lines[i % len(lines)])
+        if i >= len(lines):
+            rec["id"] = f"{rec['id']}-r{i // len(lines)}"
+        out.append(json.dumps(rec))
+        i += 1
+    p = tmp_path / name
+    p.write_text("\n".join(out) + "\n")
+    return p
+
+
+def start_run(args: list[str], marker: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `python -m pipeline.cli run ARGS` with a unique environment marker to find its process tree later."""
+    marker = marker or uuid.uuid4().hex
+    env = {
+        **os.environ,
+        "RAG_PIPELINE_TEST_MARKER": marker,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--no-progress", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, marker
+
+
+def processes_with_marker(marker: str) -> list[psutil.Process]:
+    """Live processes whose environment carries the marker (the run and everything it started)."""
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("RAG_PIPELINE_TEST_MARKER") == marker and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_no_survivors(marker: str, timeout_s: float = 15.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = processes_with_marker(marker)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def committed_parts(out: Path) -> list[Path]:
+    return sorted(out.glob("part-*.parquet"))
+
+
+def wait_for_parts(out: Path, n: int, proc: subprocess.Popen, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(committed_parts(out)) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("no committed part in time")
+        time.sleep(0.1)
+
+
+def read_ids(out: Path) -> list[str]:
+    ids: list[str] = []
+    for part in committed_parts(out):
+        ids += pq.read_table(part, columns=["id"]).column("id").to_pylist()
+    return ids
+
+
+def read_rows(out: Path) -> list[dict]:
+    rows: list[dict] = []
+    for part in committed_parts(out):
+        rows += pq.read_table(part).to_pylist()
+    return rows

@@ -1,0 +1,261 @@
+"""`rag-pipeline run` end to end with real components: the example Chroma store, the packaged embedding model,
+real llama.cpp servers (SmolLM2), real processes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.fixtures.llm import requires_llama
+from tests.runtools import (
+    REPO,
+    processes_with_marker,
+    read_ids,
+    read_rows,
+    start_run,
+    wait_for_parts,
+    wait_no_survivors,
+    write_config,
+    write_records,
+)
+
+pytestmark = [requires_llama, pytest.mark.slow]
+
+
+def store_args(example_store) -> list[str]:
+    return ["--store", str(example_store.store_cfg.path), "--collection", example_store.store_cfg.collection]
+
+
+def test_twenty_records_twenty_rows_with_generations(tmp_path, example_store, llama_endpoints):
+    records = write_records(tmp_path, 20)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path)
+    proc, marker = start_run(
+        [
+            "--input",
+            str(records),
+            "--output",
+            str(out),
+            "--config",
+            str(cfg),
+            "--endpoints",
+            ",".join(llama_endpoints),
+            *store_args(example_store),
+        ]
+    )
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    rows = read_rows(out)
+    want = [json.loads(ln)["id"] for ln in records.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(want)
+    for r in rows:
+        assert r["rag_status"] == "ok", r
+        assert r["gen_status"] == "ok", r
+        assert r["generation"] and r["generation"].strip()
+        assert r["contexts"] and all(c["score"] >= 0.2 for c in r["contexts"])
+        assert r["endpoint"] in llama_endpoints
+        assert isinstance(r["claim_id"], int)  # passthrough field keeps its type
+        assert r["retrieve_ms"] > 0 and r["generate_ms"] > 0 and r["attempts"] >= 2
+    # the relevant SciFact abstract is retrieved for most claims (real retrieval, not a stub)
+    qrels = {}
+    for ln in (REPO / "data/example/qrels.tsv").read_text().splitlines()[1:]:
+        q, d, _ = ln.split("\t")
+        qrels.setdefault(q, set()).add(d)
+    hits = sum(1 for r in rows if {c["doc_id"] for c in r["contexts"]} & qrels.get(str(r["claim_id"]), set()))
+    assert hits >= 12, f"relevant abstract retrieved for only {hits}/20 claims"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["rows"] == 20
+    assert manifest["counts"]["gen_status"] == {"ok": 20}
+    assert manifest["latency_ms"]["generate"]["p95"] >= manifest["latency_ms"]["generate"]["p50"] > 0
+    assert "p50" in err and "records/s" in err  # summary table on stderr
+    assert wait_no_survivors(marker) == []
+
+    # running again resumes: nothing left to do, nothing duplicated
+    proc, _ = start_run(
+        [
+            "--input",
+            str(records),
+            "--output",
+            str(out),
+            "--config",
+            str(cfg),
+            "--endpoints",
+            ",".join(llama_endpoints),
+            *store_args(example_store),
+        ]
+    )
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert sorted(read_ids(out)) == sorted(want)
+    assert json.loads((out / "_manifest.json").read_text())["this_invocation"]["processed"] == 0
+
+
+def test_managed_server_and_soft_failure_path(tmp_path, example_store):
+    """Default server handling (a llama.cpp server started and stopped by the run); a score threshold no passage
+    reaches makes every record a soft failure that is still generated, without context."""
+    records = write_records(tmp_path, 3)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path)
+    from tests.fixtures.llm import free_port_block
+
+    proc, marker = start_run(
+        [
+            "--input",
+            str(records),
+            "--output",
+            str(out),
+            "--config",
+            str(cfg),
+            "--min-score",
+            "0.99",
+            "--base-port",
+            str(free_port_block(1)),
+            *store_args(example_store),
+        ]
+    )
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    rows = read_rows(out)
+    assert len(rows) == 3
+    for r in rows:
+        assert r["rag_status"] == "soft_fail"
+        assert "min_score" in r["rag_error"]
+        assert r["contexts"] == [] and r["rag_answer"] is None
+        assert r["gen_status"] == "ok" and r["generation"].strip()
+    assert (out / "_logs").is_dir() and list((out / "_logs").iterdir())
+    assert wait_no_survivors(marker) == []  # the managed server is gone too
+
+
+def test_endpoint_killed_during_run_gives_hard_failures(tmp_path, example_store, llama_endpoints,
+                                                       llama_server_factory):
+    """The RAG worker's endpoint is killed mid-run (generation uses the session servers): records finished before
+    keep their rows; later ones become RAG hard failures with generation skipped; every record has one row."""
+    pool = llama_server_factory(1)
+    records = write_records(tmp_path, 10)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, {"servers": {"endpoints": pool.endpoints}, "llm": {"max_concurrency": 1},
+                                  "generation": {"endpoints": llama_endpoints}})
+    proc, marker = start_run(["--input", str(records), "--output", str(out), "--config", str(cfg),
+                              *store_args(example_store)])
+    wait_for_parts(out, 1, proc)
+    for pid in pool.pids:
+        os.killpg(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    rows = read_rows(out)
+    assert len(rows) == 10 and len({r["id"] for r in rows}) == 10
+    ok = [r for r in rows if r["rag_status"] == "ok" and r["gen_status"] == "ok"]
+    hard = [r for r in rows if r["rag_status"] == "hard_fail"]
+    assert ok, "rows finished before the kill must be kept"
+    assert hard, "records after the kill must be hard failures"
+    for r in hard:
+        assert r["gen_status"] == "skipped" and r["generation"] is None
+        assert "NoEndpointAvailable" in r["rag_error"] or "RequestFailed" in r["rag_error"], r["rag_error"]
+    assert wait_no_survivors(marker) == []
+
+
+def test_rank0_failure_stops_fast_with_its_message(tmp_path, llama_endpoints):
+    bad_store = tmp_path / "corrupt-store"
+    bad_store.mkdir()
+    (bad_store / "chroma.sqlite3").write_bytes(b"this is not a sqlite database" * 100)
+    records = write_records(tmp_path, 3)
+    t0 = time.monotonic()
+    proc, marker = start_run(
+        [
+            "--input",
+            str(records),
+            "--output",
+            str(tmp_path / "out"),
+            "--endpoints",
+            ",".join(llama_endpoints),
+            "--store",
+            str(bad_store),
+            "--collection",
+            "x",
+        ]
+    )
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 5, err
+    assert "RAG worker 0 (rank0) failed during startup" in err
+    assert "StoreError" in err or "store" in err.lower()
+    assert time.monotonic() - t0 < 120
+    assert wait_no_survivors(marker) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_cleanly_commits_and_resumes_exactly_once(tmp_path, example_store, llama_endpoints, sig):
+    records = write_records(tmp_path, 16)
+    out = tmp_path / "out"
+    # small micro-batches and backlog so that most records are still unread when the signal arrives
+    cfg = write_config(tmp_path, {"retrieval": {"query_batch_size": 2}, "run": {"queue_size": 2},
+                                  "llm": {"max_concurrency": 1}})
+    args = [
+        "--input",
+        str(records),
+        "--output",
+        str(out),
+        "--config",
+        str(cfg),
+        "--endpoints",
+        ",".join(llama_endpoints),
+        *store_args(example_store),
+    ]
+    proc, marker = start_run(args)
+    wait_for_parts(out, 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert wait_no_survivors(marker) == []
+    first = read_ids(out)
+    assert 2 <= len(first) < 16 and len(set(first)) == len(first)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["interrupted_by"]
+    assert not list(out.glob("*.tmp"))
+
+    proc, marker = start_run(args)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    ids = read_ids(out)
+    assert len(ids) == 16 and len(set(ids)) == 16
+    assert set(first) <= set(ids)
+
+
+def test_generation_pool_never_imports_heavy_libraries(llama_endpoints):
+    """The CPU generation code path, run for real against a server, loads no torch/chromadb/sentence-transformers."""
+    code = f"""
+import sys, json
+from pipeline.config import load_config
+from workers.generation import generate_one
+from workers.llm_client import LLMClient
+from workers.prompts import load_template
+cfg = load_config()
+client = LLMClient({llama_endpoints!r}, cfg.llm)
+tpl = {{"context": load_template(cfg.generation.prompt_file), "no_context": load_template(cfg.generation.fallback_prompt_file)}}
+item = {{"id": "1", "query": "What is aspirin?", "extra": {{}}, "rag": {{"rag_status": "ok", "rag_answer": "a drug",
+        "contexts": [{{"doc_id": "d", "chunk_id": "d#0", "text": "Aspirin is a drug.", "score": 0.9}}]}}}}
+import dataclasses
+cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, max_tokens=4))
+out = generate_one(client, cfg, tpl, item)
+print(json.dumps({{"status": out["gen_status"], "heavy": [m for m in ("torch", "chromadb", "sentence_transformers") if m in sys.modules]}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"status": "ok", "heavy": []}
+
+
+def test_no_orphans_helper_sees_a_live_tree(tmp_path):
+    """Guard for the orphan checks above: the marker search finds a live child process."""
+    env = {**os.environ, "RAG_PIPELINE_TEST_MARKER": "guard-" + tmp_path.name}
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    try:
+        assert [x.pid for x in processes_with_marker("guard-" + tmp_path.name)] == [p.pid]
+    finally:
+        p.kill()
+        p.wait()
