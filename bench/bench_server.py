@@ -10,8 +10,10 @@ Endpoints:
     GET  /health                200 "ok"
     POST /v1/chat/completions   a short fixed text in choices[0].message.content, with usage counts
     POST /v1/completions        the same text in choices[0].text
-    GET  /stats                 served/waiting/peak counters and the (start, end) wall time of every service
-                                (time.time(), seconds), so a benchmark can compute utilisation over a window
+    GET  /stats                 served/waiting/peak counters; with ?services=1 also (arrival, start, end,
+                                label) of every request (time.time() seconds; label = the first 40 characters
+                                of the prompt), so a benchmark can compute utilisation and queue lengths per
+                                kind of request over a window
     POST /stats/reset           clear the counters
 
 Implementation: the standard library's ThreadingHTTPServer (one thread per connection, HTTP/1.1 keep-alive,
@@ -57,7 +59,7 @@ class _Stats:
         self.peak_in_service = 0
         self.peak_waiting = 0
         self.bad_requests = 0
-        self.services: list[tuple[float, float]] = []
+        self.services: list[tuple[float, float, float, str]] = []
 
     def as_dict(self, with_services: bool) -> dict[str, Any]:
         with self.lock:
@@ -148,6 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, path: str, body: dict, prompt: str) -> None:
         srv = self.server
         st = srv.stats
+        t_arrive = time.time()
         with st.lock:
             st.waiting += 1
             st.peak_waiting = max(st.peak_waiting, st.waiting)
@@ -163,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
             with st.lock:
                 st.in_service -= 1
                 st.served += 1
-                st.services.append((t0, t1))
+                st.services.append((t_arrive, t0, t1, prompt[:40]))
         finally:
             srv.slots.release()
         max_tokens = body.get("max_tokens")
@@ -224,11 +227,27 @@ class BenchServers:
 
     def utilisation(self, t_a: float, t_b: float) -> float:
         """Busy slot-seconds inside [t_a, t_b] over all servers / (n * capacity * (t_b - t_a))."""
+        return self.window(t_a, t_b)["util"]
+
+    def window(self, t_a: float, t_b: float) -> dict[str, Any]:
+        """Utilisation over [t_a, t_b] (overall and per server), and per request label the mean number of
+        requests in the servers (waiting + in service, summed over servers) and the requests completed per s."""
         busy = 0.0
+        in_system: dict[str, float] = {}
+        done: dict[str, int] = {}
+        per_server: list[float] = []
+        span = t_b - t_a
         for st in self.stats(services=True):
-            for s0, s1 in st["services"]:
-                busy += max(0.0, min(s1, t_b) - max(s0, t_a))
-        return busy / (len(self.urls) * self.capacity * (t_b - t_a))
+            mine = 0.0
+            for arrive, s0, s1, label in st["services"]:
+                mine += max(0.0, min(s1, t_b) - max(s0, t_a))
+                in_system[label] = in_system.get(label, 0.0) + max(0.0, min(s1, t_b) - max(arrive, t_a)) / span
+                if t_a < s1 <= t_b:
+                    done[label] = done.get(label, 0) + 1
+            busy += mine
+            per_server.append(mine / (self.capacity * span))
+        return {"util": busy / (len(self.urls) * self.capacity * span), "in_system": in_system,
+                "per_s": {k: v / span for k, v in done.items()}, "util_per_server": per_server}
 
     def stop(self) -> None:
         if self.proc.poll() is None:

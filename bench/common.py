@@ -173,3 +173,109 @@ def steady_rate(parts: list[tuple[float, int]], t_from: float, total: int, tail_
         return None
     (t0, c0), (t1, c1) = start, ends[-1]
     return (c1 - c0) / (t1 - t0), t0, t1, c1 - c0
+
+
+class TreeSampler:
+    """Samples the process tree under ``root_pid`` every ``interval_s`` (a thread): RSS and CPU time per process.
+
+    Roles: ``main`` (the root), ``rag`` (a child that mapped libtorch: RAG workers import torch),
+    ``tracker`` (multiprocessing's resource tracker), ``gen`` (every other child: the generation processes never
+    import torch). Also keeps each process' kernel peak RSS (VmHWM, read while it is alive) and the machine's
+    busy CPU time, to see how much of the 2 cores other programs took.
+    """
+
+    def __init__(self, root_pid: int, interval_s: float = 0.25, extra: dict[int, str] | None = None) -> None:
+        import threading
+
+        self.root_pid = root_pid
+        self.extra = dict(extra or {})  # more processes to sample (not in the tree), pid -> role
+        self.interval_s = interval_s
+        self.roles: dict[int, str] = {}
+        self.torch: set[int] = set()  # processes that mapped libtorch
+        self.hwm_kb: dict[int, int] = {}
+        self.samples: list[tuple[float, dict[int, tuple[int, float]], float]] = []  # (t, {pid: (rss, cpu_s)}, busy)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tree-sampler")
+
+    def start(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _role(self, p: Any) -> str:
+        import psutil
+
+        if p.pid not in self.torch:
+            try:
+                with open(f"/proc/{p.pid}/maps") as fh:
+                    if "libtorch" in fh.read():
+                        self.torch.add(p.pid)
+            except OSError:  # the process is gone
+                pass
+        if p.pid == self.root_pid:
+            return "main"
+        if p.pid in self.extra:
+            return self.extra[p.pid]
+        role = self.roles.get(p.pid)
+        if role == "tracker":
+            return role
+        try:
+            if "resource_tracker" in " ".join(p.cmdline()):
+                return "tracker"
+        except psutil.Error:
+            pass
+        return "rag" if p.pid in self.torch else "gen"
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.root_pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            t = time.time()
+            snap: dict[int, tuple[int, float]] = {}
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for pid in self.extra:
+                try:
+                    procs.append(psutil.Process(pid))
+                except psutil.NoSuchProcess:
+                    pass
+            for p in procs:
+                try:
+                    with p.oneshot():
+                        ct = p.cpu_times()
+                        snap[p.pid] = (p.memory_info().rss, ct.user + ct.system)
+                    self.roles[p.pid] = self._role(p)
+                    with open(f"/proc/{p.pid}/status") as fh:
+                        for ln in fh:
+                            if ln.startswith("VmHWM:"):
+                                self.hwm_kb[p.pid] = max(self.hwm_kb.get(p.pid, 0), int(ln.split()[1]))
+                                break
+                except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+                    continue
+            ct = psutil.cpu_times()
+            self.samples.append((t, snap, ct.user + ct.system + ct.nice + getattr(ct, "irq", 0)
+                                 + getattr(ct, "softirq", 0) + getattr(ct, "steal", 0)))
+            self._stop.wait(self.interval_s)
+
+    def cpu_cores(self, t_a: float, t_b: float) -> dict[str, float]:
+        """CPU used in [t_a, t_b] (cores: CPU seconds / wall seconds) per role, and by the whole machine."""
+        inside = [s for s in self.samples if t_a <= s[0] <= t_b]
+        if len(inside) < 2:
+            return {}
+        (ta, sa, ba), (tb, sb, bb) = inside[0], inside[-1]
+        out: dict[str, float] = {}
+        for pid, (_, cpu_b) in sb.items():
+            cpu_a = sa[pid][1] if pid in sa else 0.0  # started inside the window
+            role = self.roles.get(pid, "gen")
+            out[role] = out.get(role, 0.0) + (cpu_b - cpu_a) / (tb - ta)
+        out["machine"] = (bb - ba) / (tb - ta)
+        return out

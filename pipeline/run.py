@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 MAX_WORKER_RESTARTS = 3
 GEN_CREDIT = 2
 COMMIT_INTERVAL_S = 30.0
-DEFAULT_CONCURRENCY = {"sglang": 128, "llamacpp": 1, "attached": 8}
+SERVER_CHECK_INTERVAL_S = 2.0
+MAX_SERVER_RESTARTS = 3
+MAX_DEFERRALS = 600
 
 
 @dataclass
@@ -220,6 +223,14 @@ class _Run:
         self.llm_concurrency = 1
         self.n_gpus = 0
         self.signals = _Signals()
+        self.pool: Any = None
+        self.server_restarts: collections.Counter[int] = collections.Counter()
+        self.restarting: set[int] = set()
+        self.last_server_check = time.monotonic()
+        self.hold_until = 0.0
+        self.restart_executor: ThreadPoolExecutor | None = None
+        self.recovering_until = 0.0  # clients' circuit breakers stay open for a cool-down after a restart
+        self.deferred: collections.Counter[str] = collections.Counter()
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, kind: str, slot: int, rank0: bool = False) -> _Worker:
@@ -296,7 +307,31 @@ class _Run:
             return None
         return {"id": rec.id, "query": rec.query, "extra": rec.extra}
 
+    def _defer(self, item: dict, stage: str) -> bool:
+        """Put back a record whose LLM call found no endpoint while a managed server is being restarted.
+
+        Without this a crashed server would turn every remaining record into a hard failure within
+        milliseconds (the circuit breaker answers at once). Dispatch pauses briefly; a record is deferred at
+        most MAX_DEFERRALS times, then its failure is recorded.
+        """
+        if self.pool is None:
+            return False
+        self._check_servers(force=True)
+        recovering = bool(self.restarting) or time.monotonic() < self.recovering_until
+        if not recovering or self.deferred[item["id"]] >= MAX_DEFERRALS:
+            return False
+        self.deferred[item["id"]] += 1
+        self.hold_until = time.monotonic() + 1.0
+        if stage == "rag":
+            item.pop("rag", None)
+            self.rag_retry.append(item)
+        else:
+            self.gen_backlog.append(item)
+        return True
+
     def _dispatch(self) -> None:
+        if time.monotonic() < self.hold_until:
+            return
         batch_size = self.cfg.retrieval.query_batch_size
         for w in self.workers:
             if w.stopping or not w.process.is_alive():
@@ -344,6 +379,8 @@ class _Run:
                 if item is None:
                     log.warning("dropping a late duplicate RAG result for %s from %s", res["id"], name)
                     continue
+                if res.get("unavailable") and self._defer(item, "rag"):
+                    continue
                 self._bar("retrieval")
                 if res["rag_status"] == "hard_fail":
                     self._finish(item, res, None)
@@ -355,6 +392,8 @@ class _Run:
                 item = w.assigned.pop(res["id"], None) if w else None
                 if item is None:
                     log.warning("dropping a late duplicate generation for %s from %s", res["id"], name)
+                    continue
+                if res.get("unavailable") and self._defer(item, "gen"):
                     continue
                 self._finish(item, item["rag"], res)
 
@@ -439,6 +478,35 @@ class _Run:
             nw.restarts = w.restarts + 1
             self.workers[i] = nw
 
+    def _check_servers(self, force: bool = False) -> None:
+        """Restart a managed server that died (in a thread: SGLang takes minutes); meanwhile the LLM client fails
+        over to the other endpoints. A server that keeps dying is left down after MAX_SERVER_RESTARTS."""
+        if self.pool is None or (not force and time.monotonic() - self.last_server_check < SERVER_CHECK_INTERVAL_S):
+            return
+        self.last_server_check = time.monotonic()
+        for port in self.pool.check_alive():
+            if port in self.restarting or self.server_restarts[port] >= MAX_SERVER_RESTARTS:
+                continue
+            self.server_restarts[port] += 1
+            self.restarting.add(port)
+            log.warning("server on port %d died (code %s): restarting (%d/%d)", port, self.pool.returncode(port),
+                        self.server_restarts[port], MAX_SERVER_RESTARTS)
+
+            def restart(p: int = port) -> None:
+                try:
+                    self.pool.restart(p)
+                    self.recovering_until = time.monotonic() + self.cfg.llm.breaker_cooldown_s + 2.0
+                except Exception as exc:  # noqa: BLE001 - logged; records fail over or hard-fail meanwhile
+                    log.error("restart of the server on port %d failed: %s", p, exc)
+                finally:
+                    self.restarting.discard(p)
+
+            if self.restart_executor is None:
+                # One long-lived thread: a server started from a thread gets PR_SET_PDEATHSIG'd when THAT thread
+                # exits (Linux tracks the forking thread), so a short-lived thread would kill its own restart.
+                self.restart_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-restart")
+            self.restart_executor.submit(restart)
+
     def outstanding(self) -> int:
         return sum(len(w.assigned) for w in self.workers) + len(self.gen_backlog) + len(self.rag_retry)
 
@@ -463,6 +531,7 @@ class _Run:
                 self._handle(msg)
                 msg = self._get(0.0) if not self.results.empty() else None
             self._check_workers()
+            self._check_servers()
             if time.monotonic() - self.last_commit > COMMIT_INTERVAL_S:
                 self.commit()
 
@@ -561,6 +630,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
             for bar in run.bars.values():
                 bar.close()
             run.shutdown(force=force)
+            if run.restart_executor is not None:
+                run.restart_executor.shutdown(wait=False, cancel_futures=True)
             if pool is not None:
                 pool.stop()
             run.signals.restore()
@@ -589,15 +660,21 @@ def _open_bars(run: _Run, total: int, done: int) -> None:
 
 
 def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
-    """Attach to --endpoints or start the managed pool; set endpoints, GPU count and concurrency on ``run``."""
+    """Attach to --endpoints or start the managed pool; set endpoints, GPU count and concurrency on ``run``.
+
+    Raises:
+        ServerError / ConfigError: a server could not start, an attached endpoint does not answer /v1/models,
+            or the API-key environment variable is missing.
+    """
     from pipeline import servers
+    from workers.llm_client import concurrency_for
 
     run.n_gpus = servers.detect_gpus(cfg.servers.gpus)
     pool = None
     if cfg.servers.endpoints:
-        api_key = os.environ.get(cfg.servers.api_key_env) if cfg.servers.api_key_env else None
-        endpoints = list(cfg.servers.endpoints)
-        servers.verify_endpoints(endpoints, api_key, cfg.llm.connect_timeout_s + 10)
+        endpoints = servers.resolve_endpoints(cfg)
+        servers.verify_endpoints(endpoints, servers.api_key_from_env(cfg.servers.api_key_env),
+                                 cfg.llm.connect_timeout_s + 10)
         backend = "attached"
     else:
         log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else out_dir / "_logs"
@@ -605,10 +682,12 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
         endpoints = pool.start()
         backend = pool.backend
     run.endpoints = endpoints
-    run.gen_endpoints = list(cfg.generation.endpoints) or endpoints
+    run.pool = pool
     if cfg.generation.endpoints:
+        run.gen_endpoints = [servers.normalize_endpoint(u) for u in cfg.generation.endpoints]
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
-        servers.verify_endpoints(run.gen_endpoints, os.environ.get(key_env) if key_env else None,
-                                 cfg.llm.connect_timeout_s + 10)
-    run.llm_concurrency = cfg.llm.max_concurrency or DEFAULT_CONCURRENCY.get(backend, 8)
+        servers.verify_endpoints(run.gen_endpoints, servers.api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
+    else:
+        run.gen_endpoints = endpoints
+    run.llm_concurrency = concurrency_for(backend, cfg.llm)
     return pool, backend

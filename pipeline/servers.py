@@ -366,6 +366,23 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _die_with_parent() -> None:
+    """In the forked child before exec: ask Linux to SIGKILL this server when the process that started it dies.
+
+    Servers run in their own session (so Ctrl-C and our process-group signals are separate), which also
+    detaches them from the parent's lifetime; without this a kill -9 of the main process would leave every
+    server running (an orphan holding a GPU and a port). prctl(PR_SET_PDEATHSIG) is Linux-only; elsewhere the
+    atexit/signal cleanup is all there is.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     """Send ``sig`` to a process group we created; a group that is already gone is fine."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -510,6 +527,7 @@ class ServerPool:
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **spec.env},
                     start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
             except OSError as exc:
                 raise ServerError(

@@ -146,8 +146,8 @@ def test_eval_retrieval_cli_matches_the_library(example_store, embedder, tmp_pat
     lib = evaluate_retriever(Retriever(cfg, embedder), load_queries(queries), load_qrels(qrels), k=10)
     for name, value in lib.items():
         assert got[name] == pytest.approx(value, abs=1e-5)
-    # 400 documents only: far easier than the full SciFact corpus (nDCG@10 0.645). Measured: 0.764.
-    assert 0.70 < got["ndcg@10"] <= 1.0 and got["recall@100"] == 1.0
+    # 400 documents only: far easier than the full SciFact corpus (nDCG@10 0.645). Measured: 0.811.
+    assert 0.78 < got["ndcg@10"] <= 1.0 and got["recall@100"] == 1.0
 
 
 @pytest.mark.parametrize("case", ["missing-qrels", "missing-store", "empty-collection"])

@@ -259,3 +259,32 @@ def test_no_orphans_helper_sees_a_live_tree(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_managed_server_killed_mid_run_is_restarted(tmp_path, example_store):
+    """A managed llama.cpp server killed with SIGKILL mid-run is restarted by the run; every record still gets
+    exactly one row and records after the restart are generated again."""
+    import psutil
+
+    from tests.fixtures.llm import free_port_block
+
+    records = write_records(tmp_path, 10)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, {"llm": {"max_concurrency": 1, "breaker_cooldown_s": 1.0},
+                                  "retrieval": {"query_batch_size": 2}, "run": {"queue_size": 2}})
+    proc, marker = start_run(["--input", str(records), "--output", str(out), "--config", str(cfg),
+                              "--base-port", str(free_port_block(1)), *store_args(example_store)])
+    wait_for_parts(out, 1, proc)
+    before = len(read_ids(out))
+    servers = [p for p in processes_with_marker(marker) if "llama_cpp.server" in " ".join(p.cmdline())]
+    assert len(servers) == 1
+    servers[0].kill()
+    psutil.wait_procs(servers, timeout=10)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "restarting" in err
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == sorted(json.loads(x)["id"] for x in records.read_text().splitlines())
+    ok = [r for r in rows if r["gen_status"] == "ok"]
+    assert len(ok) > before, "records after the restart must be generated"
+    assert wait_no_survivors(marker) == []

@@ -42,7 +42,7 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict
         comp = client.chat(prompt, cfg.generation.max_tokens)
     except (RequestFailed, NoEndpointAvailable) as exc:
         out.update(gen_status="failed", gen_error=f"{type(exc).__name__}: {exc}",
-                   attempts=len(getattr(exc, "attempts", []) or []))
+                   attempts=len(getattr(exc, "attempts", []) or []), unavailable=isinstance(exc, NoEndpointAvailable))
     except Exception as exc:  # noqa: BLE001 - one bad record never fails the run
         out.update(gen_status="failed", gen_error=f"internal error: {type(exc).__name__}: {exc}")
     else:

@@ -51,6 +51,7 @@ def _rag_llm_call(client: Any, cfg: Config, template: str, item: dict, result: d
             rag_error=f"{type(exc).__name__}: {exc}",
             rag_llm_ms=(time.perf_counter() - t0) * 1000,
             attempts=len(getattr(exc, "attempts", []) or []),
+            unavailable=isinstance(exc, NoEndpointAvailable),
         )
         return result
     answer = (comp.text or "").strip()
