@@ -19,7 +19,9 @@ reference only.
 **Seed 001 baseline, same servers, same run.** The "original design" (bench/seed001_baseline.py): a pool of P
 processes, each doing retrieve -> RAG answer (all on server 0) -> generation for one record at a time.
 Its pool is started once before the measurements (startup excluded as well); its rate is steady state too
-(completions between the P-th and the (M-P)-th).
+(completions between the P-th and the (M-P)-th). Its bound is min(P / (2 x service + retrieval),
+capacity / service) records/s (one record per worker at a time; every RAG answer on server 0), so the speed-up
+depends on P (``--baseline-procs``, default 8: each of its workers holds the embedding model, ~600 MB RSS).
 
 **Choice of service time and capacity (defaults 1000 ms, capacity 8).** A GPU server running SGLang answers a
 64-token request (``max_tokens`` 64, as here) in about a second at ~50-100 tokens/s per sequence, with several
@@ -28,8 +30,9 @@ with 8 servers. The benchmark must measure orchestration, not this machine's 2 s
 pipeline does per record (embedding the query on CPU: ~10-14 ms of one core; the Chroma query; 2 HTTP requests;
 pickling between processes; the Parquet row) costs ~20 ms of CPU, and the bench servers run on the same cores.
 At 500 ms x 8 (64 records/s with 8 servers, the lowest rate of the issue's 200-500 ms x 8-32 examples) the
-pipeline needs ~1.2 of the 2 cores at N = 8; with other sessions' tests taking ~0.8-1 core, CPU became the
-limit there (measured: ratio 0.80-0.90, server util 0.86-0.96, machine CPU 100 %). Only capacity / service
+pipeline needs ~1.2 of the 2 cores at N = 8, so the result depends on what other programs take: measured at
+N = 8, ratio 0.99 when the machine was otherwise quiet, 0.80-0.94 while other sessions' tests took 0.8-1 core
+(server util 0.86-0.96, machine CPU 100 %: the RAG workers' embedding was starved). Only capacity / service
 matters for the ideal: ``--service-ms 2000 --capacity 16`` gives the same rates with twice the requests in
 flight; ``--service-ms 500`` reproduces the CPU-bound case.
 
@@ -39,10 +42,10 @@ spin. Measured here at N = 8 (1000 ms x 8): ratio 0.98 with 1 thread, 0.23 with 
 (``--torch-threads 0``), the RAG workers burning 0.84 cores for 7 queries/s instead of 0.34 cores for 33.
 
 Usage:
-    .venv/bin/python bench/orchestration.py [--sizes 1,2,4,8] [--service-ms 500] [--capacity 8]
-        [--steady-s 20] [--baseline-procs 8] [--baseline-sizes 1,8] [--torch-threads 1] [--store DIR] [--keep]
-Runs in ~8 minutes on 2 shared cores (startup of the RAG workers dominates: ~10 s each). The example corpus is ingested once
-into DIR (default: a temp dir, reused later).
+    .venv/bin/python bench/orchestration.py [--sizes 1,2,4,8] [--service-ms 1000] [--capacity 8]
+        [--steady-s 15] [--baseline-procs 8] [--baseline-sizes 1,8] [--torch-threads 1] [--store DIR] [--keep]
+Runs in ~6 minutes on 2 shared cores (the RAG workers' startup dominates: ~10 s each, and the baseline pool's).
+The example corpus is ingested once into DIR (default: a temp dir, reused by later runs).
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ def run_ours(servers: BenchServers, n: int, args: argparse.Namespace, store: Pat
     ideal = n * args.capacity / (args.service_ms / 1000 * CALLS_PER_RECORD)
     # Enough records for the steady window, plus those done while workers 1..N-1 start: meanwhile rank0 works
     # alone, at most capacity/service records/s (its RAG answers go to its own server), for roughly
-    # startup_per_worker_s x N seconds on this machine.
-    startup_records = args.capacity / (args.service_ms / 1000) * args.startup_per_worker_s * n
+    # startup_per_worker_s x (N - 1) seconds on this machine.
+    startup_records = args.capacity / (args.service_ms / 1000) * args.startup_per_worker_s * (n - 1)
     m = int(math.ceil(ideal * args.steady_s + startup_records + 3 * n * args.capacity))
     part_rows = max(5, m // 80)
     gen_procs = args.gen_procs
@@ -122,6 +125,9 @@ def run_ours(servers: BenchServers, n: int, args: argparse.Namespace, store: Pat
         raise RuntimeError(f"N={n}: no steady window (all workers READY {t_ready - run.t_launch:.0f} s after "
                            f"launch); raise --steady-s or --startup-per-worker-s")
     rate, t0, t1, rows = sr
+    if t1 - t0 < 8:
+        print(f"WARNING: N={n}: the steady window is only {t1 - t0:.1f} s (startup took longer than expected); "
+              f"raise --startup-per-worker-s", flush=True)
     win = servers.window(t0, t1)
     kinds = _label_kinds()
     in_system: dict[str, float] = {}
@@ -179,7 +185,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,2,4,8", help="numbers of bench servers")
     ap.add_argument("--service-ms", type=float, default=1000.0)
     ap.add_argument("--capacity", type=int, default=8)
-    ap.add_argument("--steady-s", type=float, default=20.0, help="target length of the measured window")
+    ap.add_argument("--steady-s", type=float, default=15.0, help="target length of the measured window")
     ap.add_argument("--startup-per-worker-s", type=float, default=10.0,
                     help="expected startup time per RAG worker: sizes the records rank0 does alone meanwhile")
     ap.add_argument("--query-batch-size", type=int, default=32, help="retrieval.query_batch_size")

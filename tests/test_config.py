@@ -59,3 +59,16 @@ def test_missing_and_invalid_toml(tmp_path):
 def test_list_fields_accept_comma_strings():
     cfg = load_config(None, {"servers.endpoints": "http://a:1, http://b:2"})
     assert cfg.servers.endpoints == ("http://a:1", "http://b:2")
+
+
+def test_config_command_prints_a_loadable_documented_toml(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    res = CliRunner().invoke(main, ["config"])
+    assert res.exit_code == 0, res.output
+    assert "[retrieval]\n# Chunks returned per query.\ntop_k = 5\n" in res.output
+    f = tmp_path / "all.toml"
+    f.write_text(res.output)
+    assert load_config(f) == load_config()  # round trip: every printed key is known and typed

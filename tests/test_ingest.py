@@ -57,6 +57,7 @@ def test_ingest_then_query_finds_the_right_document(tmp_path, embedder):
     assert (s.docs_added, s.docs_updated, s.docs_unchanged, s.docs_removed) == (5, 0, 0, 0)
     assert s.chunks_added == s.chunks_total > 5  # the longer files give several chunks
     assert s.chunks_per_s > 0 and "documents added 5" in s.line()
+    assert json.loads(json.dumps(s.as_dict()))["docs_added"] == 5
 
     snap = _snapshot(store_cfg)
     for cid, (text, meta, emb) in snap.items():

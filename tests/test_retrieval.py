@@ -122,7 +122,7 @@ def split_store(tmp_path_factory, embedder):
 
 
 def test_several_collections_are_merged_by_score(split_store, embedder):
-    r = Retriever(split_store, embedder, collections=["part-a", "part-b"])
+    r = Retriever(split_store, embedder, collections=["part-b"])  # main part-a + extra part-b
     results = r.search(list(SMALL_QUERIES.values()), top_k=3)
     for expected, res in zip(SMALL_QUERIES, results, strict=True):
         assert res.source_errors == {}
@@ -134,7 +134,7 @@ def test_several_collections_are_merged_by_score(split_store, embedder):
 
 @pytest.mark.parametrize("bad", ["no-such-collection", "dim8"])
 def test_a_failing_extra_collection_degrades_the_result(split_store, embedder, bad):
-    r = Retriever(split_store, embedder, collections=["part-a", bad])
+    r = Retriever(split_store, embedder, collections=[bad])
     (res,) = r.search([SMALL_QUERIES["bread.md"]], top_k=2)
     assert res.hits[0].doc_id == "bread.md"
     assert list(res.source_errors) == [bad]
@@ -143,7 +143,7 @@ def test_a_failing_extra_collection_degrades_the_result(split_store, embedder, b
 
 def test_all_sources_failing_raises_store_error(split_store, embedder):
     cfg = StoreConfig(path=split_store.path, collection="dim8")
-    r = Retriever(cfg, embedder, collections=["dim8", "no-such-collection"])
+    r = Retriever(cfg, embedder, collections=["no-such-collection"])
     with pytest.raises(StoreError, match="all retrieval sources failed"):
         r.search(["anything"], top_k=2)
     with pytest.raises(StoreError, match="dimension"):
@@ -152,10 +152,14 @@ def test_all_sources_failing_raises_store_error(split_store, embedder):
 
 def test_missing_store_or_collection_is_a_store_error(tmp_path, small_store, embedder):
     with pytest.raises(StoreError, match="vector store not found"):
-        Retriever(StoreConfig(path=str(tmp_path / "none"), collection="small"), embedder)
+        Retriever(StoreConfig(path=str(tmp_path / "none"), collection="small"), embedder, create=False)
     with pytest.raises(StoreError, match="collection 'nope' not found"):
-        Retriever(StoreConfig(path=small_store.path, collection="nope"), embedder)
+        Retriever(StoreConfig(path=small_store.path, collection="nope"), embedder, create=False)
     assert not (tmp_path / "none").exists()
+    # default (a RAG worker's rank0 before it ingests): created empty, searching gives no hits
+    r = Retriever(StoreConfig(path=str(tmp_path / "new"), collection="fresh"), embedder)
+    assert r.count() == 0 and r.search(["anything"], top_k=3)[0].hits == []
+    assert r.search_documents(["anything"], k=10) == [[]]
 
 
 def _reset_in_another_process(path: str, name: str, embedding: list[float]) -> None:

@@ -288,3 +288,26 @@ def test_managed_server_killed_mid_run_is_restarted(tmp_path, example_store):
     ok = [r for r in rows if r["gen_status"] == "ok"]
     assert len(ok) > before, "records after the restart must be generated"
     assert wait_no_survivors(marker) == []
+
+
+def test_on_bad_record_skip_writes_rejected_lines_and_runs_the_rest(tmp_path, example_store, llama_endpoints):
+    records = tmp_path / "in.jsonl"
+    records.write_text(
+        json.dumps({"id": "a", "query": "Aspirin reduces the risk of colorectal cancer."}) + "\n"
+        + '{"id": "b", "query": \n'
+        + json.dumps({"id": "c", "query": ""}) + "\n"
+        + json.dumps({"id": "d", "query": "Vitamin D deficiency is associated with depression."}) + "\n"
+    )
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, {"rag": {"mode": "retrieve"}})
+    proc, _ = start_run(["--input", str(records), "--output", str(out), "--config", str(cfg),
+                         "--on-bad-record", "skip", "--endpoints", ",".join(llama_endpoints),
+                         *store_args(example_store)])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == ["a", "d"]
+    assert all(r["rag_answer"] is None and r["contexts"] and r["generation"] for r in rows)  # retrieve mode
+    rejected = [json.loads(x) for x in (out / "_rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], "malformed JSON" in r["error"]) for r in rejected][0] == (2, True)
+    assert rejected[1]["line"] == 3 and "field 'query'" in rejected[1]["error"]

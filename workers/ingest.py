@@ -28,7 +28,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,12 @@ class IngestSummary:
     def chunks_written(self) -> int:
         """Chunks embedded and written by this ingest."""
         return self.chunks_added + self.chunks_updated
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict for manifests and JSON (skipped inputs as ``"<file>[:<line>]: <reason>"`` strings)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["skipped"] = [str(s) for s in self.skipped]
+        return d
 
     def line(self) -> str:
         """One-line summary for the CLI."""

@@ -77,14 +77,18 @@ class Retriever:
     Args:
         store_cfg: the store (path or chroma_url); ``store_cfg.collection`` is the main collection.
         embedder: a model from :func:`workers.embedding.load_embedder`.
-        collections: collections to search; ``None`` = ``[store_cfg.collection]``. The first one is the
-            main collection (:meth:`count`, :meth:`search_documents`); the others are extra sources
-            searched concurrently and merged by score.
+        collections: extra collections (``retrieval.collections``) searched besides the main collection
+            ``store_cfg.collection``, concurrently, merged by score; the main one is always searched first
+            and is the one :meth:`count` and :meth:`search_documents` use (duplicates are ignored).
         batch_size: queries per ``encode`` forward pass.
+        create: create the store directory and the main collection if missing (rank0 may ingest into it
+            afterwards; an empty collection simply returns no hits). ``False``: a missing store or main
+            collection is a StoreError. Missing extra collections are never created: they fail at search
+            time, recorded per query in ``source_errors``.
 
     Raises:
-        pipeline.errors.StoreError: the store cannot be opened, or the main collection does not exist
-            (extra collections that do not exist fail at search time, per query, in ``source_errors``).
+        pipeline.errors.StoreError: the store cannot be opened, or (``create=False``) the store or the main
+            collection does not exist.
     """
 
     def __init__(
@@ -93,20 +97,20 @@ class Retriever:
         embedder: SentenceTransformer,
         collections: list[str] | None = None,
         batch_size: int = 64,
+        *,
+        create: bool = True,
     ) -> None:
         from workers.store import describe, get_collection, open_client
 
         self.store_cfg = store_cfg
         self.embedder = embedder
         self.batch_size = batch_size
-        self.names: list[str] = list(dict.fromkeys(collections or [store_cfg.collection]))
-        if not self.names:
-            raise StoreError("no collection to search")
+        self.names: list[str] = list(dict.fromkeys([store_cfg.collection, *(collections or [])]))
         self._where = describe(store_cfg)
-        self._client: ClientAPI = open_client(store_cfg, create=False)
+        self._client: ClientAPI = open_client(store_cfg, create=create)
         self._lock = threading.Lock()
         self._cols: dict[str, Collection] = {}
-        self._cols[self.names[0]] = get_collection(self._client, self.names[0], create=False)
+        self._cols[self.names[0]] = get_collection(self._client, self.names[0], create=create)
         self.rebinds = 0
         """How many times a stale collection handle was rebound (self-healing), for logs and tests."""
 

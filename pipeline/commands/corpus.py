@@ -104,7 +104,9 @@ def eval_retrieval_cmd(queries: str, qrels: str, k: int, json_out: str | None, c
         n_chunks = col.count()
     if n_chunks == 0:
         raise StoreError(f"collection {cfg.store.collection!r} in {describe(cfg.store)} is empty")
-    retriever = Retriever(cfg.store, load_embedder(cfg.embedding.device), batch_size=cfg.embedding.batch_size)
+    retriever = Retriever(
+        cfg.store, load_embedder(cfg.embedding.device), batch_size=cfg.embedding.batch_size, create=False
+    )
     metrics = evaluate_retriever(retriever, q, rels, k=k)
     n_queries = sum(1 for qid in rels if any(r > 0 for r in rels[qid].values()))
     click.echo(f"collection {cfg.store.collection!r} in {describe(cfg.store)}: {n_chunks} chunks")
