@@ -86,7 +86,8 @@ def run_ours(servers: BenchServers, n: int, args: argparse.Namespace, store: Pat
     # alone, at most capacity/service records/s (its RAG answers go to its own server), for roughly
     # startup_per_worker_s x (N - 1) seconds on this machine.
     startup_records = args.capacity / (args.service_ms / 1000) * args.startup_per_worker_s * (n - 1)
-    m = int(math.ceil(ideal * args.steady_s + startup_records + 3 * n * args.capacity))
+    steady_records = max(ideal * args.steady_s, args.min_window_records)
+    m = int(math.ceil(steady_records + startup_records + 3 * n * args.capacity))
     part_rows = max(5, m // 80)
     gen_procs = args.gen_procs
     gen_conc = max(1, math.ceil(args.gen_inflight_factor * n * args.capacity / gen_procs))
@@ -186,6 +187,8 @@ def main() -> None:
     ap.add_argument("--service-ms", type=float, default=1000.0)
     ap.add_argument("--capacity", type=int, default=8)
     ap.add_argument("--steady-s", type=float, default=15.0, help="target length of the measured window")
+    ap.add_argument("--min-window-records", type=int, default=120,
+                    help="at least this many records for the measured window (precision at small N)")
     ap.add_argument("--startup-per-worker-s", type=float, default=10.0,
                     help="expected startup time per RAG worker: sizes the records rank0 does alone meanwhile")
     ap.add_argument("--query-batch-size", type=int, default=32, help="retrieval.query_batch_size")

@@ -18,7 +18,8 @@ KNOWN_FIELDS = {"query", "context", "rag_answer"}
 
 
 def resolve_template_path(path: str) -> Path:
-    """A relative template path is looked up in the current directory, then in the repository."""
+    """A relative path to a bundled file (prompt template, example corpus) is looked up in the current
+    directory, then in the repository."""
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p

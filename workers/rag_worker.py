@@ -142,9 +142,13 @@ def _startup(
     n = retriever.count()
     if rank0 and n == 0 and cfg.run.ingest_if_empty:
         from workers.ingest import ingest_source
+        from workers.prompts import resolve_template_path
+
+        log.warning("%s: collection %r is empty: ingesting %s", name, cfg.store.collection, cfg.run.ingest_if_empty)
 
         summary = ingest_source(
-            cfg.run.ingest_if_empty, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False
+            str(resolve_template_path(cfg.run.ingest_if_empty)), cfg.store, cfg.ingest, cfg.embedding,
+            embedder=embedder, progress=False
         )
         detail["ingest"] = summary.as_dict() if hasattr(summary, "as_dict") else str(summary)
         retriever = Retriever(cfg.store, embedder, list(cfg.retrieval.collections) or None)
