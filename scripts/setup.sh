@@ -58,7 +58,8 @@ fi
 key=$(printf '%s %s' "$LLAMA_VERSION" "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-16)
 wheel_dir="$WHEEL_CACHE/llama-cpp-python-$LLAMA_VERSION-$key"
 if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
-  if ! ls "$wheel_dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  whl=$(find "$wheel_dir" -maxdepth 1 -name 'llama_cpp_python-*.whl' 2>/dev/null | head -n 1 || true)
+  if [ -z "$whl" ]; then
     log "building llama-cpp-python $LLAMA_VERSION (portable flags; several minutes on 2 cores)"
     mkdir -p "$wheel_dir.tmp"
     CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
@@ -67,7 +68,7 @@ if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
   else
     log "reusing cached llama-cpp-python wheel from $wheel_dir"
   fi
-  whl=$(ls "$wheel_dir"/llama_cpp_python-*.whl | head -n 1)
+  whl=$(find "$wheel_dir" -maxdepth 1 -name 'llama_cpp_python-*.whl' | head -n 1)
   "${PIP[@]}" "${whl}[server]"
 fi
 
