@@ -136,6 +136,15 @@ class PipelineRun:
         except OSError:
             return ""
 
+    def started_pids(self) -> dict[int, str]:
+        """pid -> worker name ("rag-0", "gen-3", ...) from main's "started NAME (pid N)" log lines."""
+        out: dict[int, str] = {}
+        for ln in self.log_path.read_text(errors="replace").splitlines():
+            m = re.search(r"INFO pipeline\.run: started (\S+) \(pid (\d+)\)", ln)
+            if m:
+                out[int(m.group(2))] = m.group(1)
+        return out
+
     def ready_times(self) -> dict[str, float]:
         """Wall time (epoch s) at which main logged each worker READY ("rag-0" is rank0)."""
         out: dict[str, float] = {}
@@ -183,6 +192,9 @@ class TreeSampler:
     import torch). Also keeps each process' kernel peak RSS (VmHWM, read while it is alive) and the machine's
     busy CPU time, to see how much of the 2 cores other programs took.
     """
+
+    MIN_AGE_S = 0.5
+    """Processes younger than this are not sampled: a spawned child is a copy of its parent until it execs."""
 
     def __init__(self, root_pid: int, interval_s: float = 0.25, extra: dict[int, str] | None = None) -> None:
         import threading
@@ -251,6 +263,8 @@ class TreeSampler:
             for p in procs:
                 try:
                     with p.oneshot():
+                        if t - p.create_time() < self.MIN_AGE_S:
+                            continue  # maybe between fork and exec: still the parent's image (and its torch)
                         ct = p.cpu_times()
                         snap[p.pid] = (p.memory_info().rss, ct.user + ct.system)
                     self.roles[p.pid] = self._role(p)

@@ -11,8 +11,8 @@ each) with 16 generation processes, and samples the run's process tree with psut
   pages (libraries, torch) once per process, so this sum is an upper bound of the physical memory used.
 The bench servers are not part of the run (they stand in for GPU servers); their RSS is printed apart.
 
-Process roles are told apart by what they map: the RAG workers load libtorch, the generation processes never
-import torch (a design rule), multiprocessing's resource tracker is named in its command line.
+Process roles come from main's "started rag-i / gen-i (pid N)" log lines (-v); the "torch loaded" column
+checks the design rule that generation processes never import torch (libtorch in /proc/PID/maps).
 
 Usage:
     .venv/bin/python bench/memory.py [--num_processes 16] [--servers 2] [--records 400] [--service-ms 500]
@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS of the run (0 = unset)")
     ap.add_argument("--store", type=Path, default=DEFAULT_STORE)
     ap.add_argument("--run-timeout-s", type=float, default=600.0)
+    ap.add_argument("--gpus", type=int, default=None,
+                    help="pass --gpus N to the run (0: main does not import torch to count GPUs)")
+    ap.add_argument("--keep", action="store_true", help="keep the run directory (log, Parquet) and print it")
     args = ap.parse_args()
 
     store, collection = ensure_store(args.store)
@@ -74,7 +77,8 @@ def main() -> None:
         with launch(args.servers, args.service_ms, args.capacity) as servers:
             run = PipelineRun(work, ["--input", str(records), "--output", str(work / "out"), "--config", str(cfg),
                                      "--endpoints", ",".join(servers.urls), "--store", str(store),
-                                     "--collection", collection, "--num_processes", str(args.num_processes)],
+                                     "--collection", collection, "--num_processes", str(args.num_processes),
+                                     *(["--gpus", str(args.gpus)] if args.gpus is not None else [])],
                               args.torch_threads)
             sampler = TreeSampler(run.pid, interval_s=args.interval_s, extra={servers.proc.pid: "servers"}).start()
             try:
@@ -84,8 +88,15 @@ def main() -> None:
         if rc != 0:
             raise SystemExit(f"rag-pipeline run exited with {rc}; log tail:\n{run.log_tail()}")
         manifest = json.loads((work / "out" / "_manifest.json").read_text())
+        names = run.started_pids()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"run directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    # roles from main's "started rag-i / gen-i (pid N)" log lines; the sampler's guess for the others
+    for pid, name in names.items():
+        sampler.roles[pid] = name.split("-")[0]
 
     peak_rss: dict[int, int] = {}
     peak_total = 0
@@ -113,12 +124,15 @@ def main() -> None:
     print(f"rag-pipeline run --num_processes {args.num_processes}: {manifest['rows']} records, "
           f"{args.servers} bench servers ({args.service_ms:.0f} ms, capacity {args.capacity}) = {args.servers} RAG "
           f"workers; statuses {manifest['counts']}; {len(sampler.samples)} samples every {args.interval_s} s")
-    print(f"{'role':<10} {'pid':>8} {'peak RSS MB':>12} {'VmHWM MB':>10} {'torch loaded':>13}")
+    print(f"{'process':<10} {'pid':>8} {'peak RSS MB':>12} {'VmHWM MB':>10} {'torch loaded':>13}")
     order = ["main", "rag", "gen", "tracker", "servers"]
     for role in order + sorted(set(roles) - set(order)):
         for pid in sorted(roles.get(role, [])):
-            print(f"{role:<10} {pid:>8} {peak_rss[pid] / MB:>12.1f} {hwm(pid):>10.1f} "
+            print(f"{names.get(pid, role):<10} {pid:>8} {peak_rss[pid] / MB:>12.1f} {hwm(pid):>10.1f} "
                   f"{'yes' if pid in sampler.torch else 'no':>13}")
+    torch_gen = [p for p in roles.get("gen", []) if p in sampler.torch]
+    if torch_gen:
+        print(f"WARNING: {len(torch_gen)} generation process(es) loaded torch: {torch_gen}")
     gen = roles.get("gen", [])
     if len(gen) != args.num_processes:
         print(f"WARNING: {len(gen)} generation processes seen, expected {args.num_processes}")

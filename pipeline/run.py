@@ -269,16 +269,28 @@ class _Run:
                     log.info("rank0 READY: %s", payload)
                     return
                 if kind == "ERROR" and name == w.name:
-                    raise RunError(f"RAG worker 0 (rank0) failed during startup: {_last_line(payload)}\n{payload}")
+                    raise RunError(self._rank0_error(payload))
             if not w.process.is_alive() and msg is None:
                 msg = self._get(0.5)  # an ERROR message may still be in flight
                 if msg and msg[0] == "ERROR":
-                    raise RunError(f"RAG worker 0 (rank0) failed during startup: {_last_line(msg[2])}\n{msg[2]}")
+                    raise RunError(self._rank0_error(msg[2]))
                 raise RunError(f"RAG worker 0 (rank0) exited with code {w.process.exitcode} during startup")
             if self.signals.count:
                 raise Interrupted(f"{self.signals.name} received while waiting for rank0")
             if time.monotonic() > deadline:
                 raise RunError(f"RAG worker 0 (rank0) not READY after {self.cfg.run.ready_timeout_s:.0f} s")
+
+    def _rank0_error(self, tb: str) -> str:
+        """One-line message for rank0's failure; the full traceback (carried over the queue) goes to a file."""
+        path = self.out_dir / "_logs" / "rank0-error.txt"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(tb)
+            where = f" (traceback: {path})"
+        except OSError:
+            where = ""
+            log.error("rank0 traceback:\n%s", tb)
+        return f"RAG worker 0 (rank0) failed during startup: {_last_line(tb)}{where}"
 
     def start_others(self, n_rag: int) -> None:
         for slot in range(1, n_rag):
@@ -619,9 +631,11 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
             run.start_others(max(1, len(run.endpoints)))
             _open_bars(run, total, len(done))
             run.loop()
-    except Interrupted as exc:
-        interrupted = str(exc)
-        raise
+    except (Interrupted, RunError) as exc:
+        interrupted = str(exc) if isinstance(exc, Interrupted) else None
+        rows = len(od.committed_ids()) + len(run.finished)
+        raise type(exc)(f"{exc}\n{rows} of {total} records have their row in {out_dir}; "
+                        "run the same command again to resume") from None
     finally:
         force = run.signals.count >= 2
         try:

@@ -184,6 +184,8 @@ def test_rank0_failure_stops_fast_with_its_message(tmp_path, llama_endpoints):
     assert proc.returncode == 5, err
     assert "RAG worker 0 (rank0) failed during startup" in err
     assert "StoreError" in err or "store" in err.lower()
+    assert "Traceback" not in err  # one clear message; the traceback is kept in a file
+    assert "Traceback" in (tmp_path / "out" / "_logs" / "rank0-error.txt").read_text()
     assert time.monotonic() - t0 < 120
     assert wait_no_survivors(marker) == []
 
