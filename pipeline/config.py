@@ -49,6 +49,9 @@ class EmbeddingConfig:
 
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     batch_size: int = _f(64, "Texts per SentenceTransformer.encode batch.")
+    cpu_threads: int = _f(
+        0, "torch threads of each RAG worker embedding on CPU; 0 = cores // (CPU RAG workers + 1), at least 1."
+    )
 
 
 @dataclass(frozen=True)

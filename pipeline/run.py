@@ -244,8 +244,8 @@ class _Run:
             device = self.cfg.embedding.device
             if device == "auto":
                 device = f"cuda:{slot}" if slot < self.n_gpus else "cpu"
-            args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self.llm_concurrency, inbox,
-                    self.results, os.getpid())
+            args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self._cpu_threads(), self.llm_concurrency,
+                    inbox, self.results, os.getpid())
             proc = self.ctx.Process(target=rag_worker_main, args=args, name=name, daemon=True)
             credit = max(2 * self.cfg.retrieval.query_batch_size, self.cfg.retrieval.query_batch_size + self.llm_concurrency)
         else:
@@ -255,6 +255,13 @@ class _Run:
         proc.start()
         log.info("started %s (pid %s)", name, proc.pid)
         return _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit)
+
+    def _cpu_threads(self) -> int:
+        """torch threads per CPU RAG worker: embedding.cpu_threads, or cores // (CPU RAG workers + 1)."""
+        if self.cfg.embedding.cpu_threads > 0:
+            return self.cfg.embedding.cpu_threads
+        n_cpu_workers = max(1, len(self.endpoints) - self.n_gpus)
+        return max(1, (os.cpu_count() or 1) // (n_cpu_workers + 1))
 
     def start_rank0(self) -> None:
         """Start RAG worker 0 alone and block until it reports READY (the rank0 barrier)."""
@@ -353,6 +360,8 @@ class _Run:
                     room = min(batch_size, w.credit - len(w.assigned))
                     if room <= 0:
                         break
+                    if room < batch_size and len(w.assigned) > self.llm_concurrency and not self.exhausted:
+                        break  # the worker is still busy: wait and send a full micro-batch (one encode call)
                     items = []
                     while len(items) < room:
                         item = self._next_record()

@@ -84,12 +84,21 @@ def detect_gpus(requested: int) -> int:
         return requested
     if requested != -1:
         raise ConfigError(f"[servers] gpus: expected -1 (auto) or a count >= 0, got {requested}")
+    if not _gpu_device_files():
+        # no NVIDIA/AMD device node: no GPU, and no need to import torch (~200 MB) in the main process
+        return 0
     try:
         import torch
     except ImportError:
         log.info("torch is not installed: assuming no GPU")
         return 0
     return int(torch.cuda.device_count())
+
+
+def _gpu_device_files() -> bool:
+    """True if the kernel exposes an NVIDIA (/dev/nvidia0...) or AMD ROCm (/dev/kfd) compute device."""
+    dev = Path("/dev")
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists()
 
 
 def visible_gpu_ids(n: int) -> list[str]:
