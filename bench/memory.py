@@ -16,7 +16,7 @@ checks the design rule that generation processes never import torch (libtorch in
 
 Usage:
     .venv/bin/python bench/memory.py [--num_processes 16] [--servers 2] [--records 400] [--service-ms 500]
-        [--capacity 8] [--torch-threads 1] [--store DIR]
+        [--capacity 8] [--torch-threads 0] [--store DIR]
 About 1-2 minutes on 2 cores (most of it the RAG workers' startup).
 """
 
@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--service-ms", type=float, default=500.0)
     ap.add_argument("--capacity", type=int, default=8)
     ap.add_argument("--interval-s", type=float, default=0.2, help="psutil sampling interval")
-    ap.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS of the run (0 = unset)")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="OMP_NUM_THREADS of the run (0 = unset: the pipeline sizes torch threads itself)")
     ap.add_argument("--store", type=Path, default=DEFAULT_STORE)
     ap.add_argument("--run-timeout-s", type=float, default=600.0)
     ap.add_argument("--gpus", type=int, default=None,

@@ -36,14 +36,14 @@ N = 8, ratio 0.99 when the machine was otherwise quiet, 0.80-0.94 while other se
 matters for the ideal: ``--service-ms 2000 --capacity 16`` gives the same rates with twice the requests in
 flight; ``--service-ms 500`` reproduces the CPU-bound case.
 
-**Torch threads.** By default the pipeline's processes run with OMP_NUM_THREADS=1 (``--torch-threads 1``):
-with N RAG workers on 2 cores, torch's default of one thread per core oversubscribes the CPU and OpenMP threads
-spin. Measured here at N = 8 (1000 ms x 8): ratio 0.98 with 1 thread, 0.23 with torch's default
-(``--torch-threads 0``), the RAG workers burning 0.84 cores for 7 queries/s instead of 0.34 cores for 33.
+**Torch threads.** The pipeline sizes torch's threads per CPU RAG worker itself (cores // (CPU RAG workers + 1));
+before it did, torch's default of one thread per core per process oversubscribed the 2 cores and gave a ratio of
+0.23 at N=8, the RAG workers burning 0.84 cores for 7 queries/s instead of 0.34 cores for 33. ``--torch-threads T``
+forces OMP_NUM_THREADS=T for comparison (default 0: unset).
 
 Usage:
     .venv/bin/python bench/orchestration.py [--sizes 1,2,4,8] [--service-ms 1000] [--capacity 8]
-        [--steady-s 15] [--baseline-procs 8] [--baseline-sizes 1,8] [--torch-threads 1] [--store DIR] [--keep]
+        [--steady-s 15] [--baseline-procs 8] [--baseline-sizes 1,8] [--torch-threads 0] [--store DIR] [--keep]
 Runs in ~6 minutes on 2 shared cores (the RAG workers' startup dominates: ~10 s each, and the baseline pool's).
 The example corpus is ingested once into DIR (default: a temp dir, reused by later runs).
 """
@@ -202,7 +202,8 @@ def main() -> None:
                     help="generation requests in flight = N x capacity x this, split over the processes")
     ap.add_argument("--baseline-procs", type=int, default=8, help="seed 001 pool size (0 = skip the baseline)")
     ap.add_argument("--baseline-sizes", default="1,8", help="server counts at which the baseline runs")
-    ap.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS of bench processes (0 = unset)")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="OMP_NUM_THREADS of bench processes (0 = unset: the pipeline sizes torch threads itself)")
     ap.add_argument("--store", type=Path, default=DEFAULT_STORE)
     ap.add_argument("--run-timeout-s", type=float, default=600.0)
     ap.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
