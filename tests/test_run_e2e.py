@@ -334,3 +334,32 @@ def test_defaults_work_out_of_the_box_from_any_directory(tmp_path):
     assert (tmp_path / "data" / "store").is_dir()
     rows = read_rows(tmp_path / "out")
     assert len(rows) == 2 and all(r["gen_status"] == "ok" and r["contexts"] for r in rows)
+
+
+@pytest.mark.parametrize("role", ["rag", "gen"])
+def test_worker_killed_mid_run_is_replaced_and_its_records_requeued(tmp_path, example_store, llama_endpoints, role):
+    """SIGKILL a RAG worker (the process holding torch: the largest) or a generation process mid-run: main notices
+    through the process sentinel, requeues its in-flight records, starts a replacement; every record ends with
+    exactly one row."""
+    import psutil
+
+    records = write_records(tmp_path, 10)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, {"retrieval": {"query_batch_size": 2}, "run": {"queue_size": 2},
+                                  "llm": {"max_concurrency": 1}})
+    proc, marker = start_run(["--input", str(records), "--output", str(out), "--config", str(cfg),
+                              "--endpoints", ",".join(llama_endpoints), *store_args(example_store)])
+    wait_for_parts(out, 1, proc)
+    workers = [p for p in processes_with_marker(marker)
+               if "spawn_main" in " ".join(p.cmdline()) and p.pid != proc.pid]
+    workers.sort(key=lambda p: p.memory_info().rss, reverse=True)
+    victim = workers[0] if role == "rag" else workers[-1]
+    victim.kill()
+    psutil.wait_procs([victim], timeout=10)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"{role}-" in err and "died" in err and "requeueing" in err
+    ids = read_ids(out)
+    assert sorted(ids) == sorted(json.loads(x)["id"] for x in records.read_text().splitlines())
+    assert all(r["gen_status"] == "ok" for r in read_rows(out))
+    assert wait_no_survivors(marker) == []
