@@ -69,6 +69,9 @@ def handle_errors(fn: Callable) -> Callable:
         except RagPipelineError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
 
     return wrapper
 

@@ -13,6 +13,7 @@ cleanly with every finished row committed.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -194,15 +195,11 @@ def _row_schema(query_field: str, extra_types: dict[str, str]):
 class _Run:
     """State of one invocation of the scheduler loop (see module docstring)."""
 
-    def __init__(self, cfg: Config, out_dir: Path, records: Iterator, n_pending: int, extra_types: dict[str, str],
+    def __init__(self, cfg: Config, out_dir: Path, records: Iterator, extra_types: dict[str, str],
                  progress: bool) -> None:
-        import json
-
-        self._json = json
         self.cfg = cfg
         self.out_dir = out_dir
         self.records = records
-        self.n_pending = n_pending
         self.extra_types = extra_types
         self.schema = _row_schema(cfg.run.query_field, extra_types)
         self.exhausted = False
@@ -426,7 +423,7 @@ class _Run:
         row: dict[str, Any] = {"id": rid, "query": item["query"]}
         for k, t in self.extra_types.items():
             v = item["extra"].get(k)
-            row[k] = self._json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
+            row[k] = json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
         row.update(
             contexts=rag.get("contexts") or [],
             rag_answer=rag.get("rag_answer"),
@@ -586,13 +583,11 @@ def _limited_shard_records(scan: Any, cfg: Config, shard: tuple[int, int] | None
     from pipeline.output import in_shard
     from pipeline.records import iter_records
 
-    n = 0
     for rec in iter_records(scan, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
                             max_query_chars=cfg.run.max_query_chars):
         if cfg.run.limit and rec.index >= cfg.run.limit:
             return
         if shard is None or in_shard(rec.index, *shard):
-            n += 1
             yield rec
 
 
@@ -628,7 +623,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     done = od.committed_ids()
     n_pending = total - len(done)
     records = (r for r in _limited_shard_records(scan, cfg, shard) if r.id not in done)
-    run = _Run(cfg, out_dir, records, n_pending, scan.extra_types, progress)
+    run = _Run(cfg, out_dir, records, scan.extra_types, progress)
     backend = "none"
     interrupted: str | None = None
     pool = None
@@ -662,11 +657,11 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
                                       processed=run.processed, interrupted=interrupted or _signal_name(run),
                                       backend=backend)
             od.write_manifest(manifest)
-            run.result = RunResult(out_dir, total, len(done), run.processed, manifest["complete"], manifest)  # type: ignore[attr-defined]
-    if not run.result.complete:  # type: ignore[attr-defined]
-        missing = total - run.result.manifest["rows"]  # type: ignore[attr-defined]
+    result = RunResult(out_dir, total, len(done), run.processed, manifest["complete"], manifest)
+    if not result.complete:
+        missing = total - manifest["rows"]
         raise RunError(f"bug: {missing} records of {total} have no row after the run")
-    return run.result  # type: ignore[attr-defined]
+    return result
 
 
 def _signal_name(run: _Run) -> str | None:
