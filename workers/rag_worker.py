@@ -147,13 +147,10 @@ def _startup(
     name: str, rank0: bool, cfg: Config, endpoint: str | None, endpoints: list[str], device: str, cpu_threads: int,
     llm_concurrency: int,
 ) -> dict:
-    from transformers.utils import logging as hf_logging
-
     from pipeline.errors import StoreError
     from workers.embedding import load_embedder
     from workers.retriever import Retriever
 
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker would interleave with ours
     embedder = load_embedder(device)
     detail: dict[str, Any] = {"device": device, "endpoint": endpoint}
     if rank0:
