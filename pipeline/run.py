@@ -99,6 +99,7 @@ class _Worker:
     assigned: dict[str, dict] = field(default_factory=dict)
     restarts: int = 0
     stopping: bool = False
+    last_error: str | None = None  # last line of the traceback it reported, if any
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -390,14 +391,11 @@ class _Run:
         elif kind == "ERROR":
             log.error("%s failed:\n%s", name, payload)
             if w is not None:
-                w.last_error = _last_line(payload)  # type: ignore[attr-defined]
+                w.last_error = _last_line(payload)
         elif kind == "RAG":
             for res in payload:
-                item = w.assigned.pop(res["id"], None) if w else None
+                item = self._claim(w, name, res, "rag")
                 if item is None:
-                    log.warning("dropping a late duplicate RAG result for %s from %s", res["id"], name)
-                    continue
-                if res.get("unavailable") and self._defer(item, "rag"):
                     continue
                 self._bar("retrieval")
                 if res["rag_status"] == "hard_fail":
@@ -407,13 +405,20 @@ class _Run:
                     self.gen_backlog.append(item)
         elif kind == "GEN":
             for res in payload:
-                item = w.assigned.pop(res["id"], None) if w else None
-                if item is None:
-                    log.warning("dropping a late duplicate generation for %s from %s", res["id"], name)
-                    continue
-                if res.get("unavailable") and self._defer(item, "gen"):
-                    continue
-                self._finish(item, item["rag"], res)
+                item = self._claim(w, name, res, "gen")
+                if item is not None:
+                    self._finish(item, item["rag"], res)
+
+    def _claim(self, w: _Worker | None, name: str, res: dict, stage: str) -> dict | None:
+        """The in-flight record a result belongs to, or None if the result is a late duplicate (its worker was
+        declared dead and the record requeued) or the record was deferred while a server restarts."""
+        item = w.assigned.pop(res["id"], None) if w else None
+        if item is None:
+            log.warning("dropping a late duplicate %s result for %s from %s", stage, res["id"], name)
+            return None
+        if res.get("unavailable") and self._defer(item, stage):
+            return None
+        return item
 
     def _finish(self, item: dict, rag: dict, gen: dict | None) -> None:
         rid = item["id"]
@@ -436,13 +441,12 @@ class _Run:
             row.update(generation=None, gen_status="skipped", gen_error=rag.get("rag_error") or "RAG hard failure",
                        generate_ms=None, attempts=int(rag.get("attempts") or 0), endpoint=rag.get("endpoint"),
                        model=rag.get("model"))
-            self._bar("generation")
         else:
             row.update(generation=gen["generation"], gen_status=gen["gen_status"], gen_error=gen["gen_error"],
                        generate_ms=gen["generate_ms"],
                        attempts=int(rag.get("attempts") or 0) + int(gen.get("attempts") or 0),
                        endpoint=gen.get("endpoint") or rag.get("endpoint"), model=gen.get("model") or rag.get("model"))
-            self._bar("generation")
+        self._bar("generation")
         self.finished.append(row)
         if len(self.finished) >= self.cfg.run.part_rows:
             self.commit()
@@ -469,9 +473,9 @@ class _Run:
     def _check_workers(self) -> None:
         """Requeue the in-flight records of dead workers once and restart them; give up after repeated deaths."""
         for i, w in enumerate(self.workers):
-            if w.stopping or w.process.is_alive() and not getattr(w, "last_error", None):
+            if w.stopping or (w.process.is_alive() and not w.last_error):
                 continue
-            reason = getattr(w, "last_error", None) or f"exit code {w.process.exitcode}"
+            reason = w.last_error or f"exit code {w.process.exitcode}"
             log.warning("%s died (%s); requeueing %d in-flight records", w.name, reason, len(w.assigned))
             for rid, item in w.assigned.items():
                 self.requeued[rid] += 1

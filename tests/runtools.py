@@ -63,6 +63,16 @@ def write_records(tmp_path: Path, n: int, name: str = "records.jsonl") -> Path:
     return p
 
 
+def run_args(records: Path, out: Path, cfg: Path, *extra: str) -> list[str]:
+    """`run` arguments for an input, an output dir and a config file, plus ``extra``."""
+    return ["--input", str(records), "--output", str(out), "--config", str(cfg), *extra]
+
+
+def store_args(example_store) -> list[str]:
+    """`--store/--collection` of the session's example store fixture."""
+    return ["--store", str(example_store.store_cfg.path), "--collection", example_store.store_cfg.collection]
+
+
 def start_run(args: list[str], marker: str | None = None) -> tuple[subprocess.Popen, str]:
     """Start `python -m pipeline.cli run ARGS` with a unique environment marker to find its process tree later."""
     marker = marker or uuid.uuid4().hex

@@ -14,7 +14,9 @@ from tests.fixtures.llm import free_port_block, requires_llama
 from tests.runtools import (
     committed_parts,
     read_ids,
+    run_args,
     start_run,
+    store_args,
     wait_no_survivors,
     write_config,
     write_records,
@@ -31,8 +33,7 @@ def test_kill9_at_random_moments_then_resume_exactly_once(tmp_path, example_stor
     out = tmp_path / "out"
     cfg = write_config(tmp_path, {"retrieval": {"query_batch_size": 2}, "run": {"queue_size": 2},
                                   "llm": {"max_concurrency": 1}})
-    args = ["--input", str(records), "--output", str(out), "--config", str(cfg),
-            "--store", str(example_store.store_cfg.path), "--collection", example_store.store_cfg.collection]
+    args = run_args(records, out, cfg, *store_args(example_store))
     history = []
     for attempt in range(5):
         # a managed llama.cpp server each time: it must die with the main process too
@@ -63,9 +64,7 @@ def test_changed_input_is_refused_and_overwrite_starts_afresh(tmp_path, example_
     records = write_records(tmp_path, 2)
     out = tmp_path / "out"
     cfg = write_config(tmp_path, {"rag": {"mode": "retrieve"}})
-    args = ["--input", str(records), "--output", str(out), "--config", str(cfg),
-            "--endpoints", ",".join(llama_endpoints),
-            "--store", str(example_store.store_cfg.path), "--collection", example_store.store_cfg.collection]
+    args = run_args(records, out, cfg, "--endpoints", ",".join(llama_endpoints), *store_args(example_store))
     proc, _ = start_run(args)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]

@@ -18,7 +18,9 @@ from tests.runtools import (
     processes_with_marker,
     read_ids,
     read_rows,
+    run_args,
     start_run,
+    store_args,
     wait_for_parts,
     wait_no_survivors,
     write_config,
@@ -28,26 +30,12 @@ from tests.runtools import (
 pytestmark = [requires_llama, pytest.mark.slow]
 
 
-def store_args(example_store) -> list[str]:
-    return ["--store", str(example_store.store_cfg.path), "--collection", example_store.store_cfg.collection]
-
-
 def test_twenty_records_twenty_rows_with_generations(tmp_path, example_store, llama_endpoints):
     records = write_records(tmp_path, 20)
     out = tmp_path / "out"
     cfg = write_config(tmp_path)
     proc, marker = start_run(
-        [
-            "--input",
-            str(records),
-            "--output",
-            str(out),
-            "--config",
-            str(cfg),
-            "--endpoints",
-            ",".join(llama_endpoints),
-            *store_args(example_store),
-        ]
+        run_args(records, out, cfg, "--endpoints", ",".join(llama_endpoints), *store_args(example_store))
     )
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -78,17 +66,7 @@ def test_twenty_records_twenty_rows_with_generations(tmp_path, example_store, ll
 
     # running again resumes: nothing left to do, nothing duplicated
     proc, _ = start_run(
-        [
-            "--input",
-            str(records),
-            "--output",
-            str(out),
-            "--config",
-            str(cfg),
-            "--endpoints",
-            ",".join(llama_endpoints),
-            *store_args(example_store),
-        ]
+        run_args(records, out, cfg, "--endpoints", ",".join(llama_endpoints), *store_args(example_store))
     )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -105,19 +83,7 @@ def test_managed_server_and_soft_failure_path(tmp_path, example_store):
     from tests.fixtures.llm import free_port_block
 
     proc, marker = start_run(
-        [
-            "--input",
-            str(records),
-            "--output",
-            str(out),
-            "--config",
-            str(cfg),
-            "--min-score",
-            "0.99",
-            "--base-port",
-            str(free_port_block(1)),
-            *store_args(example_store),
-        ]
+        run_args(records, out, cfg, "--min-score", "0.99", "--base-port", str(free_port_block(1)), *store_args(example_store))
     )
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -141,8 +107,7 @@ def test_endpoint_killed_during_run_gives_hard_failures(tmp_path, example_store,
     out = tmp_path / "out"
     cfg = write_config(tmp_path, {"servers": {"endpoints": pool.endpoints}, "llm": {"max_concurrency": 1},
                                   "generation": {"endpoints": llama_endpoints}})
-    proc, marker = start_run(["--input", str(records), "--output", str(out), "--config", str(cfg),
-                              *store_args(example_store)])
+    proc, marker = start_run(run_args(records, out, cfg, *store_args(example_store)))
     wait_for_parts(out, 1, proc)
     for pid in pool.pids:
         os.killpg(pid, signal.SIGKILL)
@@ -197,17 +162,7 @@ def test_signal_stops_cleanly_commits_and_resumes_exactly_once(tmp_path, example
     # small micro-batches and backlog so that most records are still unread when the signal arrives
     cfg = write_config(tmp_path, {"retrieval": {"query_batch_size": 2}, "run": {"queue_size": 2},
                                   "llm": {"max_concurrency": 1}})
-    args = [
-        "--input",
-        str(records),
-        "--output",
-        str(out),
-        "--config",
-        str(cfg),
-        "--endpoints",
-        ",".join(llama_endpoints),
-        *store_args(example_store),
-    ]
+    args = run_args(records, out, cfg, "--endpoints", ",".join(llama_endpoints), *store_args(example_store))
     proc, marker = start_run(args)
     wait_for_parts(out, 2, proc)
     proc.send_signal(sig)
@@ -274,8 +229,7 @@ def test_managed_server_killed_mid_run_is_restarted(tmp_path, example_store):
     out = tmp_path / "out"
     cfg = write_config(tmp_path, {"llm": {"max_concurrency": 1, "breaker_cooldown_s": 1.0},
                                   "retrieval": {"query_batch_size": 2}, "run": {"queue_size": 2}})
-    proc, marker = start_run(["--input", str(records), "--output", str(out), "--config", str(cfg),
-                              "--base-port", str(free_port_block(1)), *store_args(example_store)])
+    proc, marker = start_run(run_args(records, out, cfg, "--base-port", str(free_port_block(1)), *store_args(example_store)))
     wait_for_parts(out, 1, proc)
     before = len(read_ids(out))
     servers = [p for p in processes_with_marker(marker) if "llama_cpp.server" in " ".join(p.cmdline())]
@@ -302,9 +256,7 @@ def test_on_bad_record_skip_writes_rejected_lines_and_runs_the_rest(tmp_path, ex
     )
     out = tmp_path / "out"
     cfg = write_config(tmp_path, {"rag": {"mode": "retrieve"}})
-    proc, _ = start_run(["--input", str(records), "--output", str(out), "--config", str(cfg),
-                         "--on-bad-record", "skip", "--endpoints", ",".join(llama_endpoints),
-                         *store_args(example_store)])
+    proc, _ = start_run(run_args(records, out, cfg, "--on-bad-record", "skip", "--endpoints", ",".join(llama_endpoints), *store_args(example_store)))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     rows = read_rows(out)
@@ -347,8 +299,7 @@ def test_worker_killed_mid_run_is_replaced_and_its_records_requeued(tmp_path, ex
     out = tmp_path / "out"
     cfg = write_config(tmp_path, {"retrieval": {"query_batch_size": 2}, "run": {"queue_size": 2},
                                   "llm": {"max_concurrency": 1}})
-    proc, marker = start_run(["--input", str(records), "--output", str(out), "--config", str(cfg),
-                              "--endpoints", ",".join(llama_endpoints), *store_args(example_store)])
+    proc, marker = start_run(run_args(records, out, cfg, "--endpoints", ",".join(llama_endpoints), *store_args(example_store)))
     wait_for_parts(out, 1, proc)
     workers = [p for p in processes_with_marker(marker)
                if "spawn_main" in " ".join(p.cmdline()) and p.pid != proc.pid]
