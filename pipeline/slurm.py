@@ -2,13 +2,13 @@
 
 ``submit`` writes two batch scripts into ``OUTPUT/_slurm/``:
 
-* ``array.sbatch``: an array ``0-(N-1)``; task I runs ``<python> -m pipeline.cli run --input IN --output OUT
+* ``array.sbatch``: an array ``0-(N-1)``; task I runs ``<python> -m pipeline run --input IN --output OUT
   --shard I/N RUN_OPTIONS`` (the run writes ``OUT/shard-I-of-N/``). ``--requeue``: a requeued or preempted
   task resumes from its committed parts. ``--signal=B:USR1@120``: two minutes before the time limit Slurm
   signals the batch shell, which forwards SIGUSR1 to the run (it commits finished rows and exits) and then
   requeues its own task, so a long job continues in a new allocation. SIGTERM (scancel, requeue,
   preemption) reaches the run directly from Slurm (not forwarded: a second signal would force-stop it).
-* ``merge.sbatch``: ``<python> -m pipeline.cli merge OUT``, submitted with ``--dependency=afterok:<array id>``
+* ``merge.sbatch``: ``<python> -m pipeline merge OUT``, submitted with ``--dependency=afterok:<array id>``
   and ``--kill-on-invalid-dep=yes`` (a failed task cancels the merge instead of leaving it pending forever).
 
 Every value that goes into a script is quoted with :func:`shlex.quote` (sbatch parses ``#SBATCH`` lines with
@@ -68,7 +68,7 @@ class SubmitOptions:
         workdir: directory the jobs start in (``--chdir``; default the current directory).
         job_name: Slurm job name of the array (the merge job gets ``<job_name>-merge``).
         run_command: argv each task runs, before ``--input ... --output ... --shard I/N``; default
-            ``[python, "-m", "pipeline.cli", "run"]`` (override e.g. to wrap the run in a container).
+            ``[python, "-m", "pipeline", "run"]`` (override e.g. to wrap the run in a container).
     """
 
     input_path: Path
@@ -93,7 +93,7 @@ class SubmitOptions:
 
     def task_argv(self) -> list[str]:
         """The command of one array task, without the ``--shard`` value (added by the script)."""
-        head = list(self.run_command) if self.run_command else [self.python, "-m", "pipeline.cli", "run"]
+        head = list(self.run_command) if self.run_command else [self.python, "-m", "pipeline", "run"]
         argv = head + [
             "--input",
             str(Path(self.input_path).absolute()),
@@ -285,7 +285,7 @@ def merge_script(opts: SubmitOptions) -> str:
         _directive("--error", _pattern(logs, "merge-%j.err")),
     ]
     lines += _common_directives(opts)
-    argv = [opts.python, "-m", "pipeline.cli", "merge", str(Path(opts.output_dir).absolute())]
+    argv = [opts.python, "-m", "pipeline", "merge", str(Path(opts.output_dir).absolute())]
     lines += ["", "set -u", f"exec {shlex.join(argv)}", ""]
     return "\n".join(lines)
 

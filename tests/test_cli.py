@@ -56,3 +56,20 @@ def test_run_rejects_bad_input_before_starting_anything(tmp_path):
     assert f"{bad}:2: field 'query': missing or empty query" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_command_modules_do_not_import_the_cli_entry_point():
+    # The commands take their shared options from pipeline.commands.options; importing them must not load
+    # pipeline.cli (which imports them): no import cycle, and `python -m pipeline` loads each module once.
+    code = (
+        "import sys\n"
+        "import pipeline.commands\n"
+        "print('CLI_LOADED', 'pipeline.cli' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "CLI_LOADED False" in out, out
+
+
+def test_python_dash_m_pipeline_is_the_cli():
+    res = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "run" in res.stdout and "ingest" in res.stdout

@@ -203,6 +203,6 @@ def test_bad_model_path_reports_log_tail_in_seconds(tmp_path):
     )
     assert time.monotonic() - t0 < 30
     assert res.returncode == 1
-    assert f"server on port {port} exited with code 1 during startup; last log lines" in res.stderr
-    assert "Model path does not exist" in res.stderr
+    assert f"server on port {port} exited with code 2 during startup; last log lines" in res.stderr
+    assert "missing.gguf: no such file" in res.stderr
     assert res.stdout == "" and server_processes(port) == []

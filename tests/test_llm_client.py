@@ -19,7 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 
+from bench.bench_server import launch
 from pipeline.config import LLMConfig
 from tests.fixtures.llm import dead_endpoint, requires_llama
 from workers.llm_client import Attempt, LLMClient, NoEndpointAvailable, RequestFailed, concurrency_for
@@ -63,15 +65,19 @@ def test_4xx_is_not_retried_nor_failed_over(llama_endpoints):
         assert not any(s["breaker_open"] or s["errors"] for s in client.stats().values())
 
 
-def test_5xx_is_retried_on_every_endpoint_then_request_failed(llama_endpoints):
-    # A non-numeric top_p makes llama.cpp's request validation answer HTTP 500 (a real server error).
+def test_5xx_is_retried_on_every_endpoint_then_request_failed():
+    # llama.cpp validates requests with 400s and does not answer 500 on demand, so the fault is injected into
+    # two benchmark servers (bench/bench_server.py: a test double for a failing server, POST /fault).
     cfg = dataclasses.replace(FAST, max_attempts=2, breaker_failures=10)
-    with LLMClient(llama_endpoints, cfg) as client:
-        with pytest.raises(RequestFailed) as err:
-            client.chat("Hi.", 4, extra={"top_p": "not-a-number"})
+    with launch(2, service_ms=10, capacity=4) as bench:
+        for url in bench.urls:
+            requests.post(url + "/fault", json={"status": 500, "for_s": 60}, timeout=5).raise_for_status()
+        with LLMClient(bench.urls, cfg) as client:
+            with pytest.raises(RequestFailed) as err:
+                client.chat("Hi.", 4)
     attempts = err.value.attempts
     assert [a.outcome for a in attempts] == ["http_500"] * 4  # 2 passes x 2 endpoints (failover)
-    assert {a.endpoint for a in attempts[:2]} == set(llama_endpoints)
+    assert {a.endpoint for a in attempts[:2]} == set(bench.urls)
     assert not isinstance(err.value, NoEndpointAvailable)  # servers answered: recoverable
 
 
@@ -157,7 +163,7 @@ def test_per_endpoint_concurrency_limit_under_threads(llama_endpoints):
 
 
 def test_concurrency_defaults_by_backend():
-    assert concurrency_for("llamacpp", LLMConfig()) == 1
+    assert concurrency_for("llamacpp", LLMConfig()) == 4
     assert concurrency_for("sglang", LLMConfig()) == 128
     assert concurrency_for("attached", LLMConfig()) == 8
     assert concurrency_for("sglang", LLMConfig(max_concurrency=5)) == 5

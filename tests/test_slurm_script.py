@@ -61,7 +61,7 @@ def test_dry_run_prints_both_scripts_and_writes_nothing(tmp_path: Path, inp: Pat
         f"#SBATCH --output={out}/_slurm/logs/run-%A_%a.out",
         f"#SBATCH --error={out}/_slurm/logs/run-%A_%a.err",
         'shard="${SLURM_ARRAY_TASK_ID}/3"',
-        f"{PY} -m pipeline.cli run --input {inp} --output {out} --chroma-url http://node7:8000 "
+        f"{PY} -m pipeline run --input {inp} --output {out} --chroma-url http://node7:8000 "
         '--shard "$shard" --limit 6 --num_processes 16 &',
         'scontrol requeue "$task"',
     ]:
@@ -72,7 +72,7 @@ def test_dry_run_prints_both_scripts_and_writes_nothing(tmp_path: Path, inp: Pat
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj1",
         f"#SBATCH --output={out}/_slurm/logs/merge-%j.out",
-        f"exec {PY} -m pipeline.cli merge {out}",
+        f"exec {PY} -m pipeline merge {out}",
     ]:
         assert line in merge.splitlines(), line
     assert "--gres" not in merge and "--mem=64G" not in merge  # array-only options

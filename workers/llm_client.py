@@ -51,9 +51,9 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 """HTTP statuses that are retried (DESIGN.md failure rules); every other 4xx/5xx is final."""
 
-DEFAULT_CONCURRENCY = {"sglang": 128, "llamacpp": 1, "attached": 8}
+DEFAULT_CONCURRENCY = {"sglang": 128, "llamacpp": 4, "attached": 8}
 """In-flight requests per endpoint when ``llm.max_concurrency`` is 0 (SGLang batches many concurrent
-requests; llama.cpp's server answers one at a time, measured here)."""
+requests; the CPU llama.cpp server decodes servers.n_parallel = 4 slots by default)."""
 
 
 # ----------------------------------------------------------------------------------------------

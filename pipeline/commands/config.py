@@ -6,7 +6,7 @@ import json
 
 import click
 
-from pipeline.cli import config_file_option, handle_errors
+from pipeline.commands.options import config_file_option, handle_errors
 
 
 def render_toml(cfg) -> str:

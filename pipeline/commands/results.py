@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli import handle_errors
+from pipeline.commands.options import handle_errors
 
 
 def _counts(counts: dict[str, int]) -> str:

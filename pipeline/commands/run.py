@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import build_config, config_file_option, config_option, handle_errors
+from pipeline.commands.options import build_config, config_file_option, config_option, handle_errors
 
 
 def summary_table(manifest: dict) -> str:

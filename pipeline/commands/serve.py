@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipeline.cli import build_config, config_file_option, config_option, handle_errors
+from pipeline.commands.options import build_config, config_file_option, config_option, handle_errors
 
 
 class _StopRequested(Exception):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import handle_errors
+from pipeline.commands.options import handle_errors
 
 
 @click.command(
