@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.resources import SOURCE_ROOT as REPO_ROOT
+from pipeline.resources import default_config_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_FILE = REPO_ROOT / "configs" / "default.toml"
+DEFAULT_CONFIG_FILE = default_config_file() or REPO_ROOT / "configs" / "default.toml"
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -160,6 +161,7 @@ class RunConfig:
     reset_collection: bool = _f(False, "Rank0 deletes and recreates the collection before ingesting.")
     overwrite: bool = _f(False, "Discard an existing output directory instead of resuming.")
     shard: str = _f("", "'I/N': process partition I of N of the input (by record index).")
+    progress_interval_s: float = _f(30.0, "Seconds between plain progress lines when stderr is not a terminal.")
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,7 @@ class _Run:
         self.workers: list[_Worker] = []
         self.last_commit = time.monotonic()
         self.progress = progress
-        self.bars: dict[str, Any] = {}
+        self.progress_view: Any = None  # pipeline.progress.RunProgress, opened once the servers are up
         self.ctx = mp.get_context("spawn")
         self.results = self.ctx.Queue()
         self.endpoints: list[str] = []
@@ -397,7 +397,8 @@ class _Run:
                 item = self._claim(w, name, res, "rag")
                 if item is None:
                     continue
-                self._bar("retrieval")
+                if self.progress_view is not None:
+                    self.progress_view.retrieved_one()
                 if res["rag_status"] == "hard_fail":
                     self._finish(item, res, None)
                 else:
@@ -446,7 +447,8 @@ class _Run:
                        generate_ms=gen["generate_ms"],
                        attempts=int(rag.get("attempts") or 0) + int(gen.get("attempts") or 0),
                        endpoint=gen.get("endpoint") or rag.get("endpoint"), model=gen.get("model") or rag.get("model"))
-        self._bar("generation")
+        if self.progress_view is not None:
+            self.progress_view.finished_one(row.get("rag_status"), row.get("gen_status"))
         self.finished.append(row)
         if len(self.finished) >= self.cfg.run.part_rows:
             self.commit()
@@ -464,11 +466,6 @@ class _Run:
         OutputDir(self.out_dir).commit_part(table)
         self.processed += len(self.finished)
         self.finished = []
-
-    def _bar(self, name: str) -> None:
-        bar = self.bars.get(name)
-        if bar is not None:
-            bar.update(1)
 
     def _check_workers(self) -> None:
         """Requeue the in-flight records of dead workers once and restart them; give up after repeated deaths."""
@@ -649,8 +646,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         try:
             run.commit()
         finally:
-            for bar in run.bars.values():
-                bar.close()
+            if run.progress_view is not None:
+                run.progress_view.close()
             run.shutdown(force=force)
             if run.restart_executor is not None:
                 run.restart_executor.shutdown(wait=False, cancel_futures=True)
@@ -673,12 +670,10 @@ def _signal_name(run: _Run) -> str | None:
 
 
 def _open_bars(run: _Run, total: int, done: int) -> None:
-    if not run.progress:
-        return
-    from tqdm import tqdm
+    """Progress on stderr: bars on a terminal, a plain line every ``run.progress_interval_s`` otherwise."""
+    from pipeline.progress import RunProgress
 
-    run.bars["retrieval"] = tqdm(total=total, initial=done, desc="retrieval ", unit="rec", position=0, dynamic_ncols=True)
-    run.bars["generation"] = tqdm(total=total, initial=done, desc="generation", unit="rec", position=1, dynamic_ncols=True)
+    run.progress_view = RunProgress(total, done, enabled=run.progress, interval_s=run.cfg.run.progress_interval_s)
 
 
 def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:

@@ -267,27 +267,6 @@ def test_on_bad_record_skip_writes_rejected_lines_and_runs_the_rest(tmp_path, ex
     assert rejected[1]["line"] == 3 and "field 'query'" in rejected[1]["error"]
 
 
-def test_defaults_work_out_of_the_box_from_any_directory(tmp_path):
-    """`run --input --output` and nothing else (what `make run` does): CPU mode, a managed llama.cpp server,
-    the bundled example corpus ingested into the default store because the collection is absent."""
-    from tests.fixtures.llm import free_port_block
-
-    records = write_records(tmp_path, 2)
-    env_cfg = tmp_path / "ports.toml"  # only to avoid a port clash with other tests; not a behaviour change
-    env_cfg.write_text(f"[servers]\nbase_port = {free_port_block(1)}\n[run]\nlimit = 2\n")
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--no-progress", "--input", str(records), "--output", "out",
-         "--config", str(env_cfg)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "is empty: ingesting data/example/corpus.jsonl" in res.stderr
-    assert (tmp_path / "data" / "store").is_dir()
-    rows = read_rows(tmp_path / "out")
-    assert len(rows) == 2 and all(r["gen_status"] == "ok" and r["contexts"] for r in rows)
-
-
 @pytest.mark.parametrize("role", ["rag", "gen"])
 def test_worker_killed_mid_run_is_replaced_and_its_records_requeued(tmp_path, example_store, llama_endpoints, role):
     """SIGKILL a RAG worker (the process holding torch: the largest) or a generation process mid-run: main notices

@@ -11,19 +11,16 @@ import string
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import REPO_ROOT
 from pipeline.errors import ConfigError
+from pipeline.resources import resolve_bundled
 
 KNOWN_FIELDS = {"query", "context", "rag_answer"}
 
 
 def resolve_template_path(path: str) -> Path:
     """A relative path to a bundled file (prompt template, example corpus) is looked up in the current
-    directory, then in the repository."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p
+    directory, then among the files shipped with the package (:func:`pipeline.resources.resolve_bundled`)."""
+    return resolve_bundled(path)
 
 
 def load_template(path: str) -> str:

@@ -1,0 +1,1 @@
+"""Files shipped with the package (configs/ and data/example/ of the source tree): see pipeline/resources.py."""
