@@ -1,4 +1,4 @@
-"""Slurm array submission (`rag-pipeline submit`) and the shared Chroma server (`rag-pipeline serve-store`).
+"""Slurm array submission (`rag-pipeline submit`); the shared Chroma server is in :mod:`pipeline.store_server`.
 
 ``submit`` writes two batch scripts into ``OUTPUT/_slurm/``:
 
@@ -17,26 +17,19 @@ the same quoting rules); ``%`` in paths used as Slurm filename patterns is escap
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
-from pipeline.errors import InputError, RunError, StoreError
+from pipeline.errors import InputError, RunError
 from pipeline.output import shard_dirs
 
 log = logging.getLogger(__name__)
@@ -375,146 +368,12 @@ def submit(
     return SubmitResult(a_text, m_text, a_path, m_path, array_id, merge_id)
 
 
-# ---------------------------------------------------------------------------------------------
-# serve-store: a Chroma server for multi-node runs
-
-
-def chroma_executable() -> Path:
-    """The ``chroma`` console script installed next to the current Python.
-
-    Raises:
-        StoreError: it does not exist (chromadb not installed in this environment).
-    """
-    exe = Path(sys.executable).parent / "chroma"
-    if not exe.exists():
-        raise StoreError(f"{exe} not found: chromadb is not installed in this Python environment")
-    return exe
-
-
-def heartbeat_url(host: str, port: int) -> str:
-    """The Chroma (1.x) heartbeat endpoint of a server bound to ``host:port`` (wildcard hosts -> 127.0.0.1)."""
-    connect = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    if ":" in connect and not connect.startswith("["):
-        connect = f"[{connect}]"
-    return f"http://{connect}:{port}/api/v2/heartbeat"
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def serve_store(
-    path: str | Path,
-    host: str,
-    port: int,
-    *,
-    on_ready: Callable[[str], None] | None = None,
-    ready_timeout_s: float = 60.0,
-    shutdown_timeout_s: float = 10.0,
-) -> int:
-    """Run ``chroma run --path PATH --host HOST --port PORT`` in the foreground until it exits.
-
-    SIGINT, SIGTERM, SIGHUP and SIGUSR1 received by this process are forwarded to the server (started in
-    its own session); if it has not exited ``shutdown_timeout_s`` after the first forwarded signal, it is
-    killed (SIGKILL). Readiness is a 200 from ``/api/v2/heartbeat``.
-
-    Args:
-        path: persistence directory (created if missing).
-        host: interface to bind (``0.0.0.0`` for other nodes to connect).
-        port: TCP port.
-        on_ready: called once with the server URL (``http://host:port``) when it answers.
-        ready_timeout_s: longest wait for the first heartbeat, seconds.
-        shutdown_timeout_s: seconds between the forwarded signal and SIGKILL.
-
-    Returns:
-        0 if the server stopped because of a forwarded signal, else the server's exit status.
-
-    Raises:
-        StoreError: ``chroma`` missing, the port already in use, the server exited or did not answer
-            before ``ready_timeout_s``.
-    """
-    exe = chroma_executable()
-    if not 0 < port < 65536:
-        raise StoreError(f"--port {port}: expected 1-65535")
-    if _port_in_use(host, port):
-        raise StoreError(f"port {port} on {host} is already in use (another server?); choose another --port")
-    Path(path).mkdir(parents=True, exist_ok=True)
-    cmd = [str(exe), "run", "--path", str(path), "--host", host, "--port", str(port)]
-    log.info("starting: %s", shlex.join(cmd))
-    forwarded: list[float] = []
-    proc = subprocess.Popen(cmd, start_new_session=True)
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        log.info("forwarding %s to chroma (pid %d)", signal.Signals(signum).name, proc.pid)
-        forwarded.append(time.monotonic())
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
-
-    sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1]
-    previous = {s: signal.signal(s, forward) for s in sigs}
-    try:
-        public = socket.getfqdn() if host in ("0.0.0.0", "", "::") else host
-        url = f"http://{public}:{port}"
-        _wait_ready(proc, heartbeat_url(host, port), ready_timeout_s, forwarded)
-        if proc.poll() is None and not forwarded and on_ready is not None:
-            on_ready(url)
-        while True:
-            try:
-                rc = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                if forwarded and time.monotonic() - forwarded[0] > shutdown_timeout_s:
-                    log.warning("chroma did not stop within %.0f s; killing it", shutdown_timeout_s)
-                    proc.kill()
-        return 0 if forwarded and rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=shutdown_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, forwarded: list[float]) -> None:
-    """Poll the heartbeat until it answers 200; raise StoreError if the server exits or times out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if forwarded:
-            return
-        rc = proc.poll()
-        if rc is not None:
-            raise StoreError(f"chroma exited with status {rc} before it was ready (see its output above)")
-        try:
-            with urllib.request.urlopen(url, timeout=2.0) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise StoreError(f"chroma did not answer {url} within {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
 __all__ = [
     "SubmitOptions",
     "SubmitResult",
     "array_script",
-    "chroma_executable",
-    "heartbeat_url",
     "merge_script",
     "sbatch",
-    "serve_store",
     "submit",
     "validate",
 ]

@@ -78,9 +78,10 @@ def test_serve_store_runs_chroma_until_signalled(tmp_path: Path) -> None:
             timeout=60,
         )
         assert busy.returncode == 4
-        assert busy.stderr.strip() == f"Error: port {port} on 127.0.0.1 is already in use (another server?); choose another --port"
+        assert busy.stderr.startswith(f"Error: store port {port} on 127.0.0.1 is already in use by pid ")
+        assert "chroma" in busy.stderr and "choose another --port" in busy.stderr and "Traceback" not in busy.stderr
 
-        # SIGTERM to serve-store only (its own session): forwarded to chroma, both exit, the port is free
+        # SIGTERM to serve-store only (its own session): chroma is stopped, both exit, the port is free
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 10
@@ -93,5 +94,24 @@ def test_serve_store_runs_chroma_until_signalled(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+@pytest.mark.skipif(not CHROMA.exists(), reason="chroma console script not installed")
+def test_kill_9_of_serve_store_does_not_leave_chroma_running(tmp_path: Path) -> None:
+    port = free_port()
+    proc, _ = start_serve_store(tmp_path / "db", port)
+    try:
+        (chroma_pid,) = _children(proc.pid)
+        proc.kill()  # SIGKILL: no handler runs; PR_SET_PDEATHSIG must take chroma down with it
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(chroma_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(chroma_pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         if proc.stdout:
             proc.stdout.close()

@@ -116,7 +116,7 @@ def serve_store_cmd(path: str, host: str, port: int, ready_timeout_s: float) -> 
 
     Pass the printed URL to `run --chroma-url` / `submit --chroma-url`. Signals are forwarded to the server.
     """
-    from pipeline.slurm import serve_store
+    from pipeline.store_server import serve_store
 
     def ready(url: str) -> None:
         click.echo(f"Chroma server ready: {url}  (use --chroma-url {url})", err=False)

@@ -1,0 +1,134 @@
+"""``rag-pipeline serve-store``: a Chroma server (``chroma run``) for multi-node runs, in the foreground.
+
+It is started and stopped like the LLM servers of :mod:`pipeline.servers` (the same port check naming the
+process that holds the port, its own session / process group, ``PR_SET_PDEATHSIG`` so that a kill -9 of
+``serve-store`` does not leave Chroma running, SIGTERM then SIGKILL of the whole group), and readiness is a 200
+from Chroma's ``/api/v2/heartbeat`` polled while checking that the child is alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import requests
+
+from pipeline.errors import ServerError, StoreError
+from pipeline.servers import _die_with_parent, check_port_free, stop_processes
+
+log = logging.getLogger(__name__)
+
+_POLL_INTERVAL_S = 0.2
+
+
+def chroma_executable() -> Path:
+    """The ``chroma`` console script installed next to the current Python.
+
+    Raises:
+        StoreError: it does not exist (chromadb not installed in this environment).
+    """
+    exe = Path(sys.executable).parent / "chroma"
+    if not exe.exists():
+        raise StoreError(f"{exe} not found: chromadb is not installed in this Python environment")
+    return exe
+
+
+def heartbeat_url(host: str, port: int) -> str:
+    """The Chroma (1.x) heartbeat endpoint of a server bound to ``host:port`` (wildcard hosts -> 127.0.0.1)."""
+    connect = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    if ":" in connect and not connect.startswith("["):
+        connect = f"[{connect}]"
+    return f"http://{connect}:{port}/api/v2/heartbeat"
+
+
+def serve_store(
+    path: str | Path,
+    host: str,
+    port: int,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    ready_timeout_s: float = 60.0,
+    shutdown_timeout_s: float = 10.0,
+) -> int:
+    """Run ``chroma run --path PATH --host HOST --port PORT`` in the foreground until it exits.
+
+    SIGINT, SIGTERM, SIGHUP and SIGUSR1 received by this process stop the server (SIGTERM to its process
+    group, SIGKILL after ``shutdown_timeout_s``).
+
+    Args:
+        path: persistence directory (created if missing).
+        host: interface to bind (``0.0.0.0`` for other nodes to connect).
+        port: TCP port.
+        on_ready: called once with the server URL (``http://host:port``) when it answers.
+        ready_timeout_s: longest wait for the first heartbeat, seconds.
+        shutdown_timeout_s: seconds between SIGTERM and SIGKILL.
+
+    Returns:
+        0 if the server stopped because of a signal to this process, else the server's exit status.
+
+    Raises:
+        StoreError: ``chroma`` missing, the port already in use, the server exited or did not answer
+            before ``ready_timeout_s``.
+    """
+    exe = chroma_executable()
+    if not 0 < port < 65536:
+        raise StoreError(f"--port {port}: expected 1-65535")
+    try:
+        check_port_free(host or "0.0.0.0", port, "store port")
+    except ServerError as exc:
+        raise StoreError(str(exc).replace("--base-port", "--port")) from None
+    Path(path).mkdir(parents=True, exist_ok=True)
+    cmd = [str(exe), "run", "--path", str(path), "--host", host, "--port", str(port)]
+    log.info("starting: %s", shlex.join(cmd))
+    stop_requested: list[float] = []
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping chroma (pid %d)", signal.Signals(signum).name, proc.pid)
+        stop_requested.append(time.monotonic())
+
+    sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1]
+    previous = {s: signal.signal(s, on_signal) for s in sigs}
+    try:
+        public = socket.getfqdn() if host in ("0.0.0.0", "", "::") else host
+        _wait_ready(proc, heartbeat_url(host, port), ready_timeout_s, stop_requested)
+        if proc.poll() is None and not stop_requested and on_ready is not None:
+            on_ready(f"http://{public}:{port}")
+        while proc.poll() is None and not stop_requested:
+            time.sleep(_POLL_INTERVAL_S)
+        if stop_requested:
+            stop_processes([proc], shutdown_timeout_s)
+            return 0
+        return proc.returncode
+    finally:
+        if proc.poll() is None:
+            stop_processes([proc], shutdown_timeout_s)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, stop_requested: list[float]) -> None:
+    """Poll the heartbeat until it answers 200; raise StoreError if the server exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while not stop_requested:
+        rc = proc.poll()
+        if rc is not None:
+            raise StoreError(f"chroma exited with status {rc} before it was ready (see its output above)")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url, timeout=2.0).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise StoreError(f"chroma did not answer {url} within {timeout_s:.0f} s")
+        time.sleep(_POLL_INTERVAL_S)
+
+
+__all__ = ["chroma_executable", "heartbeat_url", "serve_store"]
