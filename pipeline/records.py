@@ -15,17 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.output.schema import passthrough_name
 
 log = logging.getLogger(__name__)
-
-# Output columns a passthrough field may not shadow; a colliding input field is stored as ``input_<name>``.
-RESERVED_COLUMNS = frozenset(
-    {
-        "id", "query", "contexts", "rag_answer", "rag_status", "rag_error", "generation", "gen_status",
-        "gen_error", "attempts", "endpoint", "retrieve_ms", "rag_llm_ms", "generate_ms", "model",
-    }
-)
-
 
 @dataclass(frozen=True)
 class Record:
@@ -62,10 +54,6 @@ class InputScan:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     extra_types: dict[str, str] = field(default_factory=dict)
     rejected_lines: set[int] = field(default_factory=set)
-
-
-def _column_name(name: str) -> str:
-    return f"input_{name}" if name in RESERVED_COLUMNS else name
 
 
 def _json_type(value: Any) -> str | None:
@@ -118,7 +106,7 @@ def _parse_line(
             f"{where}: field '{query_field}': query has {len(query)} characters (limit run.max_query_chars="
             f"{max_query_chars})"
         )
-    extra = {_column_name(k): v for k, v in obj.items() if k not in (id_field, query_field)}
+    extra = {passthrough_name(k): v for k, v in obj.items() if k not in (id_field, query_field)}
     return str(rid), query, extra
 
 
@@ -185,13 +173,31 @@ def scan_input(
 
 
 def iter_records(
-    scan: InputScan, *, id_field: str = "id", query_field: str = "query", max_query_chars: int = 8000
+    scan: InputScan,
+    *,
+    id_field: str = "id",
+    query_field: str = "query",
+    max_query_chars: int = 8000,
+    limit: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[Record]:
-    """Stream the valid records of a scanned file, in file order (bounded memory)."""
+    """Stream the valid records of a scanned input, in input order (bounded memory).
+
+    A record's ``index`` is known without parsing it (blank and rejected lines are skipped by number), so
+    with ``shard`` the lines of other shards are read but never parsed.
+
+    Args:
+        scan: :func:`scan_input` of the input.
+        limit: stop before index ``limit`` (0 = no limit).
+        shard: ``(i, n)``: only records with ``index % n == i``.
+    """
     index = 0
     for lineno, raw in _lines(scan.path):
         if lineno in scan.rejected_lines:
             continue
-        rid, query, extra = _parse_line(raw, lineno, scan.path, id_field, query_field, max_query_chars)
-        yield Record(index=index, line=lineno, id=rid, query=query, extra=extra)
+        if limit and index >= limit:
+            return
+        if shard is None or index % shard[1] == shard[0]:
+            rid, query, extra = _parse_line(raw, lineno, scan.path, id_field, query_field, max_query_chars)
+            yield Record(index=index, line=lineno, id=rid, query=query, extra=extra)
         index += 1
