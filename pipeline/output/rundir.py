@@ -185,13 +185,13 @@ class OutputDir:
                 self._ledger = Ledger(self.path, track_ids=self.track_ids)
             return self._ledger
 
-    def committed_ids(self) -> frozenset[str]:
+    def committed_ids(self) -> set[str]:
         """Ids of every committed row (a copy of the ledger's set; prefer ``id in od.ledger``).
 
         Raises:
             RunError: see :attr:`ledger`.
         """
-        return frozenset(self.ledger.ids)
+        return set(self.ledger.ids)
 
     def commit_part(self, table: pa.Table) -> Path:
         """Commit rows atomically as the next ``part-NNNNN.parquet``.
