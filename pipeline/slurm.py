@@ -2,8 +2,10 @@
 
 ``submit`` writes two batch scripts into ``OUTPUT/_slurm/``:
 
-* ``array.sbatch``: an array ``0-(N-1)``; task I runs ``<python> -m pipeline run --input IN --output OUT
-  --shard I/N RUN_OPTIONS`` (the run writes ``OUT/shard-I-of-N/``). ``--requeue``: a requeued or preempted
+* ``array.sbatch``: an array ``0-(S-1)`` of S shards (``--shards S``, default ``--nodes N``), throttled to K
+  tasks at a time with ``%K`` (``--max-concurrent K``; default N when there are more shards than nodes), so a
+  slow or preempted node holds one small shard, not 1/N of the job; task I runs ``<python> -m pipeline run
+  --input IN --output OUT --shard I/S RUN_OPTIONS`` (the run writes ``OUT/shard-I-of-S/``). ``--requeue``: a requeued or preempted
   task resumes from its committed parts. ``--signal=B:USR1@120``: two minutes before the time limit Slurm
   signals the batch shell, which forwards SIGUSR1 to the run (it commits finished rows and exits) and then
   requeues its own task, so a long job continues in a new allocation. SIGTERM (scancel, requeue,
@@ -49,7 +51,8 @@ class SubmitOptions:
     Attributes:
         input_path: input JSONL (must exist; stored absolute in the script).
         output_dir: output root; task I writes ``output_dir/shard-I-of-N``; merge writes ``output_dir/merged``.
-        nodes: N, the number of array tasks (one node each), >= 1.
+        nodes: N, nodes used at once (one per array task); with ``shards`` 0 also the number of shards;
+            0 = unset (``shards`` required then).
         gpus_per_node: GPUs requested per task (``--gres=gpu:G``); 0 = no GRES request.
         partition: ``--partition`` ("" = cluster default); also used by the merge job.
         time_limit: ``--time`` (HH:MM:SS, D-HH:MM:SS, minutes, ...; "" = partition default); also for merge.
@@ -62,6 +65,9 @@ class SubmitOptions:
         job_name: Slurm job name of the array (the merge job gets ``<job_name>-merge``).
         run_command: argv each task runs, before ``--input ... --output ... --shard I/N``; default
             ``[python, "-m", "pipeline", "run"]`` (override e.g. to wrap the run in a container).
+        shards: S, array tasks = shards of the input (0 = ``nodes``).
+        max_concurrent: K, array tasks running at once (Slurm ``--array=0-(S-1)%K``); 0 = ``nodes`` when
+            ``shards`` exceeds it, else no throttle.
     """
 
     input_path: Path
@@ -78,6 +84,20 @@ class SubmitOptions:
     workdir: Path = field(default_factory=Path.cwd)
     job_name: str = "rag-pipeline"
     run_command: tuple[str, ...] | None = None
+    shards: int = 0
+    max_concurrent: int = 0
+
+    @property
+    def n_shards(self) -> int:
+        """S: the number of shards (array tasks)."""
+        return self.shards or self.nodes
+
+    @property
+    def throttle(self) -> int:
+        """K of ``--array=...%K`` (0 = none)."""
+        if self.max_concurrent:
+            return self.max_concurrent
+        return self.nodes if self.nodes and self.n_shards > self.nodes else 0
 
     @property
     def slurm_dir(self) -> Path:
@@ -136,15 +156,19 @@ def validate(opts: SubmitOptions) -> None:
             --chroma-url, RUN_OPTIONS that set --input/--output/--shard, a newline in a path, or an output
             root that already holds shards of another N.
     """
-    if opts.nodes < 1:
+    if opts.nodes < 0 or (opts.nodes == 0 and opts.shards == 0):
         raise InputError(f"--nodes {opts.nodes}: must be >= 1")
+    if opts.shards < 0:
+        raise InputError(f"--shards {opts.shards}: must be >= 1")
+    if opts.max_concurrent < 0:
+        raise InputError(f"--max-concurrent {opts.max_concurrent}: must be >= 1 (or 0 for the default)")
     if opts.gpus_per_node < 0:
         raise InputError(f"--gpus-per-node {opts.gpus_per_node}: must be >= 0")
     inp = Path(opts.input_path)
     _no_newline(str(inp), "--input")
     _no_newline(str(opts.output_dir), "--output")
     _no_newline(str(opts.workdir), "working directory")
-    if not inp.is_file():
+    if not inp.exists():
         raise InputError(f"--input {inp}: file not found")
     if opts.time_limit and not _TIME_RE.match(opts.time_limit):
         raise InputError(
@@ -165,11 +189,12 @@ def validate(opts: SubmitOptions) -> None:
         name = opt.split("=")[0]
         if name in _RESERVED_RUN_OPTIONS:
             raise InputError(f"run option {opt!r}: submit sets {name} itself (use submit's own option)")
-    other_n = sorted({n for _, n, _ in shard_dirs(opts.output_dir) if n != opts.nodes})
+    other_n = sorted({n for _, n, _ in shard_dirs(opts.output_dir) if n != opts.n_shards})
     if other_n:
+        flag = "--shards" if opts.shards else "--nodes"
         raise InputError(
             f"--output {opts.output_dir} already holds shards of N={other_n[0]} (shard-I-of-{other_n[0]}); "
-            f"use --nodes {other_n[0]} to resume them, or another --output"
+            f"use {flag} {other_n[0]} to resume them, or another --output"
         )
 
 
@@ -212,12 +237,13 @@ def array_script(opts: SubmitOptions) -> str:
         InputError: see :func:`validate` (called first).
     """
     validate(opts)
-    n = opts.nodes
+    n = opts.n_shards
     logs = opts.slurm_dir / "logs"
     lines = _header(f"Array task I of {n} runs shard I/{n} of the input into OUTPUT/shard-I-of-{n}.")
+    throttle = f"%{opts.throttle}" if opts.throttle else ""
     lines += [
         _directive("--job-name", opts.job_name),
-        _directive("--array", f"0-{n - 1}"),
+        _directive("--array", f"0-{n - 1}{throttle}"),
         _directive("--nodes", "1"),
         _directive("--ntasks", "1"),
         _directive("--requeue"),

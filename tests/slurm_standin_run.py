@@ -43,7 +43,7 @@ def main() -> int:
 
     i, n = parse_shard(args.shard)
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-    print(f"standin start shard={i}/{n} restart={restart} pid={os.getpid()}", flush=True)
+    print(f"standin start shard={i}/{n} restart={restart} pid={os.getpid()} t={time.time():.3f}", flush=True)
     scan = scan_input(args.input, on_bad_record="skip")
     recs = [r for r in iter_records(scan) if (not args.limit or r.index < args.limit) and in_shard(r.index, i, n)]
     cfg = Config().to_dict()
@@ -79,7 +79,8 @@ def main() -> int:
         done.add(rec.id)
     complete = len(done) == len(recs)
     od.write_manifest({"complete": complete, "rows": len(done), "total_records": len(recs)})
-    print(f"standin exit signal={','.join(stop) or '-'} rows={len(done)} complete={complete}", flush=True)
+    print(f"standin exit signal={','.join(stop) or '-'} rows={len(done)} complete={complete} t={time.time():.3f}",
+          flush=True)
     return 0 if complete else 130
 
 

@@ -113,6 +113,36 @@ def test_array_requeue_usr1_and_merge_chain(slurm_cluster: SlurmCluster, tmp_pat
     assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists()
 
 
+def test_more_shards_than_nodes_run_throttled_and_merge(slurm_cluster: SlurmCluster, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    """submit --shards 6 --nodes 2: a 6-task array throttled to 2 at a time (%2), then the real merge."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    inp = tmp_path / "records.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"r{i}", "query": f"question {i}"}) + "\n" for i in range(12)))
+    out = tmp_path / "out"
+    res = submit(
+        SubmitOptions(
+            input_path=inp, output_dir=out, nodes=2, shards=6, run_command=(sys.executable, str(STANDIN)),
+            run_options=("--delay-s", "1.0"), workdir=tmp_path, job_name="rag-test-shards",
+        )
+    )
+    assert "#SBATCH --array=0-5%2" in res.array_script.splitlines()
+    array_id, merge_id = res.array_job_id, res.merge_job_id
+    state = slurm_cluster.wait_state(merge_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=180)
+    assert state == "COMPLETED", f"merge job {state}\n{_logs(out, 'run-*')}\n{_logs(out, 'merge-*')}"
+    spans = []
+    for i in range(6):
+        text = (out / "_slurm" / "logs" / f"run-{array_id}_{i}.out").read_text()
+        start = float(re.search(r"standin start shard=\d+/6 .* t=([\d.]+)", text).group(1))
+        end = float(re.search(r"standin exit .* t=([\d.]+)", text).group(1))
+        spans.append((start, end))
+    # never more than 2 tasks at once (each task's run is inside its Slurm allocation)
+    most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert most <= 2, spans
+    _assert_exactly_once(out / "merged", [f"r{i}" for i in range(12)])
+    assert json.loads((out / "merged" / "_manifest.json").read_text())["n_shards"] == 6
+
+
 # --- the real run --------------------------------------------------------------------------------------
 
 

@@ -222,3 +222,38 @@ def test_submit_result_of_a_dry_run_has_no_job_ids(tmp_path: Path, inp: Path) ->
     res = submit(SubmitOptions(input_path=inp, output_dir=tmp_path / "o", nodes=2), dry_run=True)
     assert res.array_job_id is None and res.merge_job_id is None
     assert "#SBATCH --array=0-1" in res.array_script and "merge" in res.merge_script
+
+
+@pytest.mark.parametrize(
+    ("args", "array", "shard"),
+    [
+        (["--nodes", "4", "--shards", "64"], "0-63%4", "/64"),  # more shards than nodes: throttle = nodes
+        (["--shards", "10", "--max-concurrent", "3"], "0-9%3", "/10"),
+        (["--shards", "8"], "0-7", "/8"),  # no --nodes: no throttle unless asked
+        (["--nodes", "3"], "0-2", "/3"),  # the old form: one shard per node
+    ],
+)
+def test_shards_and_max_concurrent_set_the_array_and_its_throttle(
+    tmp_path: Path, inp: Path, args: list[str], array: str, shard: str
+) -> None:
+    res = _submit("--input", str(inp), "--output", str(tmp_path / "out"), "--dry-run", *args)
+    assert res.exit_code == 0, res.output
+    lines = [x.strip() for x in res.output.splitlines()]
+    assert f"#SBATCH --array={array}" in lines
+    assert f'shard="${{SLURM_ARRAY_TASK_ID}}{shard}"' in lines
+
+
+def test_bad_shards_options_and_resume_hint(tmp_path: Path, inp: Path) -> None:
+    for args, message in [
+        (["--shards", "-1", "--nodes", "2"], "--shards -1: must be >= 1"),
+        (["--shards", "4", "--max-concurrent", "-2"], "--max-concurrent -2: must be >= 1"),
+        ([], "--nodes 0: must be >= 1"),
+    ]:
+        res = _submit("--input", str(inp), "--output", str(tmp_path / "out"), "--dry-run", *args)
+        assert res.exit_code == InputError.exit_code and message in res.output, res.output
+    out = tmp_path / "out"
+    OutputDir(shard_dir(out, 0, 16)).prepare(
+        input_path=inp, fingerprint=input_fingerprint(inp), shard="0/16", total_records=1, config={}, overwrite=False
+    )
+    res = _submit("--input", str(inp), "--output", str(out), "--shards", "8", "--nodes", "2", "--dry-run")
+    assert res.exit_code == 2 and "--shards 16 to resume them" in res.output

@@ -24,8 +24,8 @@ def summary_table(manifest: dict) -> str:
 
 
 @click.command("run")
-@config_option("--input", "-i", "input_", key="run.input", type=click.Path(dir_okay=False),
-               help="Input JSONL, one record a line.")
+@config_option("--input", "-i", "input_", key="run.input", type=click.Path(),
+               help="Input: JSONL (one record a line), a .parquet file or a directory of .parquet parts.")
 @config_option("--output", "-o", key="run.output", type=click.Path(file_okay=False),
                help="Output directory (Parquet parts + _manifest.json). Re-running resumes.")
 @config_option("--num_processes", "--num-processes", "num_processes", key="generation.num_processes", type=int,

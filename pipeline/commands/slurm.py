@@ -14,7 +14,8 @@ from pipeline.commands.options import handle_errors
     "submit",
     context_settings={"ignore_unknown_options": False},
 )
-@click.option("--input", "-i", "input_", required=True, type=click.Path(dir_okay=False), help="Input JSONL.")
+@click.option("--input", "-i", "input_", required=True, type=click.Path(),
+              help="Input: JSONL, a .parquet file or a directory of .parquet parts.")
 @click.option(
     "--output",
     "-o",
@@ -23,7 +24,16 @@ from pipeline.commands.options import handle_errors
     help="Output root: task I writes OUTPUT/shard-I-of-N, the merge job OUTPUT/merged.",
 )
 @click.option(
-    "--nodes", "-N", required=True, type=int, help="Array tasks (one node each): shards of the input."
+    "--nodes", "-N", default=0, type=int,
+    help="Nodes used at once, one per array task; without --shards also the number of shards.",
+)
+@click.option(
+    "--shards", "-S", default=0, type=int,
+    help="Shards of the input = array tasks (default --nodes); more shards than nodes balance the load.",
+)
+@click.option(
+    "--max-concurrent", "-K", default=0, type=int,
+    help="Array tasks running at once (Slurm --array=...%K); default --nodes when --shards exceeds it.",
 )
 @click.option(
     "--gpus-per-node", "-G", default=0, show_default=True, type=int, help="GPUs per task (--gres=gpu:G)."
@@ -49,6 +59,8 @@ def submit_cmd(
     input_: str,
     output: str,
     nodes: int,
+    shards: int,
+    max_concurrent: int,
     gpus_per_node: int,
     partition: str,
     time_limit: str,
@@ -66,6 +78,9 @@ def submit_cmd(
     two minutes before the time limit a task stops cleanly and requeues itself. Prints both job ids.
 
     Example: rag-pipeline submit --input data.jsonl --output out/ --nodes 4 --gpus-per-node 8 -t 24:00:00
+
+    More shards than nodes: --shards 64 --nodes 4 runs 64 small tasks, 4 at a time (array throttle %4), so a
+    slow or preempted node delays one small shard instead of a quarter of the job.
     """
     from pipeline.slurm import SubmitOptions, submit
 
@@ -73,6 +88,8 @@ def submit_cmd(
         input_path=Path(input_),
         output_dir=Path(output),
         nodes=nodes,
+        shards=shards,
+        max_concurrent=max_concurrent,
         gpus_per_node=gpus_per_node,
         partition=partition,
         time_limit=time_limit,
@@ -93,8 +110,10 @@ def submit_cmd(
         click.echo(res.merge_script)
         return
     out = Path(output).absolute()
+    s = opts.n_shards
+    at_once = f", at most {opts.throttle} at a time" if opts.throttle else ""
     click.echo(
-        f"Submitted array job {res.array_job_id} ({nodes} task(s): shard I/{nodes} -> {out}/shard-I-of-{nodes}); "
+        f"Submitted array job {res.array_job_id} ({s} task(s){at_once}: shard I/{s} -> {out}/shard-I-of-{s}); "
         f"logs in {opts.slurm_dir / 'logs'}"
     )
     click.echo(f"Submitted merge job {res.merge_job_id} (afterok:{res.array_job_id}) -> {out / 'merged'}")

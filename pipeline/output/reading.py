@@ -1,0 +1,170 @@
+"""Reading committed rows: part discovery and streamed, column-projected scans (pyarrow.dataset).
+
+Only files matching ``part-NNNNN.parquet`` exactly are committed rows; ``*.tmp`` files never are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, RunError
+from pipeline.output.schema import COLUMN_TYPES
+from pipeline.output.sharding import shard_dirs
+
+RUN_FILE = "_run.json"
+PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+#: rows per scanned batch (bounded memory of a scan: about this many rows of the projected columns times the
+#: scan's read-ahead).
+SCAN_BATCH_ROWS = 65_536
+
+
+def part_paths(path: str | Path) -> list[Path]:
+    """Committed part files of one run directory, in index order (``.tmp`` files are never included)."""
+    d = Path(path)
+    if not d.is_dir():
+        return []
+    parts = [(int(m.group(1)), p) for p in d.iterdir() if (m := PART_RE.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(parts)]
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True if ``path`` holds a ``_run.json`` (a run or shard directory)."""
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def run_dirs(path: str | Path) -> list[Path]:
+    """The run directories under ``path``: itself if it is one, else its ``shard-*-of-*`` subdirectories.
+
+    Raises:
+        InputError: ``path`` is neither a run directory nor a root of shard directories.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{p}: output directory not found")
+    if is_run_dir(p):
+        return [p]
+    shards = [d for _, _, d in shard_dirs(p)]
+    if not shards:
+        raise InputError(f"{p}: not a rag-pipeline output (no {RUN_FILE} and no shard-I-of-N directories)")
+    return shards
+
+
+def read_part_schema(part: Path) -> pa.Schema:
+    """Schema of one committed part (footer only).
+
+    Raises:
+        RunError: the part is unreadable.
+    """
+    try:
+        return pq.read_schema(part)
+    except (OSError, pa.ArrowException) as exc:
+        raise RunError(f"{part}: cannot read committed part: {exc}") from None
+
+
+def _raise_unreadable(parts: list[Path], columns: list[str], exc: Exception) -> None:
+    """Name the part a failed scan tripped on (reads parts one by one), else re-raise as RunError."""
+    for part in parts:
+        try:
+            names = set(pq.read_schema(part).names)
+            pq.read_table(part, columns=[c for c in columns if c in names])
+        except (OSError, pa.ArrowException) as exc2:
+            raise RunError(f"{part}: cannot read committed part: {exc2}") from None
+    raise RunError(f"cannot scan committed parts: {exc}") from None
+
+
+def scan_batches(
+    parts: list[Path], columns: list[str], types: dict[str, pa.DataType] | None = None,
+    *, batch_rows: int = SCAN_BATCH_ROWS,
+) -> Iterator[pa.RecordBatch]:
+    """Stream the given columns of committed parts, batch by batch (pyarrow.dataset scan, parts in order).
+
+    Memory is bounded by the batch size and the scan's read-ahead, independent of the number of rows. A
+    part lacking a column gives nulls for it.
+
+    Args:
+        parts: committed part files (e.g. :func:`part_paths`).
+        columns: columns to project; a column that is not a fixed row column needs its type in ``types``.
+        types: Arrow types of non-fixed (passthrough) columns.
+        batch_rows: maximum rows per yielded batch.
+
+    Yields:
+        RecordBatch with exactly ``columns``.
+
+    Raises:
+        RunError: a part is unreadable (the message names it) or a column cannot be cast to its type.
+    """
+    if not parts:
+        return
+    all_types = {**COLUMN_TYPES, **(types or {})}
+    schema = pa.schema([(c, all_types[c]) for c in columns])
+    try:
+        dataset = ds.dataset([str(p) for p in parts], schema=schema, format="parquet")
+        yield from dataset.to_batches(columns=columns, batch_size=batch_rows)
+    except (OSError, pa.ArrowException) as exc:
+        _raise_unreadable(parts, columns, exc)
+
+
+def iter_part_tables(path: str | Path, columns: list[str] | None = None) -> Iterator[tuple[Path, pa.Table]]:
+    """Yield ``(part_path, table)`` for every committed part of a run dir or a sharded root, one at a time.
+
+    Args:
+        path: a run directory or a root holding ``shard-I-of-N`` directories.
+        columns: read only these columns (those a part lacks are skipped, not an error).
+
+    Raises:
+        InputError: ``path`` is not an output directory.
+        RunError: a committed part is unreadable.
+    """
+    yield from iter_tables_of_parts((p for d in run_dirs(path) for p in part_paths(d)), columns)
+
+
+def iter_tables_of_parts(parts: Iterable[Path], columns: list[str] | None = None) -> Iterator[tuple[Path, pa.Table]]:
+    """Yield ``(part_path, table)`` for the given part files, one part in memory at a time.
+
+    Raises:
+        RunError: a part is unreadable.
+    """
+    for part in parts:
+        try:
+            if columns is None:
+                table = pq.read_table(part)
+            else:
+                names = set(pq.read_schema(part).names)
+                table = pq.read_table(part, columns=[c for c in columns if c in names])
+        except (OSError, pa.ArrowException) as exc:
+            raise RunError(f"{part}: cannot read committed part: {exc}") from None
+        yield part, table
+
+
+def read_rows(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows of a run directory or of a sharded root (``shard-*-of-*/``), as one table.
+
+    This materialises every row it reads: for tests, examples and small outputs. The pipeline itself
+    (manifest, status, merge) streams with :func:`scan_batches`. Parts with slightly different schemas
+    (e.g. a passthrough field all-null in one part) are unified with permissive type promotion.
+
+    Args:
+        path: a run directory or a root holding ``shard-I-of-N`` directories.
+        columns: optional subset of columns to read.
+
+    Returns:
+        The rows; an empty table with a string ``id`` column if nothing is committed yet.
+
+    Raises:
+        InputError: ``path`` is not an output directory.
+        RunError: a committed part is unreadable or the parts' schemas cannot be unified.
+    """
+    parts = [p for d in run_dirs(path) for p in part_paths(d)]
+    tables = [t for _, t in iter_tables_of_parts(parts, columns)]
+    if not tables:
+        return pa.table({"id": pa.array([], pa.string())})
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as exc:
+        raise RunError(f"{path}: committed parts have incompatible schemas: {exc}") from None

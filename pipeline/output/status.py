@@ -1,0 +1,139 @@
+"""`rag-pipeline status`: records done / total and counts per status, in bounded memory.
+
+Reads only ``rag_status`` and ``gen_status`` of the committed parts, streamed (:mod:`pipeline.output.stats`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.output.reading import RUN_FILE, is_run_dir
+from pipeline.output.rundir import OutputDir
+from pipeline.output.sharding import shard_dirs
+from pipeline.output.stats import scan_stats
+
+
+def dir_status(path: str | Path) -> dict[str, Any]:
+    """Status of one run (or shard, or merged) directory.
+
+    Returns:
+        ``{"path", "shard", "input", "total", "done", "rejected", "complete", "manifest", "rag_status",
+        "gen_status"}``: ``total`` from ``_run.json`` (records expected), ``done`` committed rows,
+        ``rejected`` lines of ``_rejected.jsonl``, ``manifest`` whether ``_manifest.json`` exists,
+        ``complete`` = the manifest says ``"complete": true`` and done + rejected >= total; the two
+        status fields map each value (``"null"`` for a missing one) to a row count.
+
+    Raises:
+        InputError: ``_run.json`` missing or invalid.
+        RunError: a committed part is unreadable.
+    """
+    d = OutputDir(path)
+    info = d.run_info()
+    stats = scan_stats(d.parts())
+    manifest = d.manifest()
+    rejected = d.rejected_count()
+    total = int(info.get("total_records") or 0)
+    done = stats.rows
+    complete = bool(manifest and manifest.get("complete") is True and done + rejected >= total)
+    return {
+        "path": str(d.path),
+        "shard": info.get("shard"),
+        "input": info.get("input"),
+        "total": total,
+        "done": done,
+        "rejected": rejected,
+        "complete": complete,
+        "manifest": manifest is not None,
+        **stats.status_counts(),
+    }
+
+
+def add_counts(into: dict[str, int], more: dict[str, int]) -> None:
+    """Add the counts of ``more`` into ``into``."""
+    for k, v in more.items():
+        into[k] = into.get(k, 0) + v
+
+
+def single_n(root: Path) -> tuple[int, dict[int, Path]]:
+    """The shard count N of the ``shard-I-of-N`` directories of ``root`` and ``{I: path}``.
+
+    Raises:
+        InputError: shard directories of different N.
+    """
+    shards = shard_dirs(root)
+    ns = sorted({n for _, n, _ in shards})
+    if len(ns) > 1:
+        raise InputError(
+            f"{root}: holds shards of different counts N ({', '.join(map(str, ns))}); "
+            "remove the stale shard-I-of-N directories or use another --output"
+        )
+    return ns[0], {i: p for i, _, p in shards}
+
+
+def _rejected_lines(od: OutputDir) -> set[Any]:
+    """Line numbers of ``_rejected.jsonl``, streamed."""
+    out: set[Any] = set()
+    if od.rejected_file.exists():
+        with od.rejected_file.open() as fh:
+            for line in fh:
+                try:
+                    out.add(json.loads(line).get("line"))
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+    return out
+
+
+def run_status(path: str | Path) -> dict[str, Any]:
+    """Status of an output directory: a run directory or a sharded root (``shard-I-of-N/``).
+
+    Returns:
+        For a run directory, :func:`dir_status` plus ``"sharded": False``. For a sharded root:
+        ``{"path", "sharded": True, "n_shards", "total", "done", "rejected", "complete", "rag_status",
+        "gen_status", "shards": [dir_status + "index"...], "missing_shards": [I...], "merged": dir_status
+        of ``root/merged`` or None}``; ``complete`` = every shard present and complete; ``total`` sums the
+        shards that exist (a missing shard's record count is unknown until it starts).
+
+    Raises:
+        InputError: not an output directory, mixed shard counts, an invalid ``_run.json``.
+        RunError: a committed part is unreadable.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"{root}: output directory not found")
+    if is_run_dir(root):
+        return {**dir_status(root), "sharded": False}
+    if not shard_dirs(root):
+        raise InputError(f"{root}: not a rag-pipeline output (no {RUN_FILE} and no shard-I-of-N directories)")
+    n, by_index = single_n(root)
+    shards, missing = [], []
+    agg: dict[str, Any] = {"total": 0, "done": 0, "rag_status": {}, "gen_status": {}}
+    rejected_lines: set[Any] = set()
+    for i in range(n):
+        if i not in by_index or not is_run_dir(by_index[i]):
+            missing.append(i)
+            continue
+        st = {**dir_status(by_index[i]), "index": i}
+        shards.append(st)
+        for k in ("total", "done"):
+            agg[k] += st[k]
+        # every shard lists the bad lines of the whole input: count each line once
+        rejected_lines |= _rejected_lines(OutputDir(by_index[i]))
+        add_counts(agg["rag_status"], st["rag_status"])
+        add_counts(agg["gen_status"], st["gen_status"])
+    for k in ("rag_status", "gen_status"):
+        agg[k] = dict(sorted(agg[k].items()))
+    merged_dir = root / "merged"
+    return {
+        "path": str(root),
+        "sharded": True,
+        "n_shards": n,
+        **agg,
+        "rejected": len(rejected_lines),
+        "complete": not missing and all(s["complete"] for s in shards),
+        "shards": shards,
+        "missing_shards": missing,
+        "merged": dir_status(merged_dir) if is_run_dir(merged_dir) else None,
+    }
