@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from urllib.parse import urlsplit
 import requests
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, ServerError
+from pipeline.errors import ConfigError, Interrupted, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -879,8 +880,12 @@ class ServerPool:
                           st.error, st.attempts, s.log_path, tail)
         return ready
 
-    def wait_ready(self, first_only: bool = False) -> list[str]:
+    def wait_ready(self, first_only: bool = False, abort: Callable[[], bool] | None = None) -> list[str]:
         """Poll until one server is ready (``first_only``) or every server is ready or failed.
+
+        Args:
+            first_only: return as soon as one server is ready.
+            abort: polled between checks; True stops the wait with :class:`Interrupted` (a signal).
 
         Returns:
             The ready endpoints so far, in port order.
@@ -888,8 +893,11 @@ class ServerPool:
         Raises:
             ServerError: every server failed (the message gives each one's last error and the log tail
                 of the first).
+            Interrupted: ``abort()`` returned True.
         """
         while True:
+            if abort is not None and abort():
+                raise Interrupted("signal received while the servers were starting")
             self.poll_startup()
             statuses = [self.state[s.index].status for s in self.specs]
             if (first_only and "ready" in statuses) or "starting" not in statuses:
