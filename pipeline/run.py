@@ -765,5 +765,6 @@ def _server_report(pool: Any, run: _Run) -> list[dict[str, Any]]:
     for entry in report:
         t = by_server.get(entry["index"], {})
         entry["rag_worker"] = t.get("rag_worker")
-        entry["embedding_device"] = t.get("embedding_device")
+        entry["rag_cuda_device"] = t.get("device")  # its server's first GPU, relative to CUDA_VISIBLE_DEVICES
+        entry["embedding_device"] = t.get("embedding_device")  # = rag_cuda_device unless embedding.device is set
     return report

@@ -336,3 +336,48 @@ def test_sglang_parser_accepts_the_commands_and_the_standin_mirrors_it(gpus):
                 continue
             assert opt in out["options"], opt
             assert out["options"][opt] == {"dest": action.dest, "type": getattr(action.type, "__name__", None)}
+
+
+# ---------------------------------------------------------------------------------------------
+# `rag-pipeline run` on stand-in "GPUs" under a Slurm-like environment
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_under_slurm_late_server_joins_failed_one_is_reported(tmp_path, example_store, monkeypatch):
+    from tests.runtools import read_rows, run_args, start_run, store_args, wait_no_survivors, write_config, write_records
+
+    # 3 "GPUs" 4,5,7 of an 8-GPU node: 5 loads slowly and joins later, 7 never starts (retried once).
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,7")
+    monkeypatch.setenv("RAG_PIPELINE_GPU_COUNT", "3")
+    monkeypatch.setenv("RAG_PIPELINE_GPU_MEMORY_MB", str(H100_MB))
+    monkeypatch.setenv("SGLANG_STANDIN_DIR", str(tmp_path / "standin"))
+    monkeypatch.setenv("SGLANG_STANDIN_PLAN", json.dumps({"5": {"delay_s": 3}, "7": {"exit_code": 1}}))
+    records = write_records(tmp_path, 12)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, {
+        "servers": {"backend": "sglang", "model": "Qwen/Qwen2.5-0.5B-Instruct", "sglang_command": list(STANDIN),
+                    "base_port": free_port_block(3), "nccl_base_port": free_port_block(30),
+                    "startup_timeout_s": 60.0},
+        "embedding": {"device": "cpu"},  # torch here is CPU-only: the worker's GPU is checked in the manifest
+    })
+    proc, marker = start_run(run_args(records, out, cfg, *store_args(example_store)))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert wait_no_survivors(marker) == []  # servers (the failed one's retries too), workers: all gone
+    servers = json.loads((out / "_manifest.json").read_text())["servers"]
+    assert [s["gpus"] for s in servers] == [["4"], ["5"], ["7"]]
+    assert [s["status"] for s in servers] == ["ready", "ready", "failed"]
+    assert [s["rag_worker"] for s in servers] == ["rag-0", "rag-1", None]
+    assert [s["rag_cuda_device"] for s in servers] == ["cuda:0", "cuda:1", None]  # physical 4 and 5
+    assert [s["embedding_device"] for s in servers][:2] == ["cpu", "cpu"]
+    assert servers[1]["ready_after_s"] >= 3 and servers[2]["attempts"] == 2
+    assert "exited with code 1 during startup" in servers[2]["error"]
+    assert all(not s["running"] for s in servers)
+    # nominal ports from the job's slot (4242 % 100 = 42), all distinct
+    ports = [s["port"] for s in servers] + [s["nccl_port"] for s in servers]
+    assert len(set(ports)) == 6
+    rows = read_rows(out)
+    assert len(rows) == 12 and all(r["gen_status"] == "ok" and r["rag_status"] == "ok" for r in rows)
+    assert {r["endpoint"] for r in rows} <= {servers[0]["url"], servers[1]["url"]}
