@@ -345,7 +345,15 @@ def test_sglang_parser_accepts_the_commands_and_the_standin_mirrors_it(gpus):
 
 @pytest.mark.slow
 def test_run_under_slurm_late_server_joins_failed_one_is_reported(tmp_path, example_store, monkeypatch):
-    from tests.runtools import read_rows, run_args, start_run, store_args, wait_no_survivors, write_config, write_records
+    from tests.runtools import (
+        read_rows,
+        run_args,
+        start_run,
+        store_args,
+        wait_no_survivors,
+        write_config,
+        write_records,
+    )
 
     # 3 "GPUs" 4,5,7 of an 8-GPU node: 5 loads slowly and joins later, 7 never starts (retried once).
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
