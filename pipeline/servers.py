@@ -4,8 +4,9 @@ Three pieces, shared by ``rag-pipeline run``, ``rag-pipeline serve`` and ``launc
 
 - :func:`plan_servers` turns the config into :class:`ServerSpec` objects (exact argv, env, port, health
   path, log file). ``--dry-run`` prints them; :class:`ServerPool` runs them.
-- :class:`ServerPool` starts the servers (each in its own session / process group, one log file each),
-  waits until every one answers its health path while checking that the child is still alive, and stops
+- :class:`ServerPool` picks free ports (skipping taken ones), starts the servers (each in its own session /
+  process group, one log file each), reports them ready as they answer their health path (degrading
+  startup: a server that keeps failing is given up, the others go on), restarts crashed ones and stops
   them (SIGTERM to each process group, SIGKILL after ``servers.shutdown_timeout_s``). It is a context
   manager and registers :meth:`ServerPool.stop` with :mod:`atexit`, so exceptions and Ctrl-C clean up.
   SIGTERM to the *parent* only cleans up if the caller turns it into an exception (``serve`` does).
@@ -16,15 +17,14 @@ Server commands:
 - llama.cpp (CPU): ``python -m pipeline.cpu_server --model GGUF --host H --port P --n_ctx N --n_parallel S
   --n_threads T`` (llama.cpp's own HTTP server embedded by the prebuilt ``xllamacpp`` wheel, continuous
   batching over S slots); readiness is ``GET /health``.
-- SGLang (GPU): ``python -m sglang.launch_server --model-path M --host H --port P --tp-size 1
-  --nccl-port Q`` with ``CUDA_VISIBLE_DEVICES`` set to one GPU; readiness is ``GET /health``. Flag names
-  checked against SGLang's ``ServerArgs`` (python/sglang/srt/server_args.py in sgl-project/sglang: fields
-  ``model_path`` (alias ``--model``), ``host``, ``port``, ``tp_size`` (alias ``--tensor-parallel-size``),
-  ``nccl_port`` ("The port for NCCL distributed environment setup. Defaults to a random port."),
-  ``base_gpu_id``) and https://docs.sglang.io/advanced_features/server_arguments.html. Several servers on
-  one node need distinct NCCL ports (sglang #2430), hence ``servers.nccl_base_port + 10 * i``.
+- SGLang (GPU): ``python -m sglang.launch_server --model-path M --host H --port P --tp-size T
+  --nccl-port Q [--mem-fraction-static F]`` with ``CUDA_VISIBLE_DEVICES`` set to the server's T physical GPU
+  ids; readiness is ``GET /health``. Checked with SGLang 0.5.23's own parser (``ServerArgs.add_cli_args``,
+  tests/test_sglang_managed.py). Several servers on one node need distinct NCCL ports (sglang #2430),
+  hence a free port from ``servers.nccl_base_port + 100 * slot + 10 * i``.
 
-Heavy imports: torch only inside :func:`detect_gpus`, and only when the GPU count is not given.
+Heavy imports: torch only inside :func:`visible_gpu_count` / :func:`gpu_memory_mb`, and only when a GPU
+device node exists.
 """
 
 from __future__ import annotations
