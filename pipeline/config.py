@@ -92,9 +92,21 @@ class ServersConfig:
     extra_args: tuple[str, ...] = _f((), "Extra arguments appended to every managed server command.")
     endpoints: tuple[str, ...] = _f((), "Attach mode: existing OpenAI-compatible endpoints; no server is started.")
     api_key_env: str = _f("", "Name of the environment variable holding the endpoints' API key (never logged).")
-    startup_timeout_s: float = _f(600.0, "Seconds a managed server may take to become ready.")
+    startup_timeout_s: float = _f(1800.0, "Seconds one managed server may take to become ready (each attempt).")
     shutdown_timeout_s: float = _f(10.0, "Seconds between SIGTERM and SIGKILL when stopping a server.")
     log_dir: str = _f("", "Server log directory; empty = <output>/_logs or a temporary directory.")
+    # -- managed SGLang on GPUs (issue 12) --
+    tp_size: int = _f(1, "SGLang: GPUs per server (tensor parallel); servers = GPUs / tp_size, one RAG worker each.")
+    mem_fraction_static: float = _f(
+        0.0, "SGLang --mem-fraction-static; 0 = computed to leave room for the RAG worker's embedding model."
+    )
+    sglang_command: tuple[str, ...] = _f(
+        (), "Command starting one SGLang server, before its flags; empty = this Python's -m sglang.launch_server."
+    )
+    port_slot: int = _f(
+        -1, "Port search shift: HTTP from base_port + 10*slot, NCCL from nccl_base_port + 100*slot; -1 = SLURM_JOB_ID % 100."
+    )
+    startup_attempts: int = _f(2, "Starts tried per managed server (first one included) before the run goes on without it.")
 
 
 @dataclass(frozen=True)

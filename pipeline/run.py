@@ -180,6 +180,7 @@ class _Run:
         self.gen_endpoints: list[str] = []
         self.llm_concurrency = 1
         self.n_gpus = 0
+        self.rag_targets: list[dict[str, Any]] = []  # managed SGLang: RAG slot k -> the k-th ready server
         self.signals = _Signals()
         self.pool: Any = None
         self.server_restarts: collections.Counter[int] = collections.Counter()
@@ -200,7 +201,15 @@ class _Run:
         if kind == "rag":
             endpoint = self.endpoints[slot % len(self.endpoints)] if self.endpoints else None
             device = self.cfg.embedding.device
-            if device == "auto":
+            if slot < len(self.rag_targets):  # managed SGLang: the GPU (and endpoint) of this worker's server
+                target = self.rag_targets[slot]
+                endpoint = target["endpoint"]
+                if device == "auto":
+                    device = target["device"]
+                target.update(rag_worker=name, embedding_device=device)
+                log.info("%s: server %s on GPU(s) %s, embedding on %s", name, endpoint, ",".join(target["gpus"]),
+                         device)
+            elif device == "auto":
                 device = f"cuda:{slot}" if slot < self.n_gpus else "cpu"
             args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self._cpu_threads(), self.llm_concurrency,
                     inbox, self.results, os.getpid())
@@ -215,11 +224,11 @@ class _Run:
         return _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit)
 
     def _cpu_threads(self) -> int:
-        """torch threads per CPU RAG worker: embedding.cpu_threads, or cores // (CPU RAG workers + 1)."""
+        """torch threads per RAG worker (on CPU or GPU): embedding.cpu_threads, or cores // (RAG workers + 1)."""
         if self.cfg.embedding.cpu_threads > 0:
             return self.cfg.embedding.cpu_threads
-        n_cpu_workers = max(1, len(self.endpoints) - self.n_gpus)
-        return max(1, (os.cpu_count() or 1) // (n_cpu_workers + 1))
+        n_workers = max(1, len(self.rag_targets) if self.pool is not None and self.rag_targets else len(self.endpoints))
+        return max(1, (os.cpu_count() or 1) // (n_workers + 1))
 
     def start_rank0(self) -> None:
         """Start RAG worker 0 alone and block until it reports READY (the rank0 barrier)."""
@@ -262,6 +271,15 @@ class _Run:
             self.workers.append(self._spawn("rag", slot))
         for slot in range(self.cfg.generation.num_processes):
             self.workers.append(self._spawn("gen", slot))
+
+    def _join_servers(self) -> None:
+        """Managed servers that became ready since the last call get their RAG worker (degrading startup)."""
+        if self.pool is None or not self.pool.starting():
+            return
+        for spec in self.pool.poll_startup():
+            self.rag_targets.append(_rag_target(spec))
+            self.workers.append(self._spawn("rag", len(self.rag_targets) - 1))
+            log.info("server %s joined the run (%d of %d ready)", spec.url, len(self.rag_targets), len(self.pool.specs))
 
     def _get(self, timeout_s: float) -> tuple | None:
         import queue
@@ -510,6 +528,7 @@ class _Run:
                 msg = self._get(0.0) if not self.results.empty() else None
             self._check_workers()
             self._check_servers()
+            self._join_servers()
             if time.monotonic() - self.last_commit > COMMIT_INTERVAL_S:
                 self.commit()
 
@@ -584,7 +603,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         if n_pending > 0:
             pool, backend = _start_servers(cfg, run, out_dir)
             run.start_rank0()
-            run.start_others(max(1, len(run.endpoints)))
+            if pool is not None and backend == "sglang":
+                for spec in pool.poll_startup():  # servers that became ready while rank0 started
+                    run.rag_targets.append(_rag_target(spec))
+            run.start_others(len(run.rag_targets) if run.rag_targets else max(1, len(run.endpoints)))
             _open_bars(run, total, n_done_before)
             run.loop()
     except (Interrupted, RunError) as exc:
@@ -602,12 +624,14 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
             run.shutdown(force=force)
             if run.restart_executor is not None:
                 run.restart_executor.shutdown(wait=False, cancel_futures=True)
-            if pool is not None:
-                pool.stop()
+            if run.pool is not None:
+                run.pool.stop()
             run.signals.restore()
             manifest = build_manifest(cfg, out_dir, total, endpoints=run.endpoints, wall_s=time.monotonic() - t_start,
                                       processed=run.processed, interrupted=interrupted or _signal_name(run),
                                       backend=backend)
+            if run.pool is not None:
+                manifest["servers"] = _server_report(run.pool, run)
             od.write_manifest(manifest)
     result = RunResult(out_dir, total, n_done_before, run.processed, manifest["complete"], manifest)
     if not result.complete:
@@ -647,7 +671,17 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
     else:
         log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else out_dir / "_logs"
         pool = servers.ServerPool(cfg, log_dir)
-        endpoints = pool.start()
+        run.pool = pool  # stopped by run_pipeline's finally, whatever happens next
+        pool.launch()
+        if pool.backend == "sglang":
+            # degrading startup: go as soon as one server is ready; the others join as they become ready
+            # (run._join_servers) or are given up (servers.startup_attempts); all planned endpoints are
+            # failover targets (a server still loading refuses connections: the client moves on at once).
+            first = pool.wait_ready(first_only=True, abort=lambda: run.signals.count > 0)
+            run.rag_targets = [_rag_target(s) for s in pool.specs if s.url in first]
+            endpoints = pool.endpoints
+        else:
+            endpoints = pool.wait_ready(first_only=False, abort=lambda: run.signals.count > 0)
         backend = pool.backend
     run.endpoints = endpoints
     run.pool = pool
@@ -661,3 +695,22 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
     if backend == "llamacpp" and cfg.llm.max_concurrency == 0:
         run.llm_concurrency = cfg.servers.n_parallel  # one request per continuous-batching slot
     return pool, backend
+
+
+def _rag_target(spec: Any) -> dict[str, Any]:
+    """Where the RAG worker of a managed SGLang server runs: its endpoint and the server's first GPU, as
+    ``cuda:N`` relative to the GPUs this process sees (the worker inherits CUDA_VISIBLE_DEVICES)."""
+    return {"endpoint": spec.url, "device": f"cuda:{spec.visible_gpu or 0}", "gpus": list(spec.gpus),
+            "server": spec.index}
+
+
+def _server_report(pool: Any, run: _Run) -> list[dict[str, Any]]:
+    """The pool's per-server report (ports, GPUs, status) with the RAG worker assigned to each server."""
+    report = pool.report()
+    by_server = {t["server"]: t for t in run.rag_targets}
+    for entry in report:
+        t = by_server.get(entry["index"], {})
+        entry["rag_worker"] = t.get("rag_worker")
+        entry["rag_cuda_device"] = t.get("device")  # its server's first GPU, relative to CUDA_VISIBLE_DEVICES
+        entry["embedding_device"] = t.get("embedding_device")  # = rag_cuda_device unless embedding.device is set
+    return report

@@ -4,8 +4,9 @@ Three pieces, shared by ``rag-pipeline run``, ``rag-pipeline serve`` and ``launc
 
 - :func:`plan_servers` turns the config into :class:`ServerSpec` objects (exact argv, env, port, health
   path, log file). ``--dry-run`` prints them; :class:`ServerPool` runs them.
-- :class:`ServerPool` starts the servers (each in its own session / process group, one log file each),
-  waits until every one answers its health path while checking that the child is still alive, and stops
+- :class:`ServerPool` picks free ports (skipping taken ones), starts the servers (each in its own session /
+  process group, one log file each), reports them ready as they answer their health path (degrading
+  startup: a server that keeps failing is given up, the others go on), restarts crashed ones and stops
   them (SIGTERM to each process group, SIGKILL after ``servers.shutdown_timeout_s``). It is a context
   manager and registers :meth:`ServerPool.stop` with :mod:`atexit`, so exceptions and Ctrl-C clean up.
   SIGTERM to the *parent* only cleans up if the caller turns it into an exception (``serve`` does).
@@ -16,23 +17,24 @@ Server commands:
 - llama.cpp (CPU): ``python -m pipeline.cpu_server --model GGUF --host H --port P --n_ctx N --n_parallel S
   --n_threads T`` (llama.cpp's own HTTP server embedded by the prebuilt ``xllamacpp`` wheel, continuous
   batching over S slots); readiness is ``GET /health``.
-- SGLang (GPU): ``python -m sglang.launch_server --model-path M --host H --port P --tp-size 1
-  --nccl-port Q`` with ``CUDA_VISIBLE_DEVICES`` set to one GPU; readiness is ``GET /health``. Flag names
-  checked against SGLang's ``ServerArgs`` (python/sglang/srt/server_args.py in sgl-project/sglang: fields
-  ``model_path`` (alias ``--model``), ``host``, ``port``, ``tp_size`` (alias ``--tensor-parallel-size``),
-  ``nccl_port`` ("The port for NCCL distributed environment setup. Defaults to a random port."),
-  ``base_gpu_id``) and https://docs.sglang.io/advanced_features/server_arguments.html. Several servers on
-  one node need distinct NCCL ports (sglang #2430), hence ``servers.nccl_base_port + 10 * i``.
+- SGLang (GPU): ``python -m sglang.launch_server --model-path M --host H --port P --tp-size T
+  --nccl-port Q [--mem-fraction-static F]`` with ``CUDA_VISIBLE_DEVICES`` set to the server's T physical GPU
+  ids; readiness is ``GET /health``. Checked with SGLang 0.5.23's own parser (``ServerArgs.add_cli_args``,
+  tests/test_sglang_managed.py). Several servers on one node need distinct NCCL ports (sglang #2430),
+  hence a free port from ``servers.nccl_base_port + 100 * slot + 10 * i``.
 
-Heavy imports: torch only inside :func:`detect_gpus`, and only when the GPU count is not given.
+Heavy imports: torch only inside :func:`visible_gpu_count` / :func:`gpu_memory_mb`, and only when a GPU
+device node exists.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import errno
 import importlib.util
+import json
 import logging
 import os
 import shlex
@@ -43,14 +45,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, ServerError
+from pipeline.errors import ConfigError, Interrupted, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ HEALTH_PATHS = {"sglang": "/health", "llamacpp": "/health"}
 NCCL_PORT_STRIDE = 10
 """Distance between the NCCL ports of consecutive SGLang servers (a server may open a few ports)."""
 LOG_TAIL_LINES = 15
+PORT_SEARCH_SPAN = 200
+"""Ports tried per server, from its nominal port up, before giving up."""
 _POLL_INTERVAL_S = 0.2
 
 
@@ -68,25 +74,28 @@ _POLL_INTERVAL_S = 0.2
 # ----------------------------------------------------------------------------------------------
 
 
-def detect_gpus(requested: int) -> int:
-    """Number of GPUs to use.
+GPU_COUNT_ENV = "RAG_PIPELINE_GPU_COUNT"
+"""Environment override of the detected GPU count (``torch.cuda.device_count()``): for tests of the managed
+SGLang path with a stand-in server and for ``serve --dry-run`` on a machine without the job's GPUs."""
+GPU_MEMORY_ENV = "RAG_PIPELINE_GPU_MEMORY_MB"
+"""Environment override of the GPU memory (MiB) used to size ``--mem-fraction-static`` (same purpose)."""
 
-    Args:
-        requested: ``servers.gpus``; ``>= 0`` is returned as is, ``-1`` means auto-detect.
 
-    Returns:
-        ``requested`` if given, else ``torch.cuda.device_count()`` (which honours
-        ``CUDA_VISIBLE_DEVICES``), or 0 if torch is not installed. torch is imported only here.
+def visible_gpu_count() -> int:
+    """GPUs this process may use: ``torch.cuda.device_count()`` (honours ``CUDA_VISIBLE_DEVICES``).
+
+    ``RAG_PIPELINE_GPU_COUNT`` replaces the detection when set (tests, dry runs). Without an NVIDIA/AMD
+    device node torch is not imported (~200 MB) and the count is 0; without torch it is 0 too.
 
     Raises:
-        ConfigError: ``requested`` < -1.
+        ConfigError: ``RAG_PIPELINE_GPU_COUNT`` is not an integer >= 0.
     """
-    if requested >= 0:
-        return requested
-    if requested != -1:
-        raise ConfigError(f"[servers] gpus: expected -1 (auto) or a count >= 0, got {requested}")
+    override = os.environ.get(GPU_COUNT_ENV)
+    if override is not None:
+        if not override.strip().isdigit():
+            raise ConfigError(f"environment {GPU_COUNT_ENV}={override!r}: expected a GPU count >= 0")
+        return int(override)
     if not _gpu_device_files():
-        # no NVIDIA/AMD device node: no GPU, and no need to import torch (~200 MB) in the main process
         return 0
     try:
         import torch
@@ -96,23 +105,161 @@ def detect_gpus(requested: int) -> int:
     return int(torch.cuda.device_count())
 
 
+def detect_gpus(requested: int) -> int:
+    """Number of GPUs to use.
+
+    Args:
+        requested: ``servers.gpus``; ``-1`` = every visible GPU, ``0`` = none, ``N`` = the first N visible.
+
+    Returns:
+        The count, never more than :func:`visible_gpu_count`.
+
+    Raises:
+        ConfigError: ``requested`` < -1, or more GPUs requested than visible (naming
+            ``CUDA_VISIBLE_DEVICES``): servers would otherwise land on GPUs the job does not own.
+    """
+    if requested < -1:
+        raise ConfigError(f"[servers] gpus: expected -1 (auto) or a count >= 0, got {requested}")
+    if requested == 0:
+        return 0
+    visible = visible_gpu_count()
+    if requested == -1:
+        return visible
+    if requested > visible:
+        cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(
+            f"[servers] gpus: {requested} GPUs requested but {visible} visible"
+            + (f" (CUDA_VISIBLE_DEVICES={cvd})" if cvd is not None else "")
+            + "; use --gpus -1 for all visible GPUs or ask the scheduler for more"
+        )
+    return requested
+
+
 def _gpu_device_files() -> bool:
     """True if the kernel exposes an NVIDIA (/dev/nvidia0...) or AMD ROCm (/dev/kfd) compute device."""
     dev = Path("/dev")
     return any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists()
 
 
-def visible_gpu_ids(n: int) -> list[str]:
-    """The device id given to server i as its ``CUDA_VISIBLE_DEVICES``.
+def physical_gpu_ids(n: int) -> list[str]:
+    """Physical ids of the first ``n`` visible GPUs, as a child's ``CUDA_VISIBLE_DEVICES`` must name them.
 
-    With ``CUDA_VISIBLE_DEVICES=2,3`` in the environment, server 0 gets ``2`` and server 1 gets ``3``;
-    without it (or with fewer entries than ``n``), server i gets ``str(i)``.
+    With ``CUDA_VISIBLE_DEVICES=4,5`` visible GPU 0 is physical ``4`` and visible 1 is ``5`` (entries may
+    also be GPU/MIG UUIDs, passed through); without the variable visible i is physical ``i``.
+
+    Raises:
+        ConfigError: ``CUDA_VISIBLE_DEVICES`` lists fewer than ``n`` entries (only possible with the
+            ``RAG_PIPELINE_GPU_COUNT`` override: CUDA itself never sees more devices than listed).
     """
-    env = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        return [str(i) for i in range(n)]
     ids = [x.strip() for x in env.split(",") if x.strip()]
-    if len(ids) >= n:
-        return ids[:n]
-    return [str(i) for i in range(n)]
+    if len(ids) < n:
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={env!r} lists {len(ids)} GPU(s), {n} needed")
+    return ids[:n]
+
+
+def gpu_memory_mb() -> int | None:
+    """Memory of visible GPU 0 in MiB (``torch.cuda.get_device_properties(0).total_memory``), or
+    ``RAG_PIPELINE_GPU_MEMORY_MB``; None when unknown (no GPU, no torch)."""
+    override = os.environ.get(GPU_MEMORY_ENV)
+    if override is not None:
+        if not override.strip().isdigit() or int(override) <= 0:
+            raise ConfigError(f"environment {GPU_MEMORY_ENV}={override!r}: expected MiB > 0")
+        return int(override)
+    if not _gpu_device_files():
+        return None
+    try:
+        import torch
+
+        if torch.cuda.device_count() < 1:
+            return None
+        return int(torch.cuda.get_device_properties(0).total_memory // 2**20)
+    except (ImportError, RuntimeError):
+        return None
+
+
+CUDA_CONTEXT_MB = 500
+"""GPU memory of one process's CUDA context with PyTorch, MiB (typically 300-500 MiB on recent GPUs with
+CUDA's lazy module loading; an estimate, the largest of the usual range)."""
+EMBEDDING_SEQ_TOKENS = 256
+"""all-MiniLM-L6-v2's max_seq_length (tokens): longer texts are truncated."""
+
+
+def embedding_reserve_mb(batch_size: int) -> float:
+    """GPU memory the RAG worker (and rank0's ingest) needs beside a server on the same GPU, MiB.
+
+    ``CUDA_CONTEXT_MB`` + the model's weights (the size of its ``model.safetensors``, fp32: the bytes the
+    model occupies once loaded) + the largest activations of one encode batch: per layer the FFN
+    intermediate (``intermediate_size``) and the attention scores (``heads * seq``) per token, fp32, for
+    ``batch_size * 256`` tokens (BERT-style layers; sizes read from the model's config.json).
+
+    Args:
+        batch_size: ``embedding.batch_size`` (texts per encode call).
+    """
+    from workers.embedding import model_path
+
+    mdir = model_path()
+    weights = sum(f.stat().st_size for f in mdir.glob("*.safetensors"))
+    try:
+        conf = json.loads((mdir / "config.json").read_text())
+        per_token = int(conf["intermediate_size"]) + int(conf["num_attention_heads"]) * EMBEDDING_SEQ_TOKENS
+    except (OSError, ValueError, KeyError):
+        per_token = 1536 + 12 * EMBEDDING_SEQ_TOKENS  # all-MiniLM-L6-v2
+    activations = batch_size * EMBEDDING_SEQ_TOKENS * per_token * 4
+    return CUDA_CONTEXT_MB + (weights + activations) / 2**20
+
+
+def sglang_reserve_mb(gpu_mb: float, tp_size: int) -> float:
+    """SGLang's own headroom outside ``--mem-fraction-static`` (activations, CUDA graphs), MiB.
+
+    SGLang 0.5.23's default (python/sglang/srt/arg_groups/memory_hook.py): 512 + 1.5 * 2048 activation
+    tokens + tp_size / 8 * 1024, and at least 10 GiB on GPUs with more than 60 GiB.
+    """
+    reserve = 512 + 1.5 * 2048 + tp_size / 8 * 1024
+    if gpu_mb > 60 * 1024:
+        reserve = max(reserve, 10 * 1024)
+    return reserve
+
+
+def mem_fraction_static(cfg: Config) -> float | None:
+    """``--mem-fraction-static`` for the managed SGLang servers, or None when it cannot be computed.
+
+    ``servers.mem_fraction_static`` if set; else ``(G - sglang_reserve - embedding_reserve) / G`` with ``G``
+    the GPU memory (:func:`gpu_memory_mb`), rounded down to 0.001: SGLang's default leaves only its own
+    headroom, so the RAG worker's CUDA context and embedding model (and rank0's ingest) on the same GPU
+    would run out of memory. None when ``G`` is unknown (the flag is then not passed).
+
+    Raises:
+        ConfigError: a configured value outside (0, 1), or a GPU too small for both (< 0.2 left).
+    """
+    s = cfg.servers
+    if s.mem_fraction_static:
+        if not 0 < s.mem_fraction_static < 1:
+            raise ConfigError(f"[servers] mem_fraction_static: expected 0 < value < 1, got {s.mem_fraction_static}")
+        return s.mem_fraction_static
+    gpu_mb = gpu_memory_mb()
+    if gpu_mb is None:
+        return None
+    reserve = sglang_reserve_mb(gpu_mb, s.tp_size) + embedding_reserve_mb(cfg.embedding.batch_size)
+    frac = int((gpu_mb - reserve) / gpu_mb * 1000) / 1000
+    if frac < 0.2:
+        raise ConfigError(
+            f"a GPU of {gpu_mb} MiB leaves a fraction {frac} for SGLang after {reserve:.0f} MiB of headroom and "
+            "embedding model: set servers.mem_fraction_static, or embedding.device = 'cpu'"
+        )
+    return frac
+
+
+def job_port_slot(cfg: Config) -> int:
+    """Shift of the port search for this job: ``servers.port_slot``, or ``SLURM_JOB_ID % 100`` under
+    Slurm (every array task has its own job id), else 0. Two jobs on one node then search different
+    ranges, so they do not race for the same free port."""
+    if cfg.servers.port_slot >= 0:
+        return cfg.servers.port_slot
+    job = os.environ.get("SLURM_JOB_ID", "").strip()
+    return int(job) % 100 if job.isdigit() else 0
 
 
 def default_llamacpp_model() -> str:
@@ -151,6 +298,9 @@ class ServerSpec:
         health_path: path answering 200 once the server is ready (``/health`` or ``/v1/models``).
         log_path: file receiving the server's stdout and stderr.
         nccl_port: SGLang's NCCL port, None for llama.cpp.
+        gpus: physical GPU ids of an SGLang server (its ``CUDA_VISIBLE_DEVICES``; tp_size of them).
+        visible_gpu: index of its first GPU among the ones this process sees (the RAG worker's
+            ``cuda:N``), None for llama.cpp.
     """
 
     index: int
@@ -162,6 +312,17 @@ class ServerSpec:
     health_path: str
     log_path: Path
     nccl_port: int | None = None
+    gpus: tuple[str, ...] = ()
+    visible_gpu: int | None = None
+
+    def with_ports(self, port: int, nccl_port: int | None) -> ServerSpec:
+        """This spec on other ports: ``--port`` / ``--nccl-port`` values in argv and the log name follow."""
+        argv = list(self.argv)
+        for flag, value in (("--port", port), ("--nccl-port", nccl_port)):
+            if value is not None and flag in argv:
+                argv[argv.index(flag) + 1] = str(value)
+        log_path = self.log_path.with_name(f"{self.backend}-{port}.log")
+        return dataclasses.replace(self, argv=tuple(argv), port=port, nccl_port=nccl_port, log_path=log_path)
 
     @property
     def url(self) -> str:
@@ -180,12 +341,13 @@ class ServerSpec:
 def resolve_backend(cfg: Config) -> tuple[str, int]:
     """``(backend, number of servers)`` for a managed pool.
 
-    ``auto``: SGLang with one server per GPU if :func:`detect_gpus` finds any, else llama.cpp with
-    ``servers.cpu_servers`` servers. ``sglang``: one server per GPU (at least one GPU needed).
-    ``llamacpp``: ``servers.cpu_servers`` servers (the llama.cpp build here is CPU-only).
+    ``auto``: SGLang with one server per ``servers.tp_size`` GPUs if :func:`detect_gpus` finds any, else
+    llama.cpp with ``servers.cpu_servers`` servers. ``sglang``: GPUs / tp_size servers (at least one GPU
+    needed). ``llamacpp``: ``servers.cpu_servers`` servers (the llama.cpp build here is CPU-only).
 
     Raises:
-        ConfigError: no GPU for sglang, or a server count < 1.
+        ConfigError: no GPU for sglang, more GPUs asked than visible, a GPU count not divisible by
+            ``servers.tp_size``, or a server count < 1.
     """
     s = cfg.servers
     backend = s.backend
@@ -202,13 +364,35 @@ def resolve_backend(cfg: Config) -> tuple[str, int]:
                     "[servers] backend 'sglang' needs at least one GPU and none was found "
                     "(set --gpus N, or use --backend llamacpp)"
                 )
+    if backend == "sglang":
+        tp = s.tp_size
+        if tp < 1 or n % tp:
+            raise ConfigError(
+                f"[servers] tp_size: {n} GPU(s) cannot be split into servers of tp_size={tp} GPUs "
+                "(use a divisor of the GPU count, or --gpus)"
+            )
+        return backend, n // tp
     if n < 1:
         raise ConfigError(f"[servers] cpu_servers: need at least 1 server, got {n}")
     return backend, n
 
 
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_OFFLINE")
+"""Hub/cache variables given explicitly to SGLang servers when set in our environment (shown by --dry-run,
+kept by launchers that do not forward the environment): compute nodes are often offline."""
+HTTP_PORT_BLOCK = 10
+"""HTTP ports between the search starts of consecutive job slots (see :func:`job_port_slot`)."""
+NCCL_PORT_BLOCK = 100
+"""NCCL ports between the search starts of consecutive job slots."""
+
+
+def default_sglang_command() -> tuple[str, ...]:
+    """``python -m sglang.launch_server`` with this interpreter (SGLang installed in the same environment)."""
+    return (sys.executable, "-m", "sglang.launch_server")
+
+
 def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerSpec]:
-    """The servers a managed pool runs, in port order. Starts nothing.
+    """The servers a managed pool runs, in port order. Starts nothing, checks no port.
 
     Args:
         cfg: the configuration (``servers`` section).
@@ -216,8 +400,13 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
             ``<tmp>/rag-pipeline-servers`` (only used for display by ``--dry-run``).
 
     Returns:
-        One :class:`ServerSpec` per server: ports ``base_port + i``; SGLang NCCL ports
-        ``nccl_base_port + 10 * i``; the python running the server is ``sys.executable``.
+        One :class:`ServerSpec` per server, on its *nominal* ports: HTTP ``base_port + 10 * slot + i``,
+        SGLang NCCL ``nccl_base_port + 100 * slot + 10 * i`` (slot: :func:`job_port_slot`).
+        :meth:`ServerPool.start` moves a server to the next free ports when these are taken. SGLang server
+        i gets GPUs ``i*tp .. i*tp+tp-1`` of the visible ones as ``CUDA_VISIBLE_DEVICES`` (physical ids),
+        ``--tp-size tp``, ``--mem-fraction-static`` (:func:`mem_fraction_static`) and the hub/cache
+        environment (``OFFLINE_ENV``). The python running a server is ``sys.executable`` (or
+        ``servers.sglang_command``).
 
     Raises:
         ConfigError: see :func:`resolve_backend`; sglang without ``servers.model``; ports out of range or
@@ -227,7 +416,9 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
     s = cfg.servers
     backend, n = resolve_backend(cfg)
     logs = Path(log_dir or s.log_dir or Path(tempfile.gettempdir()) / "rag-pipeline-servers")
-    ports = [s.base_port + i for i in range(n)]
+    slot = job_port_slot(cfg)
+    first = s.base_port + HTTP_PORT_BLOCK * slot
+    ports = [first + i for i in range(n)]
     if ports[0] < 1 or ports[-1] > 65535:
         raise ConfigError(f"[servers] base_port: ports {ports[0]}..{ports[-1]} are not all in 1..65535")
     specs = []
@@ -270,19 +461,23 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
         return specs
     if not s.model:
         raise ConfigError("[servers] model: required for the sglang backend (a HF model name or local path)")
-    gpu_ids = visible_gpu_ids(n)
-    nccl_ports = [s.nccl_base_port + NCCL_PORT_STRIDE * i for i in range(n)]
+    tp = s.tp_size
+    gpu_ids = physical_gpu_ids(n * tp)
+    nccl_first = s.nccl_base_port + NCCL_PORT_BLOCK * slot
+    nccl_ports = [nccl_first + NCCL_PORT_STRIDE * i for i in range(n)]
     clash = set(nccl_ports) & set(ports)
     if clash or nccl_ports[-1] > 65535:
         raise ConfigError(
             f"[servers] nccl_base_port: NCCL ports {nccl_ports[0]}..{nccl_ports[-1]} must be <= 65535 "
             f"and distinct from the HTTP ports (clash: {sorted(clash)})"
         )
+    fraction = mem_fraction_static(cfg)
+    command = tuple(s.sglang_command) or default_sglang_command()
+    hub_env = {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
     for i, (port, nccl) in enumerate(zip(ports, nccl_ports, strict=True)):
+        gpus = tuple(gpu_ids[i * tp : (i + 1) * tp])
         argv = [
-            sys.executable,
-            "-m",
-            "sglang.launch_server",
+            *command,
             "--model-path",
             s.model,
             "--host",
@@ -290,9 +485,10 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
             "--port",
             str(port),
             "--tp-size",
-            "1",
+            str(tp),
             "--nccl-port",
             str(nccl),
+            *(["--mem-fraction-static", str(fraction)] if fraction is not None else []),
             *s.extra_args,
         ]
         specs.append(
@@ -300,12 +496,14 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
                 i,
                 backend,
                 tuple(argv),
-                {"CUDA_VISIBLE_DEVICES": gpu_ids[i]},
+                {"CUDA_VISIBLE_DEVICES": ",".join(gpus), **hub_env},
                 s.host,
                 port,
                 HEALTH_PATHS[backend],
                 logs / f"sglang-{port}.log",
                 nccl,
+                gpus,
+                i * tp,
             )
         )
     return specs
@@ -431,8 +629,38 @@ def stop_processes(procs: list[subprocess.Popen], shutdown_timeout_s: float) -> 
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ServerState:
+    """What happened to one managed server (``ServerPool.report`` puts it in the run manifest).
+
+    Attributes:
+        status: ``"planned"``, ``"starting"``, ``"ready"`` or ``"failed"`` (gave up after
+            ``servers.startup_attempts`` starts; the run goes on without it).
+        attempts: starts so far (restarts after a crash included).
+        started_at: ``time.monotonic()`` of the current attempt's launch.
+        ready_after_s: seconds from the first launch to ready, None until ready.
+        error: why the last attempt failed (one line), None if none failed.
+        skipped_ports: nominal ports that were taken by another process (HTTP and NCCL).
+    """
+
+    status: str = "planned"
+    attempts: int = 0
+    started_at: float = 0.0
+    first_started_at: float = 0.0
+    ready_after_s: float | None = None
+    error: str | None = None
+    skipped_ports: list[int] = dataclasses.field(default_factory=list)
+
+
 class ServerPool:
     """Managed LLM servers: start, wait until ready, watch, restart, stop. A context manager.
+
+    Startup degrades instead of failing: :meth:`launch` starts every server at once (each on free ports),
+    :meth:`poll_startup` (non-blocking) reports the servers that became ready, and retries a server that
+    exited or did not answer within ``servers.startup_timeout_s`` up to ``servers.startup_attempts`` starts
+    in all; after that it is ``"failed"`` and the others go on. :meth:`wait_ready` blocks until the first
+    (``first_only``) or every server is settled; it raises only when no server is ready at all.
+    :meth:`start` = launch + wait for every server (``serve``); ``run`` starts as soon as one is ready.
 
     Args:
         cfg: the configuration (``servers`` section: backend, ports, timeouts, model).
@@ -443,7 +671,8 @@ class ServerPool:
 
     Attributes:
         backend: ``"sglang"`` or ``"llamacpp"``.
-        specs: the planned servers.
+        specs: the planned servers (ports final once launched).
+        state: ``{index: ServerState}``.
         log_dir: where the logs go.
 
     Raises:
@@ -452,7 +681,7 @@ class ServerPool:
     Example::
 
         with ServerPool(cfg, "out/_logs") as pool:
-            client = LLMClient(pool.endpoints, cfg.llm)
+            client = LLMClient(pool.ready_endpoints, cfg.llm)
     """
 
     def __init__(
@@ -466,15 +695,22 @@ class ServerPool:
         if not self.specs:
             raise ConfigError("no server to start")
         self.backend = self.specs[0].backend
+        self.state = {s.index: ServerState() for s in self.specs}
         self._procs: dict[int, subprocess.Popen] = {}
         self._lock = threading.RLock()
         self._atexit = False
+        self._launched = False
 
     # -- properties ------------------------------------------------------------------------
     @property
     def endpoints(self) -> list[str]:
-        """Base URLs (``http://127.0.0.1:11434``, ...), in port order."""
+        """Base URLs (``http://127.0.0.1:11434``, ...) of every planned server, in port order."""
         return [s.url for s in self.specs]
+
+    @property
+    def ready_endpoints(self) -> list[str]:
+        """Base URLs of the servers that became ready (a later crash not counted), in port order."""
+        return [s.url for s in self.specs if self.state[s.index].status == "ready"]
 
     @property
     def pids(self) -> list[int]:
@@ -490,45 +726,82 @@ class ServerPool:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> list[str]:
-        """Start every server and wait until all are ready.
+        """Start every server and wait until each is ready or has failed every attempt.
 
         Returns:
-            The endpoints (base URLs), in port order.
+            The endpoints of the ready servers, in port order (fewer than planned when some failed:
+            logged, and in :meth:`report`).
 
         Raises:
-            ServerError: a port (or NCCL port) already in use, naming it and its process; a server that
-                exits during startup ("server on port P exited with code C during startup; last log
-                lines: ..."); a server not ready within ``servers.startup_timeout_s``. Every server
-                started so far is stopped before the error propagates (also on KeyboardInterrupt).
+            ServerError: no free port; no server became ready (the message names each server's last
+                error: "exited with code C during startup; last log lines: ...", "not ready after T s").
+                Every server started so far is stopped before the error propagates (also on
+                KeyboardInterrupt).
+        """
+        self.launch()
+        try:
+            self.wait_ready(first_only=False)
+        except BaseException:
+            self.stop()
+            raise
+        return self.ready_endpoints
+
+    def launch(self) -> None:
+        """Choose free ports (:meth:`allocate_ports`) and start every server; returns at once.
+
+        Raises:
+            ServerError: the pool was already launched, no free port, or a command cannot be executed.
         """
         with self._lock:
-            if self._procs:
+            if self._launched:
                 raise ServerError("server pool already started")
-            for s in self.specs:
-                check_port_free(s.host, s.port)
-                if s.nccl_port is not None:
-                    check_port_free(s.host, s.nccl_port, what="NCCL port")
+            self.allocate_ports()
             self.log_dir.mkdir(parents=True, exist_ok=True)
             if not self._atexit:
                 atexit.register(self.stop)
                 self._atexit = True
-            t0 = time.monotonic()
+            self._launched = True
             try:
                 for s in self.specs:
                     self._launch(s, append=False)
-                self._wait_ready(self.specs, self.cfg.servers.startup_timeout_s)
             except BaseException:
                 self.stop()
                 raise
-        log.info(
-            "%d %s server(s) ready in %.1f s: %s (logs in %s)",
-            len(self.specs),
-            self.backend,
-            time.monotonic() - t0,
-            ", ".join(self.endpoints),
-            self.log_dir,
+
+    def allocate_ports(self) -> None:
+        """Move each server to the first free HTTP (and NCCL) port at or above its nominal one.
+
+        A port held by another process (an Ollama on 11434, another job's server) is skipped with a
+        warning naming its owner; ports chosen for earlier servers of the pool are skipped too. At most
+        ``PORT_SEARCH_SPAN`` ports are tried per server.
+
+        Raises:
+            ServerError: no free port within the span.
+        """
+        taken: set[int] = set()
+        for k, spec in enumerate(self.specs):
+            port = self._free_port(spec, spec.port, taken, "port")
+            taken.add(port)
+            nccl = None
+            if spec.nccl_port is not None:
+                nccl = self._free_port(spec, spec.nccl_port, taken, "NCCL port")
+                taken.add(nccl)
+            if (port, nccl) != (spec.port, spec.nccl_port):
+                self.specs[k] = spec.with_ports(port, nccl)
+
+    def _free_port(self, spec: ServerSpec, start: int, taken: set[int], what: str) -> int:
+        for port in range(start, min(start + PORT_SEARCH_SPAN, 65536)):
+            if port in taken:
+                continue
+            if not port_in_use(spec.host, port):
+                return port
+            owner = port_owner(port)
+            log.warning("%s %d on %s is in use%s: skipped", what, port, spec.host, f" by {owner}" if owner else "")
+            self.state[spec.index].skipped_ports.append(port)
+        raise ServerError(
+            f"no free {what} for server {spec.index} in {start}..{start + PORT_SEARCH_SPAN - 1} on {spec.host} "
+            "(choose another --base-port)"
         )
-        return self.endpoints
 
     def _launch(self, spec: ServerSpec, *, append: bool) -> None:
         log.info("starting %s server on port %d: %s", spec.backend, spec.port, spec.shell_command())
@@ -549,6 +822,150 @@ class ServerPool:
                     f"cannot start server on port {spec.port} ({spec.argv[0]}): {exc}"
                 ) from None
         self._procs[spec.port] = proc
+        st = self.state[spec.index]
+        st.attempts += 1
+        st.started_at = time.monotonic()
+        if st.status == "planned":
+            st.first_started_at = st.started_at
+        st.status = "starting"
+
+    def poll_startup(self) -> list[ServerSpec]:
+        """Check the starting servers once, without blocking (one health request each).
+
+        A server that answers its health path becomes ``"ready"``. One that exited, or is not ready
+        ``servers.startup_timeout_s`` after its launch (it is stopped), is started again on the same ports
+        while it has attempts left (``servers.startup_attempts``), else ``"failed"`` (error logged with
+        the tail of its log).
+
+        Returns:
+            The servers that became ready during this call.
+        """
+        ready: list[ServerSpec] = []
+        timeout_s = self.cfg.servers.startup_timeout_s
+        with self._lock, requests.Session() as http:
+            http.trust_env = False  # local servers: never through an http_proxy from the environment
+            for s in self.specs:
+                st = self.state[s.index]
+                if st.status != "starting" or s.port not in self._procs:
+                    continue
+                proc = self._procs[s.port]
+                code = proc.poll()
+                if code is None and _ready(http, s.url + s.health_path):
+                    st.status = "ready"
+                    st.ready_after_s = round(time.monotonic() - st.first_started_at, 3)
+                    log.info("server on port %d is ready after %.1f s", s.port, st.ready_after_s)
+                    ready.append(s)
+                    continue
+                if code is not None:
+                    error = f"server on port {s.port} {_describe_exit(code)} during startup"
+                elif time.monotonic() - st.started_at > timeout_s:
+                    error = f"server on port {s.port} not ready after {timeout_s:g} s (servers.startup_timeout_s)"
+                    stop_processes([proc], self.cfg.servers.shutdown_timeout_s)
+                else:
+                    continue
+                del self._procs[s.port]
+                st.error = error
+                tail = log_tail(s.log_path)
+                if st.attempts < self.cfg.servers.startup_attempts:
+                    log.warning("%s (attempt %d of %d): starting it again; last log lines (%s):\n%s", error,
+                                st.attempts, self.cfg.servers.startup_attempts, s.log_path, tail)
+                    try:
+                        self._wait_port_free(s)
+                        self._launch(s, append=True)
+                        continue
+                    except ServerError as exc:
+                        st.error = str(exc)
+                st.status = "failed"
+                log.error("%s; giving up after %d attempt(s), the run goes on without it; last log lines (%s):\n%s",
+                          st.error, st.attempts, s.log_path, tail)
+        return ready
+
+    def wait_ready(self, first_only: bool = False, abort: Callable[[], bool] | None = None) -> list[str]:
+        """Poll until one server is ready (``first_only``) or every server is ready or failed.
+
+        Args:
+            first_only: return as soon as one server is ready.
+            abort: polled between checks; True stops the wait with :class:`Interrupted` (a signal).
+
+        Returns:
+            The ready endpoints so far, in port order.
+
+        Raises:
+            ServerError: every server failed (the message gives each one's last error and the log tail
+                of the first).
+            Interrupted: ``abort()`` returned True.
+        """
+        while True:
+            if abort is not None and abort():
+                raise Interrupted("signal received while the servers were starting")
+            self.poll_startup()
+            statuses = [self.state[s.index].status for s in self.specs]
+            if (first_only and "ready" in statuses) or "starting" not in statuses:
+                break
+            time.sleep(_POLL_INTERVAL_S)
+        if "ready" not in statuses:
+            errors = "; ".join(self.state[s.index].error or "?" for s in self.specs)
+            first = self.specs[0]
+            raise ServerError(
+                f"no server could be started: {errors}; last log lines ({first.log_path}):\n{log_tail(first.log_path)}"
+            )
+        return self.ready_endpoints
+
+    def starting(self) -> bool:
+        """True while some server is still starting (``poll_startup`` has more to report)."""
+        return any(st.status == "starting" for st in self.state.values())
+
+    def _wait_port_free(self, spec: ServerSpec, wait_s: float = 10.0) -> None:
+        deadline = time.monotonic() + wait_s
+        while port_in_use(spec.host, spec.port) and time.monotonic() < deadline:
+            time.sleep(_POLL_INTERVAL_S)
+        check_port_free(spec.host, spec.port)
+
+    def check_alive(self) -> list[int]:
+        """Ports of servers that were ready and whose process has exited since (empty list = all alive).
+
+        Servers still starting or given up at startup are not listed (:meth:`poll_startup` handles them).
+        """
+        with self._lock:
+            return [
+                s.port
+                for s in self.specs
+                if self.state[s.index].status == "ready"
+                and (s.port not in self._procs or self._procs[s.port].poll() is not None)
+            ]
+
+    def returncode(self, port: int) -> int | None:
+        """Exit status of the server on ``port`` (None while it runs; negative = killed by that signal)."""
+        with self._lock:
+            proc = self._procs.get(port)
+            return None if proc is None else proc.poll()
+
+    def restart(self, port: int) -> str:
+        """Stop (if needed) and start again the server on ``port`` (same ports); wait until it is ready.
+
+        Returns:
+            Its endpoint.
+
+        Raises:
+            ServerError: unknown port, port still taken after 10 s, the server exits during startup or is
+                not ready within ``servers.startup_timeout_s``.
+        """
+        with self._lock:
+            spec = self._spec(port)
+            old = self._procs.pop(port, None)
+            if old is not None:
+                stop_processes([old], self.cfg.servers.shutdown_timeout_s)
+            self._wait_port_free(spec)
+            self._launch(spec, append=True)
+            try:
+                self._wait_ready([spec], self.cfg.servers.startup_timeout_s)
+            except BaseException:
+                stop_processes([self._procs.pop(port)], self.cfg.servers.shutdown_timeout_s)
+                raise
+            finally:
+                self.state[spec.index].status = "ready"  # crashed-after-ready: check_alive keeps reporting it
+            log.warning("server on port %d restarted (pid %d)", port, self._procs[port].pid)
+            return spec.url
 
     def _wait_ready(self, specs: list[ServerSpec], timeout_s: float) -> None:
         pending = {s.port: s for s in specs}
@@ -576,47 +993,28 @@ class ServerPool:
                     )
                 time.sleep(_POLL_INTERVAL_S)
 
-    def check_alive(self) -> list[int]:
-        """Ports of managed servers whose process has exited (empty list = all alive)."""
+    def report(self) -> list[dict[str, Any]]:
+        """One dict per server for the run manifest: index, backend, url, port, nccl_port, gpus
+        (physical ids), status, attempts, ready_after_s, error, skipped_ports, log."""
         with self._lock:
             return [
-                s.port
+                {
+                    "index": s.index,
+                    "backend": s.backend,
+                    "url": s.url,
+                    "port": s.port,
+                    "nccl_port": s.nccl_port,
+                    "gpus": list(s.gpus),
+                    "status": self.state[s.index].status,
+                    "running": s.port in self._procs and self._procs[s.port].poll() is None,
+                    "attempts": self.state[s.index].attempts,
+                    "ready_after_s": self.state[s.index].ready_after_s,
+                    "error": self.state[s.index].error,
+                    "skipped_ports": list(self.state[s.index].skipped_ports),
+                    "log": str(s.log_path),
+                }
                 for s in self.specs
-                if s.port not in self._procs or self._procs[s.port].poll() is not None
             ]
-
-    def returncode(self, port: int) -> int | None:
-        """Exit status of the server on ``port`` (None while it runs; negative = killed by that signal)."""
-        with self._lock:
-            proc = self._procs.get(port)
-            return None if proc is None else proc.poll()
-
-    def restart(self, port: int) -> str:
-        """Stop (if needed) and start again the server on ``port``; wait until it is ready.
-
-        Returns:
-            Its endpoint.
-
-        Raises:
-            ServerError: unknown port, port still taken after 10 s, or the startup errors of :meth:`start`.
-        """
-        with self._lock:
-            spec = self._spec(port)
-            old = self._procs.pop(port, None)
-            if old is not None:
-                stop_processes([old], self.cfg.servers.shutdown_timeout_s)
-            deadline = time.monotonic() + 10.0
-            while port_in_use(spec.host, port) and time.monotonic() < deadline:
-                time.sleep(_POLL_INTERVAL_S)
-            check_port_free(spec.host, port)
-            self._launch(spec, append=True)
-            try:
-                self._wait_ready([spec], self.cfg.servers.startup_timeout_s)
-            except BaseException:
-                stop_processes([self._procs.pop(port)], self.cfg.servers.shutdown_timeout_s)
-                raise
-            log.warning("server on port %d restarted (pid %d)", port, self._procs[port].pid)
-            return spec.url
 
     def stop(self) -> None:
         """Stop every server: SIGTERM to each process group, SIGKILL after ``servers.shutdown_timeout_s``.

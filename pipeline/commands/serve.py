@@ -31,6 +31,13 @@ def _raise_stop(signum: int, _frame: Any) -> None:
 @config_option("--base-port", key="servers.base_port", type=int, help="Port of server 0 (server i: base+i).")
 @config_option("--cpu-servers", key="servers.cpu_servers", type=int, help="llama.cpp servers without GPU.")
 @config_option("--gpus", key="servers.gpus", type=int, help="GPUs to use, one server each (-1: all visible).")
+@config_option("--tp-size", key="servers.tp_size", type=int, help="SGLang: GPUs per server (tensor parallel).")
+@config_option(
+    "--mem-fraction-static",
+    key="servers.mem_fraction_static",
+    type=float,
+    help="SGLang --mem-fraction-static (default: computed to leave room for the embedding model).",
+)
 @config_option("--host", key="servers.host", help="Interface the servers bind to.")
 @config_option(
     "--log-dir",
@@ -62,7 +69,10 @@ def serve_cmd(config_file: str | None, dry_run: bool, **params: Any) -> None:
     try:
         pool = ServerPool(cfg)
         click.echo(f"starting {len(pool.specs)} {pool.backend} server(s); logs in {pool.log_dir}", err=True)
-        endpoints = pool.start()
+        endpoints = pool.start()  # degrades: servers that failed every start are reported, not fatal
+        for entry in pool.report():
+            if entry["status"] != "ready":
+                click.echo(f"server {entry['index']} (port {entry['port']}) failed to start: {entry['error']}", err=True)
         click.echo(",".join(endpoints))
         click.echo("servers ready; press Ctrl-C to stop", err=True)
         while True:
