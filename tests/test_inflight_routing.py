@@ -18,8 +18,16 @@ import requests
 
 from bench.bench_server import serve
 from pipeline.config import LLMConfig, load_config
-from tests.runtools import EXAMPLE, read_rows, run_args, start_run, store_args, wait_no_survivors, write_config, \
-    write_records
+from tests.runtools import (
+    EXAMPLE,
+    read_rows,
+    run_args,
+    start_run,
+    store_args,
+    wait_no_survivors,
+    write_config,
+    write_records,
+)
 from workers.llm_client import LLMClient, inflight_per_endpoint, probe_batch
 from workers.prompts import generation_prompt, load_templates, rag_answer_prompt, shared_prefix
 
