@@ -84,7 +84,7 @@ def _statuses(out: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for part in sorted(out.glob("part-*.parquet")):
         t = pq.read_table(part, columns=["rag_status", "gen_status"]).to_pydict()
-        for r, g in zip(t["rag_status"], t["gen_status"]):
+        for r, g in zip(t["rag_status"], t["gen_status"], strict=True):
             k = f"{r}/{g}"
             counts[k] = counts.get(k, 0) + 1
     return counts
