@@ -107,6 +107,13 @@ class BenchHTTPServer(ThreadingHTTPServer):
         # (status, until monotonic, retry_after_s, match: only prompts containing it, or None for all)
         self.fault: tuple[int, float, float | None, str | None] | None = None
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-request (a stopped run) is normal here: no traceback on stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
