@@ -10,14 +10,21 @@ Endpoints:
     GET  /health                200 "ok"
     POST /v1/chat/completions   a short fixed text in choices[0].message.content, with usage counts
     POST /v1/completions        the same text in choices[0].text
-    GET  /stats                 served/waiting/peak counters; with ?services=1 also (arrival, start, end,
-                                label) of every request (time.time() seconds; label = the first 40 characters
-                                of the prompt), so a benchmark can compute utilisation and queue lengths per
-                                kind of request over a window
+    GET  /stats                 served/waiting/peak/rejected counters; with ?services=1 also (arrival, start,
+                                end, label) of every request (time.time() seconds; label = the LAST 40
+                                characters of the prompt: both prompts of a record start with the same shared
+                                prefix, their stage-specific templates end differently), so a benchmark can
+                                compute utilisation and queue lengths per kind of request over a window; with
+                                ?prompts=1 the full prompt of every served request (``record_prompts`` only)
     POST /stats/reset           clear the counters
     POST /fault                 inject a fault: ``{"status": 500, "for_s": 20, "retry_after_s": 2}`` makes every
                                 completion request answer that HTTP status at once for ``for_s`` seconds
-                                (with a ``Retry-After`` header if given); ``{"status": 0}`` clears it
+                                (with a ``Retry-After`` header if given); ``{"status": 0}`` clears it;
+                                ``"match": "text"`` limits the fault to prompts containing that text
+
+Overload (``--reject-status 429``): a request arriving while all ``capacity`` slots are busy is answered at once
+with that status (429 Too Many Requests or 503), with ``Retry-After: --retry-after-s`` if given, instead of
+waiting: a server or gateway that sheds load above its batch. Default 0: requests wait (SGLang/vLLM queue them).
 
 Implementation: the standard library's ThreadingHTTPServer (one thread per connection, HTTP/1.1 keep-alive,
 TCP_NODELAY, listen backlog 1024), so hundreds of concurrent connections are fine. Several servers can live
@@ -62,17 +69,21 @@ class _Stats:
         self.peak_in_service = 0
         self.peak_waiting = 0
         self.bad_requests = 0
+        self.rejected = 0
         self.services: list[tuple[float, float, float, str]] = []
+        self.prompts: list[str] = []
 
-    def as_dict(self, with_services: bool) -> dict[str, Any]:
+    def as_dict(self, with_services: bool, with_prompts: bool = False) -> dict[str, Any]:
         with self.lock:
             out: dict[str, Any] = {
                 "served": self.served, "in_service": self.in_service, "waiting": self.waiting,
                 "peak_in_service": self.peak_in_service, "peak_waiting": self.peak_waiting,
-                "bad_requests": self.bad_requests,
+                "bad_requests": self.bad_requests, "rejected": self.rejected,
             }
             if with_services:
                 out["services"] = list(self.services)
+            if with_prompts:
+                out["prompts"] = list(self.prompts)
         return out
 
 
@@ -83,13 +94,25 @@ class BenchHTTPServer(ThreadingHTTPServer):
     request_queue_size = 1024  # listen backlog: hundreds of clients connect at once
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], service_s: float, capacity: int) -> None:
+    def __init__(self, addr: tuple[str, int], service_s: float, capacity: int, *, reject_status: int = 0,
+                 retry_after_s: float | None = None, record_prompts: bool = False) -> None:
         super().__init__(addr, _Handler)
         self.service_s = service_s
         self.capacity = capacity
         self.slots = threading.Semaphore(capacity)  # waiters are woken in FIFO order (threading.Condition)
         self.stats = _Stats()
-        self.fault: tuple[int, float, float | None] | None = None  # (status, until monotonic, retry_after_s)
+        self.reject_status = reject_status
+        self.retry_after_s = retry_after_s
+        self.record_prompts = record_prompts
+        # (status, until monotonic, retry_after_s, match: only prompts containing it, or None for all)
+        self.fault: tuple[int, float, float | None, str | None] | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-request (a stopped run) is normal here: no traceback on stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
@@ -113,6 +136,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _refuse(self, status: int, message: str, retry_after_s: float | None) -> None:
+        payload = json.dumps({"error": {"message": message}}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        if retry_after_s is not None:
+            self.send_header("Retry-After", f"{retry_after_s:g}")
+        self.end_headers()
+        self.wfile.write(payload)
+
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/v1/models":
@@ -120,7 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/health":
             self._send(200, "ok")
         elif path == "/stats":
-            self._send(200, self.server.stats.as_dict(with_services="services=1" in self.path))
+            self._send(200, self.server.stats.as_dict(with_services="services=1" in self.path,
+                                                      with_prompts="prompts=1" in self.path))
         else:
             self._send(404, {"error": {"message": f"no route {self.path}"}})
 
@@ -137,7 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
             spec = json.loads(raw or b"{}")
             status = int(spec.get("status") or 0)
             self.server.fault = (
-                (status, time.monotonic() + float(spec.get("for_s", 3600)), spec.get("retry_after_s"))
+                (status, time.monotonic() + float(spec.get("for_s", 3600)), spec.get("retry_after_s"),
+                 spec.get("match"))
                 if status else None
             )
             self._send(200, {"ok": True})
@@ -164,25 +199,26 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         st = srv.stats
         fault = srv.fault
-        if fault and time.monotonic() < fault[1]:
-            self.send_response(fault[0])
-            payload = json.dumps({"error": {"message": f"injected fault {fault[0]}"}}).encode()
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            if fault[2] is not None:
-                self.send_header("Retry-After", str(fault[2]))
-            self.end_headers()
-            self.wfile.write(payload)
+        if fault and time.monotonic() < fault[1] and (not fault[3] or fault[3] in prompt):
+            self._refuse(fault[0], f"injected fault {fault[0]}", fault[2])
             return
         t_arrive = time.time()
-        with st.lock:
-            st.waiting += 1
-            st.peak_waiting = max(st.peak_waiting, st.waiting)
-        srv.slots.acquire()
+        if srv.reject_status:
+            if not srv.slots.acquire(blocking=False):
+                with st.lock:
+                    st.rejected += 1
+                self._refuse(srv.reject_status, "server busy: all slots in use", srv.retry_after_s)
+                return
+        else:
+            with st.lock:
+                st.waiting += 1
+                st.peak_waiting = max(st.peak_waiting, st.waiting)
+            srv.slots.acquire()
         try:
             t0 = time.time()
             with st.lock:
-                st.waiting -= 1
+                if not srv.reject_status:
+                    st.waiting -= 1
                 st.in_service += 1
                 st.peak_in_service = max(st.peak_in_service, st.in_service)
             time.sleep(srv.service_s)
@@ -190,7 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
             with st.lock:
                 st.in_service -= 1
                 st.served += 1
-                st.services.append((t_arrive, t0, t1, prompt[:40]))
+                st.services.append((t_arrive, t0, t1, prompt[-40:]))
+                if srv.record_prompts:
+                    st.prompts.append(prompt)
         finally:
             srv.slots.release()
         max_tokens = body.get("max_tokens")
@@ -211,11 +249,17 @@ class _Handler(BaseHTTPRequestHandler):
                          "model": body.get("model") or MODEL, "choices": [choice], "usage": usage})
 
 
-def serve(n: int, service_s: float, capacity: int, host: str = "127.0.0.1", port: int = 0) -> list[BenchHTTPServer]:
-    """Start ``n`` servers in this process (ports: ``port + i``, or kernel-chosen free ports if 0)."""
+def serve(n: int, service_s: float, capacity: int, host: str = "127.0.0.1", port: int = 0, *,
+          reject_status: int = 0, retry_after_s: float | None = None,
+          record_prompts: bool = False) -> list[BenchHTTPServer]:
+    """Start ``n`` servers in this process (ports: ``port + i``, or kernel-chosen free ports if 0).
+
+    ``reject_status`` (429/503): answer it at once above capacity instead of queueing (with ``Retry-After:
+    retry_after_s`` if given); ``record_prompts``: keep every served prompt (``/stats?prompts=1``)."""
     servers = []
     for i in range(n):
-        srv = BenchHTTPServer((host, port + i if port else 0), service_s, capacity)
+        srv = BenchHTTPServer((host, port + i if port else 0), service_s, capacity, reject_status=reject_status,
+                              retry_after_s=retry_after_s, record_prompts=record_prompts)
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True,
                          name=f"bench-server-{i}").start()
         servers.append(srv)
@@ -289,10 +333,13 @@ class BenchServers:
         self.stop()
 
 
-def launch(n: int, service_ms: float, capacity: int, host: str = "127.0.0.1") -> BenchServers:
-    """Start ``n`` bench servers in one subprocess; return when all listen."""
+def launch(n: int, service_ms: float, capacity: int, host: str = "127.0.0.1", *, reject_status: int = 0,
+           retry_after_s: float | None = None) -> BenchServers:
+    """Start ``n`` bench servers in one subprocess; return when all listen (``reject_status``: see serve)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--n", str(n), "--service-ms", str(service_ms),
-           "--capacity", str(capacity), "--host", host, "--exit-on-stdin-eof"]
+           "--capacity", str(capacity), "--host", host, "--exit-on-stdin-eof", "--reject-status", str(reject_status)]
+    if retry_after_s is not None:
+        cmd += ["--retry-after-s", str(retry_after_s)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline() if proc.stdout else ""
     if not line:
@@ -311,8 +358,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0, help="port of server 0 (server i: port+i); 0 = free ports")
     ap.add_argument("--exit-on-stdin-eof", action="store_true",
                     help="stop when stdin is closed (used by launch(): the servers die with their parent)")
+    ap.add_argument("--reject-status", type=int, default=0,
+                    help="answer this status (429/503) at once above capacity instead of queueing; 0 = queue")
+    ap.add_argument("--retry-after-s", type=float, default=None, help="Retry-After header of those answers")
     args = ap.parse_args()
-    servers = serve(args.n, args.service_ms / 1000.0, args.capacity, args.host, args.port)
+    servers = serve(args.n, args.service_ms / 1000.0, args.capacity, args.host, args.port,
+                    reject_status=args.reject_status, retry_after_s=args.retry_after_s)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

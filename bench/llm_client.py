@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config, with_overrides  # noqa: E402
 from pipeline.servers import ServerPool  # noqa: E402
-from workers.llm_client import LLMClient, concurrency_for  # noqa: E402
+from workers.llm_client import LLMClient  # noqa: E402
 
 TOPICS = [
     "the ocean",
@@ -87,7 +87,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     cfg = load_config()
-    conc = args.concurrency or concurrency_for("llamacpp", cfg.llm)
+    conc = args.concurrency or cfg.servers.n_parallel  # one request per llama.cpp slot
     pool = None
     endpoint = args.endpoint.rstrip("/")
     if not endpoint:

@@ -92,15 +92,14 @@ def run_ours(servers: BenchServers, n: int, args: argparse.Namespace, store: Pat
     m = int(math.ceil(steady_records + startup_records + 3 * n * args.capacity))
     part_rows = max(5, m // 80)
     gen_procs = args.gen_procs
-    gen_conc = max(1, math.ceil(args.gen_inflight_factor * n * args.capacity / gen_procs))
     d = work / f"ours-n{n}"
     d.mkdir(parents=True)
     records = write_records(d / "records.jsonl", m)
     cfg = write_config(d / "bench.toml", {
         "retrieval": {"top_k": 5, "min_score": -1.0, "query_batch_size": args.query_batch_size},
         "rag": {"mode": "retrieve+answer", "max_tokens": 64},
-        "llm": {"max_concurrency": args.capacity * args.rag_inflight_factor, "read_timeout_s": 120.0},
-        "generation": {"num_processes": gen_procs, "concurrency": gen_conc, "max_tokens": 64},
+        "llm": {"read_timeout_s": 120.0},  # in flight per endpoint: the pipeline's default (issue 8)
+        "generation": {"num_processes": gen_procs, "max_tokens": 64},
         "run": {"part_rows": part_rows},
     })
     servers.reset()
@@ -146,18 +145,18 @@ def run_ours(servers: BenchServers, n: int, args: argparse.Namespace, store: Pat
         "util_per_server": win["util_per_server"],
         "window_s": t1 - t0, "window_rows": rows, "startup_s": t_ready - run.t_launch,
         "manifest_rps": manifest["this_invocation"]["records_per_s"], "statuses": statuses,
-        "gen": f"{gen_procs}x{gen_conc}", "part_rows": part_rows,
+        "gen": f"{gen_procs} processes", "part_rows": part_rows,
     }
 
 
 def _label_kinds() -> dict[str, str]:
-    """Bench-server request label (first 40 prompt characters) -> "rag" (RAG answer) or "gen" (generation)."""
-    from pipeline.config import GenerationConfig, RagConfig
-    from workers.prompts import load_template
+    """Bench-server request label (LAST 40 prompt characters: both prompts of a record share their start) ->
+    "rag" (RAG answer) or "gen" (generation)."""
+    from pipeline.config import Config
+    from workers.prompts import load_templates
 
-    g = GenerationConfig()
-    return {load_template(RagConfig().prompt_file)[:40]: "rag", load_template(g.prompt_file)[:40]: "gen",
-            load_template(g.fallback_prompt_file)[:40]: "gen"}
+    t = load_templates(Config())
+    return {t["rag"][-40:]: "rag", t["generate"][-40:]: "gen", t["no_context"][-40:]: "gen"}
 
 
 def run_baseline(pool: Any, servers: BenchServers, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -195,11 +194,7 @@ def main() -> None:
     ap.add_argument("--startup-per-worker-s", type=float, default=10.0,
                     help="expected startup time per RAG worker: sizes the records rank0 does alone meanwhile")
     ap.add_argument("--query-batch-size", type=int, default=32, help="retrieval.query_batch_size")
-    ap.add_argument("--rag-inflight-factor", type=int, default=1,
-                    help="llm.max_concurrency = capacity x this (RAG answers in flight per RAG worker)")
     ap.add_argument("--gen-procs", type=int, default=4, help="generation.num_processes")
-    ap.add_argument("--gen-inflight-factor", type=float, default=1.0,
-                    help="generation requests in flight = N x capacity x this, split over the processes")
     ap.add_argument("--baseline-procs", type=int, default=8, help="seed 001 pool size (0 = skip the baseline)")
     ap.add_argument("--baseline-sizes", default="1,8", help="server counts at which the baseline runs")
     ap.add_argument("--torch-threads", type=int, default=0,

@@ -40,17 +40,14 @@ class BaselineConfig:
 def _worker(idx: int, bcfg: BaselineConfig, tasks: Any, results: Any) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
-    from pipeline.config import GenerationConfig, LLMConfig, RagConfig, StoreConfig
+    from pipeline.config import Config, LLMConfig, StoreConfig
     from workers.embedding import load_embedder
     from workers.llm_client import LLMClient, LLMError
-    from workers.prompts import format_context, load_template, render
+    from workers.prompts import generation_prompt, load_templates, rag_answer_prompt
     from workers.retriever import Retriever
 
-    gen_defaults = GenerationConfig()
     retriever = Retriever(StoreConfig(path=bcfg.store_path, collection=bcfg.collection), load_embedder("cpu"))
-    rag_tpl = load_template(RagConfig().prompt_file)
-    gen_tpl = load_template(gen_defaults.prompt_file)
-    gen_nc_tpl = load_template(gen_defaults.fallback_prompt_file)
+    tpl = load_templates(Config())
     llm_cfg = LLMConfig()
     clients: dict[tuple[str, ...], LLMClient] = {}
 
@@ -68,14 +65,16 @@ def _worker(idx: int, bcfg: BaselineConfig, tasks: Any, results: Any) -> None:
         status = "ok"
         try:
             hits = [h for h in retriever.search([query], bcfg.top_k)[0].hits if h.score >= bcfg.min_score]
-            ctx = format_context([{"text": h.text} for h in hits], bcfg.context_chars)
-            answer = ""
+            ctx = [{"text": h.text} for h in hits]
+            rag: dict[str, Any] = {"rag_status": "soft_fail"}
             if hits:
-                answer = client((rag_ep,)).chat(render(rag_tpl, query=query, context=ctx), bcfg.rag_max_tokens).text
-                prompt = render(gen_tpl, query=query, context=ctx, rag_answer=answer)
+                answer = client((rag_ep,)).chat(rag_answer_prompt(tpl, query=query, contexts=ctx,
+                                                                  context_chars=bcfg.context_chars),
+                                                bcfg.rag_max_tokens).text
+                rag = {"rag_status": "ok", "contexts": ctx, "rag_answer": answer}
             else:
                 status = "soft_fail"
-                prompt = render(gen_nc_tpl, query=query)
+            prompt = generation_prompt(tpl, query=query, rag=rag, context_chars=bcfg.context_chars)
             client(tuple(gen_eps)).chat(prompt, bcfg.gen_max_tokens)
         except LLMError as exc:
             status = f"failed: {exc}"

@@ -120,7 +120,14 @@ class LLMConfig:
     backoff_max_s: float = _f(10.0, "Longest retry backoff, seconds.")
     breaker_failures: int = _f(3, "Consecutive failures after which an endpoint is skipped for a cool-down.")
     breaker_cooldown_s: float = _f(30.0, "Seconds a failed endpoint is skipped before it is probed again.")
-    max_concurrency: int = _f(0, "In-flight requests per endpoint; 0 = by backend (sglang 128, llamacpp 1, attached 8).")
+    max_concurrency: int = _f(
+        0,
+        "In-flight requests per endpoint, RAG answers + generations of every process together; 0 = from the "
+        "backend: 1.25 x its batch (SGLang max_running_requests read from the server, llama.cpp slots), 320 if unknown.",
+    )
+    overload_timeout_s: float = _f(
+        600.0, "Seconds a request keeps waiting on an endpoint answering 429/503 before its record is requeued."
+    )
     temperature: float = _f(0.0, "Sampling temperature.")
     model: str = _f("", "Model name sent in requests; empty = the first id the endpoint lists in /v1/models.")
 
@@ -132,8 +139,13 @@ class RagConfig:
     mode: str = _f("retrieve+answer", "'retrieve+answer' (grounded answer from the worker's endpoint) or 'retrieve'.")
     min_answer_chars: int = _f(1, "A RAG answer shorter than this is a soft failure.")
     max_tokens: int = _f(64, "max_tokens of the RAG answer.")
-    prompt_file: str = _f("configs/prompts/rag_answer.txt", "Template of the RAG-answer prompt.")
+    prompt_file: str = _f("configs/prompts/rag_answer.txt", "Template of the RAG answer, after the shared prefix.")
     context_chars: int = _f(2000, "Most characters of retrieved context put into a prompt.")
+    prefix_prompt_file: str = _f(
+        "configs/prompts/context_prefix.txt",
+        "Template both LLM calls of a record start with (instructions, context, query): the server's prefix cache "
+        "reuses it.",
+    )
 
 
 @dataclass(frozen=True)
@@ -142,8 +154,7 @@ class GenerationConfig:
 
     num_processes: int = _f(4, "Generation processes (CPU only; they never import torch/chromadb).")
     max_tokens: int = _f(64, "max_tokens of the generation.")
-    concurrency: int = _f(1, "Generation requests each pool process keeps in flight (threads).")
-    prompt_file: str = _f("configs/prompts/generate.txt", "Template of the generation prompt.")
+    prompt_file: str = _f("configs/prompts/generate.txt", "Template of the generation, after the shared prefix.")
     fallback_prompt_file: str = _f(
         "configs/prompts/generate_no_context.txt", "Template used after a RAG soft failure (no context)."
     )

@@ -31,7 +31,6 @@ from pipeline.errors import Interrupted, RunError
 log = logging.getLogger(__name__)
 
 MAX_WORKER_RESTARTS = 3
-GEN_CREDIT = 2
 COMMIT_INTERVAL_S = 30.0
 SERVER_CHECK_INTERVAL_S = 2.0
 MAX_SERVER_RESTARTS = 3
@@ -97,6 +96,7 @@ class _Worker:
     inbox: Any
     credit: int
     assigned: dict[str, dict] = field(default_factory=dict)
+    endpoint: str | None = None  # a RAG worker's own LLM endpoint
     restarts: int = 0
     stopping: bool = False
     last_error: str | None = None  # last line of the traceback it reported, if any
@@ -165,7 +165,14 @@ class _Run:
         self.schema = row_schema(extra_types)
         self.exhausted = False
         self.rag_retry: collections.deque[dict] = collections.deque()
-        self.gen_backlog: collections.deque[dict] = collections.deque()
+        # records waiting for their generation, per target endpoint (see _route)
+        self.gen_queues: dict[str, collections.deque[dict]] = {}
+        self.gen_waiting = 0
+        self.gen_inflight: collections.Counter[str] = collections.Counter()
+        self.inflight: dict[str, int] = {}  # in-flight total per endpoint (RAG answers + generations)
+        self.gen_threads = 1  # items in flight per generation process
+        self.bad_reports: collections.Counter[str] = collections.Counter()  # consecutive, per endpoint
+        self.unhealthy_until: dict[str, float] = {}
         self.finished: list[dict] = []
         self.requeued: collections.Counter[str] = collections.Counter()
         self.finished_ids: set[str] = set()  # ids of self.finished (rows not committed yet)
@@ -178,7 +185,6 @@ class _Run:
         self.results = self.ctx.Queue()
         self.endpoints: list[str] = []
         self.gen_endpoints: list[str] = []
-        self.llm_concurrency = 1
         self.n_gpus = 0
         self.rag_targets: list[dict[str, Any]] = []  # managed SGLang: RAG slot k -> the k-th ready server
         self.signals = _Signals()
@@ -211,17 +217,19 @@ class _Run:
                          device)
             elif device == "auto":
                 device = f"cuda:{slot}" if slot < self.n_gpus else "cpu"
-            args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self._cpu_threads(), self.llm_concurrency,
+            threads = self.inflight.get(endpoint or "", 1)
+            args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self._cpu_threads(), threads,
                     inbox, self.results, os.getpid())
             proc = self.ctx.Process(target=rag_worker_main, args=args, name=name, daemon=True)
-            credit = max(2 * self.cfg.retrieval.query_batch_size, self.cfg.retrieval.query_batch_size + self.llm_concurrency)
+            credit = 2 * self.cfg.retrieval.query_batch_size  # retrieve mode; with RAG answers: the endpoint's room
         else:
-            args = (name, self.cfg, self.gen_endpoints, inbox, self.results, os.getpid())
+            endpoint = None
+            args = (name, self.cfg, self.gen_endpoints, self.gen_threads, inbox, self.results, os.getpid())
             proc = self.ctx.Process(target=generation_worker_main, args=args, name=name, daemon=True)
-            credit = GEN_CREDIT * max(1, self.cfg.generation.concurrency)
+            credit = self.gen_threads
         proc.start()
         log.info("started %s (pid %s)", name, proc.pid)
-        return _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit)
+        return _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit, endpoint=endpoint)
 
     def _cpu_threads(self) -> int:
         """torch threads per RAG worker (on CPU or GPU): embedding.cpu_threads, or cores // (RAG workers + 1)."""
@@ -321,39 +329,129 @@ class _Run:
             item.pop("rag", None)
             self.rag_retry.append(item)
         else:
-            self.gen_backlog.append(item)
+            self._queue_gen(item)
         return True
 
+    # ---------------------------------------------------------------- per-endpoint in-flight and routing
+    def _healthy(self, endpoint: str, now: float) -> bool:
+        return self.unhealthy_until.get(endpoint, 0.0) <= now
+
+    def _note_health(self, res: dict) -> None:
+        """Endpoint health as main sees it: ``llm.breaker_failures`` consecutive results reporting a failed
+        attempt on an endpoint (connection error, timeout, 5xx) mark it unhealthy for ``llm.breaker_cooldown_s``;
+        a result it produced resets the count."""
+        now = time.monotonic()
+        for e in res.get("bad_endpoints") or ():
+            self.bad_reports[e] += 1
+            if self.bad_reports[e] >= self.cfg.llm.breaker_failures and self._healthy(e, now):
+                self.unhealthy_until[e] = now + self.cfg.llm.breaker_cooldown_s
+                log.warning("endpoint %s failing: generations routed to other endpoints for %g s", e,
+                            self.cfg.llm.breaker_cooldown_s)
+        ok = res.get("endpoint")
+        if ok and ok not in (res.get("bad_endpoints") or ()):
+            self.bad_reports[ok] = 0
+
+    def _loads(self) -> collections.Counter[str]:
+        """Records in flight per endpoint: generations sent there + records held by its RAG worker (when RAG
+        workers ask their endpoint for an answer; retrieval-stage records included: a slight undercount of the
+        server's free slots, covered by the in-flight headroom)."""
+        load = collections.Counter(self.gen_inflight)
+        if self.cfg.rag.mode == "retrieve+answer":
+            for w in self.workers:
+                if w.kind == "rag" and w.endpoint:
+                    load[w.endpoint] += len(w.assigned)
+        return load
+
+    def _route(self, item: dict) -> str:
+        """The generation endpoint of a record: the endpoint that produced its RAG answer while it is healthy (its
+        prefix cache holds the record's context), else the least loaded healthy one."""
+        now = time.monotonic()
+        rag_ep = (item.get("rag") or {}).get("endpoint")
+        if rag_ep in self.inflight and rag_ep in self.gen_endpoints and self._healthy(rag_ep, now):
+            return rag_ep
+        healthy = [e for e in self.gen_endpoints if self._healthy(e, now)] or self.gen_endpoints
+        load = self._loads()
+        return min(healthy, key=lambda e: (load[e] + len(self.gen_queues.get(e, ()))) / self.inflight[e])
+
+    def _queue_gen(self, item: dict, front: bool = False) -> None:
+        item["target"] = self._route(item)
+        q = self.gen_queues.setdefault(item["target"], collections.deque())
+        if front:
+            q.appendleft(item)
+        else:
+            q.append(item)
+        self.gen_waiting += 1
+
+    def _gen_done(self, item: dict) -> None:
+        """A generation sent to a process came back (or its process died): free its endpoint slot."""
+        target = item.get("target")
+        if target:
+            self.gen_inflight[target] -= 1
+
     def _dispatch(self) -> None:
+        """Send work while endpoints have room: generations first (they finish records), then new records to the
+        RAG workers in micro-batches. Per endpoint, records held by its RAG worker + generations sent to it stay
+        within ``self.inflight[endpoint]`` (a total shared by the whole generation pool)."""
         if time.monotonic() < self.hold_until:
             return
+        load = self._loads()
+        self._dispatch_gen(load)
         batch_size = self.cfg.retrieval.query_batch_size
+        answer = self.cfg.rag.mode == "retrieve+answer"
         for w in self.workers:
-            if w.stopping or not w.process.is_alive():
+            if w.kind != "rag" or w.stopping or not w.process.is_alive():
                 continue
-            if w.kind == "rag":
-                while len(self.gen_backlog) < self.cfg.run.queue_size:
-                    room = min(batch_size, w.credit - len(w.assigned))
-                    if room <= 0:
+            while self.gen_waiting < self.cfg.run.queue_size:
+                if answer and w.endpoint:
+                    free = self.inflight.get(w.endpoint, 1) - load[w.endpoint]
+                else:
+                    free = w.credit - len(w.assigned)
+                room = min(batch_size, free)
+                if room <= 0:
+                    break
+                if room < batch_size and len(w.assigned) >= batch_size and not self.exhausted:
+                    break  # the worker is still busy: wait and send a full micro-batch (one encode call)
+                items = []
+                while len(items) < room:
+                    item = self._next_record()
+                    if item is None:
                         break
-                    if room < batch_size and len(w.assigned) > self.llm_concurrency and not self.exhausted:
-                        break  # the worker is still busy: wait and send a full micro-batch (one encode call)
-                    items = []
-                    while len(items) < room:
-                        item = self._next_record()
-                        if item is None:
-                            break
-                        items.append(item)
-                    if not items:
-                        break
-                    for it in items:
-                        w.assigned[it["id"]] = it
-                    w.inbox.put(items)
-            else:
-                while self.gen_backlog and len(w.assigned) < w.credit:
-                    item = self.gen_backlog.popleft()
-                    w.assigned[item["id"]] = item
-                    w.inbox.put([item])
+                    items.append(item)
+                if not items:
+                    break
+                for it in items:
+                    w.assigned[it["id"]] = it
+                if w.endpoint:
+                    load[w.endpoint] += len(items)
+                w.inbox.put(items)
+
+    def _dispatch_gen(self, load: collections.Counter[str]) -> None:
+        gen = [w for w in self.workers if w.kind == "gen" and not w.stopping and w.process.is_alive()]
+        if not gen or not self.gen_waiting:
+            return
+        now = time.monotonic()
+        any_healthy = any(self._healthy(e, now) for e in self.gen_endpoints)
+        for e in list(self.gen_queues):
+            q = self.gen_queues[e]
+            if q and any_healthy and not self._healthy(e, now):  # its endpoint failed meanwhile: reroute
+                moved = list(q)
+                q.clear()
+                self.gen_waiting -= len(moved)
+                for item in moved:
+                    self._queue_gen(item)
+        for e, q in self.gen_queues.items():
+            free = self.inflight.get(e, 1) - load[e]
+            while q and free > 0:
+                w = min(gen, key=lambda g: len(g.assigned))
+                if len(w.assigned) >= w.credit:
+                    return
+                item = q.popleft()
+                self.gen_waiting -= 1
+                w.assigned[item["id"]] = item
+                self.gen_inflight[e] += 1
+                load[e] += 1
+                free -= 1
+                w.inbox.put([item])
 
     def _worker(self, name: str) -> _Worker | None:
         for w in self.workers:
@@ -372,6 +470,7 @@ class _Run:
                 w.last_error = _last_line(payload)
         elif kind == "RAG":
             for res in payload:
+                self._note_health(res)
                 item = self._claim(w, name, res, "rag")
                 if item is None:
                     continue
@@ -381,9 +480,10 @@ class _Run:
                     self._finish(item, res, None)
                 else:
                     item["rag"] = res
-                    self.gen_backlog.append(item)
+                    self._queue_gen(item)
         elif kind == "GEN":
             for res in payload:
+                self._note_health(res)
                 item = self._claim(w, name, res, "gen")
                 if item is not None:
                     self._finish(item, item["rag"], res)
@@ -394,6 +494,14 @@ class _Run:
         item = w.assigned.pop(res["id"], None) if w else None
         if item is None:
             log.warning("dropping a late duplicate %s result for %s from %s", stage, res["id"], name)
+            return None
+        if stage == "gen":
+            self._gen_done(item)
+        if res.get("overloaded"):  # the server is up but full: never a failure row, send the record again
+            if stage == "rag":
+                self.rag_retry.append(item)
+            else:
+                self._queue_gen(item)
             return None
         if res.get("unavailable") and self._defer(item, stage):
             return None
@@ -452,6 +560,8 @@ class _Run:
             reason = w.last_error or f"exit code {w.process.exitcode}"
             log.warning("%s died (%s); requeueing %d in-flight records", w.name, reason, len(w.assigned))
             for rid, item in w.assigned.items():
+                if w.kind == "gen":
+                    self._gen_done(item)
                 self.requeued[rid] += 1
                 if self.requeued[rid] > 1:
                     err = f"worker {w.name} died twice while processing this record ({reason})"
@@ -464,7 +574,7 @@ class _Run:
                 elif w.kind == "rag":
                     self.rag_retry.append(item)
                 else:
-                    self.gen_backlog.appendleft(item)
+                    self._queue_gen(item, front=True)
             w.assigned.clear()
             if w.process.is_alive():
                 w.process.kill()
@@ -504,7 +614,7 @@ class _Run:
             self.restart_executor.submit(restart)
 
     def outstanding(self) -> int:
-        return sum(len(w.assigned) for w in self.workers) + len(self.gen_backlog) + len(self.rag_retry)
+        return sum(len(w.assigned) for w in self.workers) + self.gen_waiting + len(self.rag_retry)
 
     def loop(self) -> None:
         """Schedule until every record has a row, or a signal / fatal error stops the run."""
@@ -659,7 +769,6 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
             or the API-key environment variable is missing.
     """
     from pipeline import servers
-    from workers.llm_client import concurrency_for
 
     run.n_gpus = servers.detect_gpus(cfg.servers.gpus)
     pool = None
@@ -691,9 +800,7 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
         servers.verify_endpoints(run.gen_endpoints, servers.api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
     else:
         run.gen_endpoints = endpoints
-    run.llm_concurrency = concurrency_for(backend, cfg.llm)
-    if backend == "llamacpp" and cfg.llm.max_concurrency == 0:
-        run.llm_concurrency = cfg.servers.n_parallel  # one request per continuous-batching slot
+    _size_inflight(cfg, run, backend)
     return pool, backend
 
 
@@ -714,3 +821,29 @@ def _server_report(pool: Any, run: _Run) -> list[dict[str, Any]]:
         entry["rag_cuda_device"] = t.get("device")  # its server's first GPU, relative to CUDA_VISIBLE_DEVICES
         entry["embedding_device"] = t.get("embedding_device")  # = rag_cuda_device unless embedding.device is set
     return report
+
+
+def _size_inflight(cfg: Config, run: _Run, backend: str) -> None:
+    """In-flight total per endpoint (``llm.max_concurrency``, else 1.25 x the server's batch: managed llama.cpp:
+    its slots; SGLang and attached endpoints: what the server reports, else workers.llm_client.DEFAULT_BATCH), and
+    the threads of each generation process (its share of the generation endpoints' totals)."""
+    import math
+
+    from pipeline import servers
+    from workers.llm_client import inflight_per_endpoint, probe_batch
+
+    keys = {e: servers.api_key_from_env(cfg.servers.api_key_env) for e in run.endpoints}
+    gen_key = servers.api_key_from_env(cfg.generation.api_key_env or cfg.servers.api_key_env)
+    for e in run.gen_endpoints:
+        keys.setdefault(e, gen_key)
+    for e, key in keys.items():
+        if cfg.llm.max_concurrency > 0:
+            batch = None
+        elif backend == "llamacpp" and e in run.endpoints:
+            batch = cfg.servers.n_parallel  # one request per continuous-batching slot
+        else:
+            batch = probe_batch(e, api_key=key, timeout_s=cfg.llm.connect_timeout_s)
+        run.inflight[e] = inflight_per_endpoint(cfg.llm, batch)
+        log.info("endpoint %s: batch %s, %d requests in flight", e, batch if batch else "unknown", run.inflight[e])
+    total_gen = sum(run.inflight[e] for e in run.gen_endpoints)
+    run.gen_threads = max(1, math.ceil(total_gen / max(1, cfg.generation.num_processes)))

@@ -24,7 +24,7 @@ import requests
 from bench.bench_server import launch
 from pipeline.config import LLMConfig
 from tests.fixtures.llm import dead_endpoint, requires_llama
-from workers.llm_client import Attempt, LLMClient, NoEndpointAvailable, RequestFailed, concurrency_for
+from workers.llm_client import Attempt, LLMClient, NoEndpointAvailable, RequestFailed
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = LLMConfig(backoff_initial_s=0.05, backoff_max_s=0.2, read_timeout_s=60.0)
@@ -162,12 +162,10 @@ def test_per_endpoint_concurrency_limit_under_threads(llama_endpoints):
     assert peaks == {1: 1, 2: 2}
 
 
-def test_concurrency_defaults_by_backend():
-    assert concurrency_for("llamacpp", LLMConfig()) == 4
-    assert concurrency_for("sglang", LLMConfig()) == 128
-    assert concurrency_for("attached", LLMConfig()) == 8
-    assert concurrency_for("sglang", LLMConfig(max_concurrency=5)) == 5
+def test_client_concurrency_default_and_override():
+    assert LLMClient(["http://x:1"], LLMConfig()).max_concurrency == 1
     assert LLMClient(["http://x:1"], LLMConfig(max_concurrency=3)).max_concurrency == 3
+    assert LLMClient(["http://x:1"], LLMConfig(max_concurrency=3), max_concurrency=9).max_concurrency == 9
 
 
 def test_errors_survive_pickling_with_their_attempts():

@@ -190,10 +190,10 @@ import sys, json
 from pipeline.config import load_config
 from workers.generation import generate_one
 from workers.llm_client import LLMClient
-from workers.prompts import load_template
+from workers.prompts import load_templates
 cfg = load_config()
 client = LLMClient({llama_endpoints!r}, cfg.llm)
-tpl = {{"context": load_template(cfg.generation.prompt_file), "no_context": load_template(cfg.generation.fallback_prompt_file)}}
+tpl = load_templates(cfg)
 item = {{"id": "1", "query": "What is aspirin?", "extra": {{}}, "rag": {{"rag_status": "ok", "rag_answer": "a drug",
         "contexts": [{{"doc_id": "d", "chunk_id": "d#0", "text": "Aspirin is a drug.", "score": 0.9}}]}}}}
 import dataclasses

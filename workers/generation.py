@@ -1,10 +1,19 @@
 """The generation pool process: CPU only. It never imports torch, chromadb or sentence_transformers.
 
-Each process takes items (the record + its RAG result), builds the prompt from the templates in configs/prompts
-(context and RAG answer after rag_status "ok"; the original query alone after "soft_fail"), calls a generation
-endpoint through the LLM client (retries, failover, circuit breaker) and returns one result per item:
+Each process takes items (the record + its RAG result + ``target``, the endpoint main routed it to: the one that
+produced the record's RAG answer while it is healthy), builds the prompt (workers.prompts: the shared prefix of
+instructions + context + query, then the generation part, after rag_status "ok"; the query alone after
+"soft_fail"), calls the target endpoint first through the LLM client (failover, retries, circuit breaker,
+adaptive concurrency on 429/503) and returns one result per item:
     id: str; generation: str | None; gen_status: "ok" | "failed"; gen_error: str | None;
-    generate_ms: float; attempts: int; endpoint: str | None; model: str | None.
+    generate_ms: float; attempts: int; endpoint: str | None; model: str | None;
+    bad_endpoints: list[str] (endpoints that failed an attempt: connection error, timeout, 5xx; main routes
+    around them for a while); unavailable / overloaded: bool (no endpoint reachable / overload outlasted
+    llm.overload_timeout_s: main requeues the record instead of writing a failure).
+
+Concurrency: main decides how many generations are in flight per endpoint (a total per endpoint shared by the
+whole pool) and sends each process at most ``threads`` items; the process runs one thread per item in flight
+(blocking HTTP: the threads wait on sockets, measured CPU per record in bench/saturation.py).
 """
 
 from __future__ import annotations
@@ -19,63 +28,63 @@ from pipeline.config import Config
 from workers.protocol import get_work, ignore_sigint
 
 
+def bad_endpoints(attempts: list[Any]) -> list[str]:
+    """Endpoints with a failed attempt that says the endpoint is unhealthy (not ok, not a 4xx/overload answer)."""
+    bad = {a.endpoint for a in attempts
+           if a.outcome in ("timeout", "connect_error", "connection_error")
+           or (a.outcome.startswith("http_5") and a.outcome != "http_503")}
+    return sorted(bad)
+
+
 def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict) -> dict:
     """Generate for one record; never raises for a per-record failure (it is recorded)."""
-    from workers.llm_client import NoEndpointAvailable, RequestFailed
-    from workers.prompts import format_context, render
+    from workers.llm_client import NoEndpointAvailable, Overloaded, RequestFailed
+    from workers.prompts import generation_prompt
 
-    rag = item["rag"]
-    if rag["rag_status"] == "ok":
-        prompt = render(
-            templates["context"],
-            query=item["query"],
-            context=format_context(rag["contexts"], cfg.rag.context_chars),
-            rag_answer=rag.get("rag_answer") or "",
-            extra=item.get("extra"),
-        )
-    else:
-        prompt = render(templates["no_context"], query=item["query"], extra=item.get("extra"))
+    prompt = generation_prompt(templates, query=item["query"], rag=item["rag"], context_chars=cfg.rag.context_chars,
+                               extra=item.get("extra"))
     t0 = time.perf_counter()
     out: dict[str, Any] = {"id": item["id"], "generation": None, "gen_status": "ok", "gen_error": None,
-                           "generate_ms": None, "attempts": 0, "endpoint": None, "model": None}
+                           "generate_ms": None, "attempts": 0, "endpoint": None, "model": None, "bad_endpoints": []}
     try:
-        comp = client.chat(prompt, cfg.generation.max_tokens)
-    except (RequestFailed, NoEndpointAvailable) as exc:
-        out.update(gen_status="failed", gen_error=f"{type(exc).__name__}: {exc}",
-                   attempts=len(getattr(exc, "attempts", []) or []), unavailable=isinstance(exc, NoEndpointAvailable))
+        comp = client.chat(prompt, cfg.generation.max_tokens, prefer=item.get("target"))
+    except (RequestFailed, NoEndpointAvailable, Overloaded) as exc:
+        attempts = getattr(exc, "attempts", []) or []
+        out.update(gen_status="failed", gen_error=f"{type(exc).__name__}: {exc}", attempts=len(attempts),
+                   unavailable=isinstance(exc, NoEndpointAvailable), overloaded=isinstance(exc, Overloaded),
+                   bad_endpoints=bad_endpoints(attempts))
     except Exception as exc:  # noqa: BLE001 - one bad record never fails the run
         out.update(gen_status="failed", gen_error=f"internal error: {type(exc).__name__}: {exc}")
     else:
-        out.update(generation=comp.text, attempts=len(comp.attempts), endpoint=comp.endpoint, model=comp.model)
+        out.update(generation=comp.text, attempts=len(comp.attempts), endpoint=comp.endpoint, model=comp.model,
+                   bad_endpoints=bad_endpoints(comp.attempts))
     out["generate_ms"] = (time.perf_counter() - t0) * 1000
     return out
 
 
 def generation_worker_main(
-    name: str, cfg: Config, endpoints: list[str], inbox: Any, outbox: Any, parent_pid: int
+    name: str, cfg: Config, endpoints: list[str], threads: int, inbox: Any, outbox: Any, parent_pid: int
 ) -> None:
     """Process entry point (spawned). Fatal errors are sent as ("ERROR", name, traceback text).
 
     Args:
         name: "gen-0", ...
         endpoints: generation endpoints (the pool's, or generation.endpoints).
-        inbox: queue of work lists ({id, query, extra, rag}) or None (sentinel).
+        threads: most items main sends this process at once (= its threads and its client's per-endpoint limit).
+        inbox: queue of work lists ({id, query, extra, rag, target}) or None (sentinel).
         outbox: queue receiving ("GEN", name, [result]).
         parent_pid: the main process; the worker exits if it disappears.
     """
     ignore_sigint()
     try:
         from workers.llm_client import LLMClient
-        from workers.prompts import load_template
+        from workers.prompts import load_templates
 
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
         api_key = os.environ.get(key_env) if key_env else None
-        threads = max(1, cfg.generation.concurrency)
+        threads = max(1, threads)
         client = LLMClient(endpoints, cfg.llm, api_key=api_key, max_concurrency=threads)
-        templates = {
-            "context": load_template(cfg.generation.prompt_file),
-            "no_context": load_template(cfg.generation.fallback_prompt_file),
-        }
+        templates = load_templates(cfg)
     except BaseException:  # noqa: BLE001 - reported to main
         outbox.put(("ERROR", name, traceback.format_exc()))
         return

@@ -19,7 +19,20 @@ Request life (one call of :meth:`LLMClient.chat` / :meth:`LLMClient.complete`):
 Circuit breaker (per endpoint): ``llm.breaker_failures`` consecutive retryable failures open it for
 ``llm.breaker_cooldown_s`` seconds; then one request probes it (half-open); success closes it.
 
-Errors: :class:`RequestFailed` (this request failed; the record gets an error, the run goes on) and
+Overload (HTTP 429 or 503, with or without ``Retry-After``) is not a failure: the server is up and asks for
+fewer requests. The request waits (``Retry-After`` if given, else exponential backoff with jitter) and is sent
+again to the *same* endpoint (its prefix cache holds the record's context), through tenacity, without using
+one of ``llm.max_attempts`` and without counting toward the circuit breaker; after ``llm.overload_timeout_s``
+of overload it raises :class:`Overloaded` and the record is requeued by main, never failed. Meanwhile the
+endpoint gets fewer requests from this process (adaptive concurrency, AIMD as in TCP congestion control,
+RFC 5681 / RFC 9438): each endpoint has a concurrency limit, initially ``max_concurrency``; an overload
+answer cuts it to ``BETA`` (0.9) times the requests in flight (once per round trip: only a
+request sent after the last cut can cut again), a ``Retry-After`` also holds every request of this process to
+that endpoint until then, and each success raises the limit by ``1 / limit`` (about +1 per round trip) back up
+to ``max_concurrency``. Retries are therefore clocked by completions and backoffs: no retry storm.
+
+Errors: :class:`RequestFailed` (this request failed; the record gets an error, the run goes on),
+:class:`Overloaded` (overload outlasted ``llm.overload_timeout_s``: the record is requeued) and
 :class:`NoEndpointAvailable` (every endpoint has an open breaker, or every endpoint refused the
 connection in the last pass: fatal for the run). Bound on the time to NoEndpointAvailable when every
 endpoint refuses connections: ``max_attempts`` passes of ``n_endpoints`` refused connects (milliseconds
@@ -31,16 +44,25 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import random
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from pipeline.config import LLMConfig
@@ -51,9 +73,22 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 """HTTP statuses that are retried (DESIGN.md failure rules); every other 4xx/5xx is final."""
 
-DEFAULT_CONCURRENCY = {"sglang": 128, "llamacpp": 4, "attached": 8}
-"""In-flight requests per endpoint when ``llm.max_concurrency`` is 0 (SGLang batches many concurrent
-requests; the CPU llama.cpp server decodes servers.n_parallel = 4 slots by default)."""
+OVERLOAD_STATUS = frozenset({429, 503})
+"""Statuses that mean "too many requests now": the request waits and is sent again (see the module docstring)."""
+
+DEFAULT_BATCH = 256
+"""Requests a server batches when it does not say (SGLang's ``max_running_requests`` is read from the server,
+llama.cpp's slot count too): vLLM's default ``max_num_seqs`` is 256, and SGLang's automatic
+``max_running_requests`` is of that order or more on one GPU."""
+
+INFLIGHT_HEADROOM = 1.25
+"""In flight per endpoint = batch x this: the extra quarter waits in the server's own queue, so a finished
+sequence is replaced at once, while main moves the record between stages (its RAG answer, then its generation)."""
+
+BETA = 0.9
+"""Multiplicative decrease of the concurrency limit on an overload answer. Gentler than TCP's 0.5 / CUBIC's 0.7
+(RFC 5681 / RFC 9438): a 429 costs the server almost nothing, while every cut leaves slots idle until the limit
+grows back (bench/saturation.py, one endpoint answering 429 above capacity: 0.73 of the ideal with 0.7)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,13 +161,25 @@ class NoEndpointAvailable(LLMError, ServerError):
     """No endpoint can be reached (all refuse connections or have an open circuit breaker). Fatal."""
 
 
+class Overloaded(LLMError):
+    """The endpoint kept answering 429/503 for ``llm.overload_timeout_s``: not a failure of the record (it is
+    requeued), the server is up but full."""
+
+
 class _AttemptError(Exception):
-    def __init__(self, outcome: str, detail: str, *, retryable: bool, connect_failure: bool = False) -> None:
+    def __init__(self, outcome: str, detail: str, *, retryable: bool, connect_failure: bool = False,
+                 overload: bool = False, retry_after_s: float | None = None) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
         self.retryable = retryable
         self.connect_failure = connect_failure
+        self.overload = overload
+        self.retry_after_s = retry_after_s
+
+
+class _OverloadSignal(_AttemptError):
+    """An overload answer (429/503): wait and send again to the same endpoint."""
 
 
 class _PassFailed(Exception):
@@ -153,9 +200,15 @@ class _AllOpen(Exception):
 
 
 class _Endpoint:
+    """State of one endpoint in one client: breaker, adaptive concurrency limit, counters."""
+
     def __init__(self, url: str, concurrency: int) -> None:
         self.url = url
-        self.slots = threading.BoundedSemaphore(concurrency)
+        self.max_limit = float(concurrency)
+        self.limit = float(concurrency)  # adaptive (AIMD); requests in flight <= floor(limit)
+        self.cond = threading.Condition()
+        self.not_before = 0.0  # monotonic; Retry-After holds every request to this endpoint until then
+        self.last_cut = 0.0  # monotonic time of the last multiplicative decrease
         self.failures = 0  # consecutive retryable failures
         self.open_until = 0.0  # monotonic time; breaker open while now < open_until
         self.probing = False  # half-open: one request is probing
@@ -164,15 +217,94 @@ class _Endpoint:
         self.peak_in_flight = 0
         self.requests = 0
         self.errors = 0
+        self.overloads = 0
+        self.last_overload_log = 0.0
+
+    def acquire(self) -> float:
+        """Wait for a slot under the adaptive limit (and any Retry-After); returns the monotonic start time."""
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                if now < self.not_before:
+                    self.cond.wait(self.not_before - now)
+                elif self.in_flight >= max(1, int(self.limit)):
+                    self.cond.wait()
+                else:
+                    break
+            self.in_flight += 1
+            self.requests += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            return now
+
+    def release(self, started: float, outcome: str, retry_after_s: float | None = None) -> None:
+        """Free the slot; adapt the limit: ``"ok"`` raises it, ``"overload"`` cuts it (once per round trip)."""
+        with self.cond:
+            if outcome == "ok":
+                self.limit = min(self.max_limit, self.limit + 1.0 / max(1.0, self.limit))
+            elif outcome == "overload":
+                now = time.monotonic()
+                self.overloads += 1
+                if started >= self.last_cut:  # sent after the last cut: the cut has not been felt by it yet
+                    self.limit = max(1.0, min(self.limit, float(self.in_flight)) * BETA)
+                    self.last_cut = now
+                if retry_after_s:
+                    self.not_before = max(self.not_before, now + retry_after_s)
+                if now - self.last_overload_log > 30.0:
+                    self.last_overload_log = now
+                    log.warning("endpoint %s is overloaded (429/503): %d requests in flight from this process "
+                                "now (limit %d of %d)", self.url, self.in_flight - 1, int(self.limit),
+                                int(self.max_limit))
+            self.in_flight -= 1
+            self.cond.notify_all()
 
 
-def concurrency_for(backend: str, cfg: LLMConfig) -> int:
-    """Per-endpoint concurrency: ``cfg.max_concurrency`` if > 0, else :data:`DEFAULT_CONCURRENCY` [backend].
+def inflight_per_endpoint(cfg: LLMConfig, batch: int | None) -> int:
+    """Requests kept in flight on one endpoint by the whole run (RAG answers + generations together).
 
     Args:
-        backend: ``"sglang"``, ``"llamacpp"`` or ``"attached"`` (servers started elsewhere).
+        cfg: ``cfg.max_concurrency`` > 0 is used as is (``--max-concurrency``).
+        batch: requests the server decodes together (SGLang ``max_running_requests``, llama.cpp slots), or None
+            if unknown (then :data:`DEFAULT_BATCH`).
+
+    Returns:
+        ``ceil(batch x INFLIGHT_HEADROOM)`` (e.g. 320 for an unknown server, 5 for 4 llama.cpp slots).
     """
-    return cfg.max_concurrency if cfg.max_concurrency > 0 else DEFAULT_CONCURRENCY.get(backend, 8)
+    if cfg.max_concurrency > 0:
+        return cfg.max_concurrency
+    return max(1, math.ceil((batch or DEFAULT_BATCH) * INFLIGHT_HEADROOM))
+
+
+def probe_batch(url: str, *, api_key: str | None = None, timeout_s: float = 5.0) -> int | None:
+    """The batch size an endpoint reports, or None if it reports none.
+
+    Tried in order: SGLang's ``GET /get_server_info`` (renamed ``/server_info`` in newer releases):
+    ``max_running_requests`` at the top level (server arguments, None when automatic) or in
+    ``internal_states[*]`` (summed over data-parallel ranks); llama.cpp's ``GET /props``: ``total_slots``.
+    vLLM and OpenAI-style APIs expose neither (then the caller uses :data:`DEFAULT_BATCH`). Never raises.
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    base = url.rstrip("/")
+    base = base[:-3] if base.endswith("/v1") else base
+    for path in ("/get_server_info", "/server_info", "/props"):
+        try:
+            resp = requests.get(base + path, headers=headers, timeout=timeout_s)
+            data = resp.json() if resp.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if path == "/props":
+            n = data.get("total_slots")
+            return n if isinstance(n, int) and n > 0 else None
+        n = data.get("max_running_requests")
+        if isinstance(n, int) and n > 0:
+            return n
+        states = data.get("internal_states")
+        if isinstance(states, list):
+            ns = [st.get("max_running_requests") for st in states if isinstance(st, dict)]
+            if ns and all(isinstance(x, int) and x > 0 for x in ns):
+                return sum(ns)
+    return None
 
 
 def _classify(exc: requests.RequestException) -> _AttemptError:
@@ -209,15 +341,17 @@ class LLMClient:
     """Client for a pool of OpenAI-compatible endpoints (``/v1/chat/completions``, ``/v1/completions``).
 
     Thread-safe: several threads may call :meth:`chat` / :meth:`complete` at once; each endpoint admits
-    at most ``max_concurrency`` requests in flight (a semaphore; callers beyond that wait).
+    at most ``max_concurrency`` requests in flight from this client, fewer while it answers 429/503
+    (adaptive limit, see the module docstring); callers beyond that wait.
 
     Args:
         endpoints: base URLs, ``http://host:port`` (a trailing ``/`` or ``/v1`` is ignored).
         cfg: timeouts (s), attempts, backoff (s), breaker settings, temperature, model name.
         api_key: sent as ``Authorization: Bearer <key>``; never logged, never in errors.
-        session: a ``requests.Session`` to use from every thread (default: one pooled session per thread).
+        session: a ``requests.Session`` to use (default: one session of this client, shared by its threads;
+            urllib3's connection pools are thread-safe; one connection per request in flight, reused).
         max_concurrency: in-flight requests per endpoint; None = ``cfg.max_concurrency`` if > 0 else 1
-            (see :func:`concurrency_for` for backend defaults).
+            (the pipeline sizes it with :func:`inflight_per_endpoint`).
 
     Raises:
         ValueError: no endpoint, or a concurrency < 1.
@@ -239,14 +373,19 @@ class LLMClient:
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._shared_session = session
-        self._local = threading.local()
-        self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()  # dead threads' go away
         self._lock = threading.Lock()
         self._eps: dict[str, _Endpoint] = {}
         for url in endpoints:
             self._endpoint(url)
         self._rr = itertools.count()
+        self._own_session = session is None
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=len(self._eps) + 4, pool_maxsize=max(4, self.max_concurrency),
+                                  max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self._http = session
 
     def __repr__(self) -> str:  # no API key in reprs
         return f"LLMClient(endpoints={self.endpoints!r}, max_concurrency={self.max_concurrency})"
@@ -311,26 +450,26 @@ class LLMClient:
         return self._request("/v1/completions", body, prefer, _completion_text)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per endpoint: ``requests`` / ``errors`` (attempt counts), ``peak_in_flight``, ``breaker_open``."""
+        """Per endpoint: ``requests`` / ``errors`` / ``overloads`` (attempt counts), ``peak_in_flight``,
+        ``limit`` (the adaptive concurrency limit now), ``breaker_open``."""
         now = time.monotonic()
         with self._lock:
             return {
                 ep.url: {
                     "requests": ep.requests,
                     "errors": ep.errors,
+                    "overloads": ep.overloads,
                     "peak_in_flight": ep.peak_in_flight,
+                    "limit": int(ep.limit),
                     "breaker_open": ep.failures >= self.cfg.breaker_failures and now < ep.open_until,
                 }
                 for ep in self._eps.values()
             }
 
     def close(self) -> None:
-        """Close the pooled sessions this client created (not one passed in)."""
-        with self._lock:
-            sessions = list(self._sessions)
-            self._sessions.clear()
-        for s in sessions:
-            s.close()
+        """Close the session this client created (not one passed in)."""
+        if self._own_session:
+            self._http.close()
 
     def __enter__(self) -> LLMClient:
         return self
@@ -352,19 +491,7 @@ class LLMClient:
             return ep
 
     def _session(self) -> requests.Session:
-        if self._shared_session is not None:
-            return self._shared_session
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = requests.Session()
-            n = max(4, self.max_concurrency)
-            adapter = HTTPAdapter(pool_connections=max(4, len(self._eps)), pool_maxsize=n, max_retries=0)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            self._local.session = s
-            with self._lock:
-                self._sessions.add(s)
-        return s
+        return self._http
 
     def _order(self, prefer: str | None) -> list[_Endpoint]:
         eps = list(self._eps.values())
@@ -467,7 +594,7 @@ class LLMClient:
                 continue
             tried += 1
             try:
-                model, data = self._attempt(ep, path, body, attempts)
+                model, data = self._attempt_through_overload(ep, path, body, attempts)
             except _AttemptError as err:
                 if not err.retryable:
                     self._record(ep, ok=True)  # the server answered: it is up
@@ -482,34 +609,68 @@ class LLMClient:
             raise _AllOpen()
         raise _PassFailed(all_connect_failures=connect_failures == tried)
 
+    def _attempt_through_overload(
+        self, ep: _Endpoint, path: str, body: dict[str, Any], attempts: list[Attempt]
+    ) -> tuple[str, dict[str, Any]]:
+        """:meth:`_attempt`, sent again to the same endpoint while it answers 429/503 (tenacity: Retry-After or
+        exponential backoff with jitter, for at most ``llm.overload_timeout_s``); raises :class:`Overloaded`
+        after that, and any other error at once."""
+        retrying = Retrying(
+            stop=stop_after_delay(self.cfg.overload_timeout_s),
+            wait=self._overload_wait,
+            retry=retry_if_exception_type(_OverloadSignal),
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, ep, path, body, attempts)
+        except _OverloadSignal:
+            raise Overloaded(
+                f"{ep.url} answered 429/503 (overloaded) for {self.cfg.overload_timeout_s:g} s", attempts
+            ) from None
+
+    def _overload_wait(self, state: RetryCallState) -> float:
+        """Seconds before sending again after an overload answer: its Retry-After, else
+        ``min(backoff_initial_s * 2**(n-1), backoff_max_s) + U(0, backoff_initial_s)``."""
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after:
+            return float(retry_after) + random.uniform(0, self.cfg.backoff_initial_s)
+        n = state.attempt_number
+        return min(self.cfg.backoff_initial_s * 2 ** (n - 1), self.cfg.backoff_max_s) + random.uniform(
+            0, self.cfg.backoff_initial_s
+        )
+
     def _attempt(
         self, ep: _Endpoint, path: str, body: dict[str, Any], attempts: list[Attempt]
     ) -> tuple[str, dict[str, Any]]:
         timeout = (self.cfg.connect_timeout_s, self.cfg.read_timeout_s)
-        with ep.slots:
-            with self._lock:
-                ep.in_flight += 1
-                ep.requests += 1
-                ep.peak_in_flight = max(ep.peak_in_flight, ep.in_flight)
-            t0 = time.perf_counter()
-            try:
-                model = self._model(ep, timeout)
-                resp = self._session().post(
-                    ep.url + path, json={**body, "model": model}, headers=self._headers, timeout=timeout
-                )
-                data = _check_response(resp)
-            except _AttemptError as err:
-                attempts.append(Attempt(ep.url, err.outcome, _ms(t0), err.detail))
-                raise
-            except requests.RequestException as exc:
-                err = _classify(exc)
-                attempts.append(Attempt(ep.url, err.outcome, _ms(t0), err.detail))
-                raise err from None
-            finally:
-                with self._lock:
-                    ep.in_flight -= 1
-            attempts.append(Attempt(ep.url, "ok", _ms(t0)))
-            return model, data
+        started = ep.acquire()
+        outcome = "error"
+        retry_after: float | None = None
+        t0 = time.perf_counter()
+        try:
+            model = self._model(ep, timeout)
+            resp = self._session().post(
+                ep.url + path, json={**body, "model": model}, headers=self._headers, timeout=timeout
+            )
+            data = _check_response(resp)
+        except _AttemptError as err:
+            attempts.append(Attempt(ep.url, err.outcome, _ms(t0), err.detail))
+            if err.overload:
+                outcome, retry_after = "overload", err.retry_after_s
+                raise _OverloadSignal(err.outcome, err.detail, retryable=True, overload=True,
+                                      retry_after_s=err.retry_after_s) from None
+            raise
+        except requests.RequestException as exc:
+            err = _classify(exc)
+            attempts.append(Attempt(ep.url, err.outcome, _ms(t0), err.detail))
+            raise err from None
+        else:
+            outcome = "ok"
+        finally:
+            ep.release(started, outcome, retry_after)
+        attempts.append(Attempt(ep.url, "ok", _ms(t0)))
+        return model, data
 
     def _model(self, ep: _Endpoint, timeout: tuple[float, float]) -> str:
         """``cfg.model``, else the first id of the endpoint's ``/v1/models`` (cached per endpoint)."""
@@ -532,12 +693,31 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
+def _retry_after_s(resp: requests.Response) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date, RFC 9110 section 10.2.3), capped at 600 s."""
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        secs = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            secs = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(secs, 0.0), 600.0)
+
+
 def _check_response(resp: requests.Response) -> dict[str, Any]:
-    """JSON body of a 200 response; raise _AttemptError (retryable or not) for anything else."""
+    """JSON body of a 200 response; raise _AttemptError (retryable or not, overload or not) for anything else."""
     if resp.status_code != 200:
         detail = resp.text[:300].replace("\n", " ")
+        return_overload = resp.status_code in OVERLOAD_STATUS
         raise _AttemptError(
-            f"http_{resp.status_code}", detail, retryable=resp.status_code in RETRYABLE_STATUS
+            f"http_{resp.status_code}", detail, retryable=resp.status_code in RETRYABLE_STATUS,
+            overload=return_overload, retry_after_s=_retry_after_s(resp) if return_overload else None,
         )
     try:
         data = resp.json()
@@ -561,11 +741,14 @@ def _completion_text(data: dict[str, Any]) -> tuple[str, str | None]:
 __all__ = [
     "Attempt",
     "Completion",
-    "DEFAULT_CONCURRENCY",
+    "DEFAULT_BATCH",
     "LLMClient",
     "LLMError",
     "NoEndpointAvailable",
+    "OVERLOAD_STATUS",
+    "Overloaded",
     "RETRYABLE_STATUS",
     "RequestFailed",
-    "concurrency_for",
+    "inflight_per_endpoint",
+    "probe_batch",
 ]

@@ -1,8 +1,16 @@
-"""Prompt templates (configs/prompts/*.txt): fixed instructions first, then context, then the record.
+"""Prompt templates (configs/prompts/*.txt) and the two prompts of a record.
 
-That order keeps the long shared prefix identical across requests so servers' prefix caching (SGLang's
-RadixAttention, llama.cpp's prompt cache) can reuse it. Templates use ``str.format`` fields:
-``{query}``, ``{context}``, ``{rag_answer}`` and any passthrough field of the record.
+Both LLM calls of a record (the RAG answer in its RAG worker, the generation in the generation pool) start with
+the same bytes: the *shared prefix* (``rag.prefix_prompt_file``: the fixed instructions, then the retrieved
+context, then the query), followed by the stage-specific part (``rag.prompt_file`` for the RAG answer,
+``generation.prompt_file`` for the generation). Main sends a record's generation to the endpoint that produced
+its RAG answer while that endpoint is healthy, so the server's prefix cache (SGLang's RadixAttention, llama.cpp's
+prompt cache) holds the KV cache of the instructions + context when the second call arrives and only the short
+stage-specific tail is prefilled again. Prompts built here are the only prompts the pipeline sends; the test of
+the shared prefix builds both with these functions.
+
+Templates use ``str.format`` fields: ``{query}``, ``{context}``, ``{rag_answer}`` and any passthrough field of
+the record (an unknown field renders empty).
 """
 
 from __future__ import annotations
@@ -51,6 +59,49 @@ def render(template: str, *, query: str, context: str = "", rag_answer: str = ""
     values = _Fields({k: ("" if v is None else v) for k, v in (extra or {}).items()})
     values.update(query=query, context=context, rag_answer=rag_answer)
     return template.format_map(values)
+
+
+def load_templates(cfg: Any) -> dict[str, str]:
+    """The four templates of a configuration: ``prefix``, ``rag``, ``generate``, ``no_context``.
+
+    Raises:
+        ConfigError: a template file is missing or invalid.
+    """
+    return {
+        "prefix": load_template(cfg.rag.prefix_prompt_file),
+        "rag": load_template(cfg.rag.prompt_file),
+        "generate": load_template(cfg.generation.prompt_file),
+        "no_context": load_template(cfg.generation.fallback_prompt_file),
+    }
+
+
+def shared_prefix(templates: dict[str, str], *, query: str, contexts: list[dict[str, Any]], context_chars: int,
+                  extra: dict[str, Any] | None = None) -> str:
+    """The bytes both LLM calls of a record start with: instructions, retrieved context (numbered, at most
+    ``context_chars`` characters), query."""
+    return render(templates["prefix"], query=query, context=format_context(contexts, context_chars), extra=extra)
+
+
+def rag_answer_prompt(templates: dict[str, str], *, query: str, contexts: list[dict[str, Any]], context_chars: int,
+                      extra: dict[str, Any] | None = None) -> str:
+    """Prompt of the RAG answer: the shared prefix, then ``rag.prompt_file``."""
+    prefix = shared_prefix(templates, query=query, contexts=contexts, context_chars=context_chars, extra=extra)
+    return prefix + render(templates["rag"], query=query, extra=extra)
+
+
+def generation_prompt(templates: dict[str, str], *, query: str, rag: dict[str, Any], context_chars: int,
+                      extra: dict[str, Any] | None = None) -> str:
+    """Prompt of the generation.
+
+    After ``rag_status`` "ok": the shared prefix (the same bytes as the RAG-answer prompt's start), then
+    ``generation.prompt_file`` with the RAG answer. Otherwise (soft failure): ``generation.fallback_prompt_file``
+    with the query alone, no context (seed 001's rule).
+    """
+    if rag.get("rag_status") != "ok":
+        return render(templates["no_context"], query=query, extra=extra)
+    prefix = shared_prefix(templates, query=query, contexts=rag.get("contexts") or [], context_chars=context_chars,
+                           extra=extra)
+    return prefix + render(templates["generate"], query=query, rag_answer=rag.get("rag_answer") or "", extra=extra)
 
 
 def format_context(contexts: list[dict[str, Any]], max_chars: int) -> str:

@@ -12,7 +12,9 @@ Result dict per record (sent as ("RAG", name, [result, ...])):
     id: str; contexts: list of {doc_id, chunk_id, text, score (float, cosine similarity)};
     rag_answer: str | None; rag_status: "ok" | "soft_fail" | "hard_fail"; rag_error: str | None;
     retrieve_ms: float (the micro-batch's retrieval wall time); rag_llm_ms: float | None;
-    attempts: int (LLM request attempts); endpoint: str | None; model: str | None.
+    attempts: int (LLM request attempts); endpoint: str | None (the endpoint that produced the RAG answer: main
+    sends the record's generation there, whose prompt starts with the same bytes); model: str | None;
+    bad_endpoints: list[str]; unavailable / overloaded: bool (see workers.generation).
 """
 
 from __future__ import annotations
@@ -31,27 +33,28 @@ from workers.protocol import get_work, ignore_sigint
 log = logging.getLogger(__name__)
 
 
-def _rag_llm_call(client: Any, cfg: Config, template: str, item: dict, result: dict, prefer: str | None) -> dict:
+def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: dict, result: dict,
+                  prefer: str | None) -> dict:
     """Ask for a grounded answer; set the status by the failure rules of seed 001."""
-    from workers.llm_client import NoEndpointAvailable, RequestFailed
-    from workers.prompts import format_context, render
+    from workers.generation import bad_endpoints
+    from workers.llm_client import NoEndpointAvailable, Overloaded, RequestFailed
+    from workers.prompts import rag_answer_prompt
 
-    prompt = render(
-        template,
-        query=item["query"],
-        context=format_context(result["contexts"], cfg.rag.context_chars),
-        extra=item.get("extra"),
-    )
+    prompt = rag_answer_prompt(templates, query=item["query"], contexts=result["contexts"],
+                               context_chars=cfg.rag.context_chars, extra=item.get("extra"))
     t0 = time.perf_counter()
     try:
         comp = client.chat(prompt, cfg.rag.max_tokens, prefer=prefer)
-    except (RequestFailed, NoEndpointAvailable) as exc:
+    except (RequestFailed, NoEndpointAvailable, Overloaded) as exc:
+        attempts = getattr(exc, "attempts", []) or []
         result.update(
             rag_status="hard_fail",
             rag_error=f"{type(exc).__name__}: {exc}",
             rag_llm_ms=(time.perf_counter() - t0) * 1000,
-            attempts=len(getattr(exc, "attempts", []) or []),
+            attempts=len(attempts),
             unavailable=isinstance(exc, NoEndpointAvailable),
+            overloaded=isinstance(exc, Overloaded),
+            bad_endpoints=bad_endpoints(attempts),
         )
         return result
     answer = (comp.text or "").strip()
@@ -61,6 +64,7 @@ def _rag_llm_call(client: Any, cfg: Config, template: str, item: dict, result: d
         attempts=len(comp.attempts),
         endpoint=comp.endpoint,
         model=comp.model,
+        bad_endpoints=bad_endpoints(comp.attempts),
     )
     if len(answer) < cfg.rag.min_answer_chars:
         result.update(rag_status="soft_fail", rag_error=f"RAG answer shorter than {cfg.rag.min_answer_chars} chars")
@@ -98,7 +102,8 @@ def rag_worker_main(
         endpoints: every endpoint of the pool (failover targets).
         device: embedding device ("cpu", "cuda:0", ...).
         cpu_threads: torch threads of this process (on CPU and on GPU).
-        llm_concurrency: RAG-answer requests kept in flight (threads), sized to fill the server's batch.
+        llm_concurrency: most RAG-answer requests in flight (threads): the endpoint's in-flight total (main sends
+            no more records than the endpoint has room for, generations of earlier records included).
         inbox: multiprocessing queue of work lists (dicts with id, query, extra) or None (sentinel).
         outbox: multiprocessing queue of results (see workers.protocol).
         parent_pid: the main process; the worker exits if it disappears.
@@ -172,12 +177,12 @@ def _startup(
     state: dict[str, Any] = {"retriever": retriever, "detail": detail, "client": None}
     if cfg.rag.mode == "retrieve+answer":
         from workers.llm_client import LLMClient
-        from workers.prompts import load_template
+        from workers.prompts import load_templates
 
         order = ([endpoint] if endpoint else []) + [e for e in endpoints if e != endpoint]
         api_key = os.environ.get(cfg.servers.api_key_env) if cfg.servers.api_key_env else None
         client = LLMClient(order, cfg.llm, api_key=api_key, max_concurrency=llm_concurrency)
-        state.update(client=client, template=load_template(cfg.rag.prompt_file), threads=llm_concurrency)
+        state.update(client=client, templates=load_templates(cfg), threads=llm_concurrency)
     return state
 
 
@@ -229,7 +234,7 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
                         rag_error=f"no passage with score >= retrieval.min_score={cfg.retrieval.min_score}",
                     )
                 if client is not None and result["rag_status"] == "ok":
-                    fut = pool.submit(_rag_llm_call, client, cfg, state["template"], item, result, endpoint)
+                    fut = pool.submit(_rag_llm_call, client, cfg, state["templates"], item, result, endpoint)
                     fut.add_done_callback(lambda f, r=result: _deliver(f, r, send))
                 else:
                     ready.append(result)

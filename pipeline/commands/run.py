@@ -31,6 +31,8 @@ def summary_table(manifest: dict) -> str:
 @config_option("--num_processes", "--num-processes", "num_processes", key="generation.num_processes", type=int,
                help="Generation processes (CPU).")
 @config_file_option
+@config_option("--max-concurrency", key="llm.max_concurrency", type=int,
+               help="In-flight LLM requests per endpoint, all processes together (0: sized from the backend).")
 @config_option("--endpoints", key="servers.endpoints",
                help="Attach to these OpenAI-compatible endpoints (comma-separated) instead of starting servers.")
 @config_option("--backend", key="servers.backend", type=click.Choice(["auto", "sglang", "llamacpp"]),
