@@ -87,7 +87,7 @@ def synthetic_run(
     from pipeline.output import OutputDir, input_fingerprint
     from pipeline.run import _Run
 
-    cfg = Config()
+    cfg = _with_part_rows(Config(), rows)
     n = parts * rows
     od = OutputDir(out)
     od.prepare(input_path=input_path, fingerprint=input_fingerprint(input_path), shard=None, total_records=n,
@@ -104,7 +104,6 @@ def synthetic_run(
             on_commit(len(commit_s))
 
     run.commit = timed_commit  # type: ignore[method-assign]
-    run.cfg = _with_part_rows(cfg, rows)
     text = _Text()
     for k in range(parts):
         for j in range(rows):
@@ -135,7 +134,7 @@ def to_shards(input_path: Path, out: Path, root: Path, parts: int, rows: int) ->
     from pipeline.config import Config
     from pipeline.output import OutputDir, input_fingerprint, shard_dir
 
-    cfg = Config().to_dict()
+    cfg = _with_part_rows(Config(), rows).to_dict()  # as the run recorded it: merge re-chunks to part_rows
     fp = input_fingerprint(input_path)
     for k in range(parts):
         od = OutputDir(shard_dir(root, k, parts))
@@ -169,7 +168,9 @@ elif what == "ledger":
     from pipeline.output import OutputDir
     led = OutputDir(sys.argv[2]).ledger
     result = {{"ids": len(led), "load_s": round(led.load_s, 3)}}
+import pyarrow as pa
 sys.stderr.write("\nSCALE_CHILD " + json.dumps({{"wall_s": round(time.perf_counter() - t0, 3),
+    "arrow_peak_mb": round(pa.default_memory_pool().max_memory() / 2**20, 2),
     "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "result": result}}) + "\n")
 """
 
@@ -270,20 +271,19 @@ def part_b(work: Path, n_records: int, n_servers: int, service_ms: float, capaci
         log.close()
     if proc.returncode != 0:
         raise RuntimeError(f"run failed ({proc.returncode}): {(work / 'run.log').read_text()[-3000:]}")
-    parts = sorted((p.stat().st_mtime, p) for p in out.glob("part-*.parquet"))
     import pyarrow.parquet as pq
 
-    times = []
-    for mtime, p in parts:
-        times += [mtime] * pq.ParquetFile(p).metadata.num_rows
-    total = len(times)
+    parts = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows) for p in out.glob("part-*.parquet"))
+    total = sum(r for _, r in parts)
+    k = max(2, len(parts) // 10)  # parts in a tenth
+
+    def rate(lo: int, hi: int) -> float:
+        """Rows/s of parts lo+1..hi, timed from part lo's commit to part hi's (so startup is excluded)."""
+        return sum(r for _, r in parts[lo + 1:hi + 1]) / max(1e-9, parts[hi][0] - parts[lo][0])
+
+    first = rate(0, k)
+    last = rate(len(parts) - 1 - k, len(parts) - 1)
     tenth = total // 10
-
-    def rate(a: int, b: int) -> float:  # rows a..b (committed rows are whole parts: use part boundaries)
-        return (b - a) / max(1e-9, times[b - 1] - times[a - 1]) if a > 0 else (b - a) / max(1e-9, times[b - 1] - times[0])
-
-    first = rate(tenth, 2 * tenth)  # the second tenth: the first tenth includes the workers' start-up
-    last = rate(total - tenth, total)
 
     def at(rows: int) -> tuple[float, float, float, int]:
         return next((s for s in samples if s[3] >= rows), samples[-1])
@@ -310,7 +310,7 @@ def main() -> None:
     ap.add_argument("--context-chars", type=int, default=1000)
     ap.add_argument("--run-records", type=int, default=100_000)
     ap.add_argument("--servers", type=int, default=2)
-    ap.add_argument("--service-ms", type=float, default=50.0)
+    ap.add_argument("--service-ms", type=float, default=20.0)
     ap.add_argument("--capacity", type=int, default=64)
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
