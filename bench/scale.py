@@ -9,7 +9,7 @@ directories: a sharded output of P shards. Measured:
 
 * commit time of the last 10 % of parts / the first 10 % (target <= 1.5);
 * ledger load for a resume (``OutputDir(out).ledger``: one streamed scan of the ``id`` column), time and RSS;
-* peak RSS of the run's manifest (``pipeline.run.build_manifest``), of ``rag-pipeline status`` on the run
+* peak RSS (``VmHWM``) of the run's manifest (``pipeline.run.build_manifest``), of ``rag-pipeline status`` on the run
   directory and on the sharded root, and of ``rag-pipeline merge`` of the P shards (target <= 1 GB each), each in
   a fresh process (``ru_maxrss``), with its wall time.
 
@@ -145,8 +145,19 @@ def to_shards(input_path: Path, out: Path, root: Path, parts: int, rows: int) ->
 
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {repo!r})
+
+
+def hwm_kb():
+    # peak RSS of this process image: VmHWM (ru_maxrss would include the forking parent's peak: Linux keeps
+    # it across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 t0 = time.perf_counter()
 what = sys.argv[1]
 result = None
@@ -171,7 +182,7 @@ elif what == "ledger":
 import pyarrow as pa
 sys.stderr.write("\nSCALE_CHILD " + json.dumps({{"wall_s": round(time.perf_counter() - t0, 3),
     "arrow_peak_mb": round(pa.default_memory_pool().max_memory() / 2**20, 2),
-    "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "result": result}}) + "\n")
+    "maxrss_mb": round(hwm_kb() / 1024, 1), "result": result}}) + "\n")
 """
 
 
