@@ -272,6 +272,8 @@ def part_b(work: Path, n_records: int, n_servers: int, service_ms: float, capaci
                     cpu = main.cpu_times()
                     rows = len(list(out.glob("part-*.parquet"))) * 1000
                     samples.append((time.time(), main.memory_info().rss / MB, cpu.user + cpu.system, rows))
+                    with (work / "samples.jsonl").open("a") as fh:  # for a look at a run in progress
+                        fh.write(json.dumps(samples[-1]) + "\n")
                 except psutil.Error:
                     pass
                 time.sleep(0.5)
