@@ -270,7 +270,7 @@ def part_b(work: Path, n_records: int, n_servers: int, service_ms: float, capaci
             while proc.poll() is None:
                 try:
                     cpu = main.cpu_times()
-                    rows = len(list(out.glob("part-*.parquet"))) * 1000
+                    rows = len(list(out.glob("part-*.parquet")))  # parts so far (rows: see below)
                     samples.append((time.time(), main.memory_info().rss / MB, cpu.user + cpu.system, rows))
                     with (work / "samples.jsonl").open("a") as fh:  # for a look at a run in progress
                         fh.write(json.dumps(samples[-1]) + "\n")
@@ -288,20 +288,31 @@ def part_b(work: Path, n_records: int, n_servers: int, service_ms: float, capaci
 
     parts = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows) for p in out.glob("part-*.parquet"))
     total = sum(r for _, r in parts)
-    k = max(2, len(parts) // 10)  # parts in a tenth
+    cum = [0]
+    for _, r in parts:
+        cum.append(cum[-1] + r)  # cum[i + 1] = rows committed by part i
 
     def rate(lo: int, hi: int) -> float:
         """Rows/s of parts lo+1..hi, timed from part lo's commit to part hi's (so startup is excluded)."""
-        return sum(r for _, r in parts[lo + 1:hi + 1]) / max(1e-9, parts[hi][0] - parts[lo][0])
+        return (cum[hi + 1] - cum[lo + 1]) / max(1e-9, parts[hi][0] - parts[lo][0])
 
-    first = rate(0, k)
-    last = rate(len(parts) - 1 - k, len(parts) - 1)
+    def part_at(rows: float) -> int:
+        return next(i for i in range(len(parts)) if cum[i + 1] >= rows)
+
+    # first tenth: from the first commit to the part that reaches 10 % of the rows (more if that is the first part);
+    # last tenth: from the part that reaches 90 % to the last part
+    first = rate(0, max(1, part_at(total / 10)))
+    last = rate(min(part_at(0.9 * total), len(parts) - 2), len(parts) - 1)
     tenth = total // 10
 
-    def at(rows: int) -> tuple[float, float, float, int]:
-        return next((s for s in samples if s[3] >= rows), samples[-1])
-
-    s10, s100 = at(tenth), samples[-1]
+    cum, t_tenth = 0, parts[-1][0]
+    for mtime, r in parts:  # when 10 % of the rows were committed
+        cum += r
+        if cum >= tenth:
+            t_tenth = mtime
+            break
+    s10 = next((x for x in samples if x[0] >= t_tenth), samples[-1])
+    s100 = samples[-1]
     manifest = json.loads((out / "_manifest.json").read_text())
     return {
         "records": n_records, "rows": total, "servers": n_servers, "service_ms": service_ms, "capacity": capacity,
