@@ -24,9 +24,12 @@ committed rows/s in the last tenth / the first tenth (target >= 0.90); the main 
 Usage:
     .venv/bin/python bench/scale.py [--parts 1000] [--rows 1000] [--run-records 100000] [--skip-a] [--skip-b]
         [--workdir DIR] [--keep]
-(a) needs ~11 GB of free disk in --workdir (the parts and the merged copy) and ~10 minutes on 2 idle cores;
-(b) ~25-40 minutes (the CPU embedding of 100,000 queries dominates). Everything written is removed at the end
-unless --keep.
+(a) needs ~11 GB of free disk in --workdir (the parts and the merged copy) and ~10 minutes (measured 9-10 min at
+load average 10-25 on 2 cores); (b) is bound by the CPU embedding of the queries in the RAG workers: 20,000
+records took 23 minutes at load average 18-28 on 2 shared cores (~15 rows/s), so the default 100,000 needs a
+quiet machine or time. The "first tenth" is timed from the first commit (worker startup excluded); parts can be
+smaller than run.part_rows (a commit every 30 s), so tenths are found by committed rows. Everything written is
+removed at the end unless --keep.
 """
 
 from __future__ import annotations
