@@ -383,3 +383,64 @@ def _iter_parquet(
                 yield Record(index=int(indices[k]), line=int(lines[k]), id=str(rid), query=query, extra=extra)
         if limit and index >= limit:
             return
+
+
+# ---------------------------------------------------------------------------------------------
+# a scan shared by the shards of one input
+
+
+def scan_input_cached(
+    path: str | Path,
+    cache_file: str | Path,
+    fingerprint: dict[str, Any],
+    *,
+    id_field: str = "id",
+    query_field: str = "query",
+    max_query_chars: int = 8000,
+    on_bad_record: str = "fail",
+) -> InputScan:
+    """:func:`scan_input`, reusing the result another shard of the same input already wrote to ``cache_file``.
+
+    The shards of one input (``run --shard I/N``, array tasks) all need the same scan: the count of valid
+    records, the rejected lines and the passthrough types. The first task to finish its scan writes it to
+    ``cache_file`` (atomic); later tasks whose input fingerprint and record fields match load it instead of
+    parsing the input again, so a task then parses only its own records (:func:`iter_records` with ``shard``).
+
+    Args:
+        cache_file: ``OUTPUT_ROOT/_input_scan.json``.
+        fingerprint: :func:`pipeline.output.input_fingerprint` of ``path``.
+
+    Raises:
+        InputError: see :func:`scan_input`.
+    """
+    from pipeline.output.files import atomic_write_json
+
+    p, cache = Path(path), Path(cache_file)
+    key = {"input": str(p.expanduser().resolve()), "fingerprint": fingerprint, "id_field": id_field,
+           "query_field": query_field, "max_query_chars": max_query_chars, "on_bad_record": on_bad_record}
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and data.get("key") == key:
+        scan = InputScan(path=p, n_valid=int(data["n_valid"]), rejected=list(data["rejected"]),
+                         rejected_lines={int(r["line"]) for r in data["rejected"]})
+        if is_parquet_input(p):
+            scan.format, scan.files = "parquet", _parquet_files(p)
+            schema = _parquet_schema(scan.files, id_field, query_field)
+            scan.extra_types = {passthrough_name(f.name): f.type for f in schema
+                                if f.name not in (id_field, query_field)}
+        else:
+            scan.extra_types = dict(data["extra_types"])
+        log.info("input scan of %s reused from %s", p, cache)
+        return scan
+    scan = scan_input(p, id_field=id_field, query_field=query_field, max_query_chars=max_query_chars,
+                      on_bad_record=on_bad_record)
+    types = {} if scan.format == "parquet" else scan.extra_types
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache, {"key": key, "n_valid": scan.n_valid, "extra_types": types,
+                                  "rejected": scan.rejected})
+    except OSError as exc:
+        log.warning("cannot write the input scan cache %s: %s", cache, exc)
+    return scan

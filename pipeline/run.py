@@ -681,19 +681,24 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         Interrupted: SIGINT/SIGTERM/SIGUSR1 (finished rows committed; run again to resume).
     """
     from pipeline.output import OutputDir, input_fingerprint, parse_shard, shard_dir, shard_size
-    from pipeline.records import iter_records, scan_input
+    from pipeline.records import iter_records, scan_input, scan_input_cached
 
     t_start = time.monotonic()
     shard = parse_shard(cfg.run.shard) if cfg.run.shard else None
     out_root = Path(cfg.run.output)
     out_dir = shard_dir(out_root, *shard) if shard else out_root
     input_path = Path(cfg.run.input)
-    scan = scan_input(input_path, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
-                      max_query_chars=cfg.run.max_query_chars, on_bad_record=cfg.run.on_bad_record)
+    fields = {"id_field": cfg.run.id_field, "query_field": cfg.run.query_field,
+              "max_query_chars": cfg.run.max_query_chars, "on_bad_record": cfg.run.on_bad_record}
+    fingerprint = input_fingerprint(input_path)
+    if shard:  # the shards of one input share one scan: a task then parses only its own records
+        scan = scan_input_cached(input_path, out_root / "_input_scan.json", fingerprint, **fields)
+    else:
+        scan = scan_input(input_path, **fields)
     n_records = min(scan.n_valid, cfg.run.limit) if cfg.run.limit else scan.n_valid
     total = shard_size(n_records, *shard) if shard else n_records
     od = OutputDir(out_dir)
-    od.prepare(input_path=input_path, fingerprint=input_fingerprint(input_path), shard=cfg.run.shard or None,
+    od.prepare(input_path=input_path, fingerprint=fingerprint, shard=cfg.run.shard or None,
                total_records=total, config=cfg.to_dict(), overwrite=cfg.run.overwrite)
     if scan.rejected:
         od.write_rejected(scan.rejected)

@@ -150,3 +150,30 @@ def test_run_on_a_parquet_directory_keeps_types_and_resumes(tmp_path, example_st
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert json.loads((out / "_manifest.json").read_text())["this_invocation"]["processed"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_shards_share_one_scan_of_the_input(tmp_path, fmt, monkeypatch):
+    from pipeline import records as records_mod
+    from pipeline.records import scan_input_cached
+
+    rows = [{"id": f"r{i}", "query": ("" if i == 3 else f"q{i}"), "k": i} for i in range(10)]
+    if fmt == "jsonl":
+        p = tmp_path / "in.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        p = tmp_path / "in.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), p)
+    cache = tmp_path / "out" / "_input_scan.json"
+    fp = input_fingerprint(p)
+    first = scan_input_cached(p, cache, fp, on_bad_record="skip")
+    calls = []
+    monkeypatch.setattr(records_mod, "scan_input", lambda *a, **k: calls.append(a) or first)
+    again = scan_input_cached(p, cache, fp, on_bad_record="skip")
+    assert calls == []  # reused, not parsed again
+    assert (again.n_valid, again.rejected_lines, again.extra_types) == (first.n_valid, first.rejected_lines,
+                                                                        first.extra_types)
+    assert [r.id for r in iter_records(again, shard=(1, 2))] == [r.id for r in iter_records(first, shard=(1, 2))]
+    # another field set or a changed input is a different scan
+    scan_input_cached(p, cache, {**fp, "sha256": "x"}, on_bad_record="skip")
+    assert len(calls) == 1
