@@ -179,7 +179,8 @@ def _row_schema(query_field: str, extra_types: dict[str, str]):
     import pyarrow as pa
 
     arrow = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "json": pa.string()}
-    context = pa.struct([("doc_id", pa.string()), ("chunk_id", pa.string()), ("text", pa.string()), ("score", pa.float32())])
+    context = pa.struct([("doc_id", pa.string()), ("chunk_id", pa.string()), ("text", pa.string()), ("score", pa.float32()),
+                         ("dense_rank", pa.int32()), ("bm25_rank", pa.int32())])
     fields = [("id", pa.string()), ("query", pa.string())]
     fields += [(k, arrow[t]) for k, t in extra_types.items()]
     fields += [
