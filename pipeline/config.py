@@ -150,6 +150,12 @@ class GenerationConfig:
     )
     endpoints: tuple[str, ...] = _f((), "Generation endpoints; empty = the server pool's endpoints.")
     api_key_env: str = _f("", "Environment variable with the generation endpoints' API key.")
+    response_format: str = _f(
+        "", "JSON Schema file: replies must be JSON matching it (OpenAI response_format json_schema); empty = text."
+    )
+    response_format_attempts: int = _f(
+        2, "Requests per record (first included) while the reply does not validate; then gen_status invalid_output."
+    )
 
 
 @dataclass(frozen=True)
