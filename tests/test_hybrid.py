@@ -145,7 +145,16 @@ def test_modes_find_the_right_documents_with_source_ranks(tmp_path, embedder):
     hyb = Retriever(store_cfg, embedder, mode="hybrid").search(queries[:1], top_k=5)[0].hits
     top = hyb[0]
     assert top.dense_rank == 1 and top.bm25_rank == 1 and top.score == pytest.approx(2 / 61)
-    assert top.dense_score > 0.3 and top.bm25_score > 0 and top.is_hit(0.2)
+    assert top.dense_score > 0.3 and top.bm25_score > 0 and top.is_hit(0.2) and not top.is_hit(0.99)
+    assert all(h.dense_score is not None for h in hyb)  # BM25-only hits get their cosine too
+    dense_all = {h.chunk_id: h.score for h in Retriever(store_cfg, embedder).search(queries, top_k=50)[0].hits}
+    hyb_r = Retriever(store_cfg, embedder, mode="hybrid")
+    lexical = hyb_r._bm25_hits("small", queries[:1], 5)  # hits as the BM25 ranking alone returns them
+    assert lexical[0] and all(h.dense_score is None for h in lexical[0])
+    for h in hyb_r._with_cosine("small", hyb_r.embed(queries[:1]), lexical)[0]:
+        assert h.dense_score == pytest.approx(dense_all[h.chunk_id], abs=1e-4)
+    bm = Retriever(store_cfg, None, mode="bm25").search(queries[:1], top_k=5)[0].hits
+    assert all(h.dense_score is None and h.is_hit(0.99) and not h.is_hit(0.2, h.bm25_score) for h in bm)
     assert [h.score for h in hyb] == sorted((h.score for h in hyb), reverse=True)
     for h in hyb:
         assert h.score == pytest.approx(sum(1 / (60 + r) for r in (h.dense_rank, h.bm25_rank) if r))

@@ -79,11 +79,12 @@ class Hit:
     bm25_score: float | None = None
 
     def is_hit(self, min_score: float, min_bm25_score: float = 0.0) -> bool:
-        """True if the passage counts as retrieved: cosine >= ``min_score`` (found by the dense ranking) or
-        BM25 score > ``min_bm25_score`` (found by the BM25 ranking)."""
-        return (self.dense_score is not None and self.dense_score >= min_score) or (
-            self.bm25_score is not None and self.bm25_score > min_bm25_score
-        )
+        """True if the passage counts as retrieved: its cosine similarity is >= ``min_score`` (dense and hybrid
+        modes: every returned hit has one), or, without a cosine (bm25 mode), its BM25 score is
+        > ``min_bm25_score``."""
+        if self.dense_score is not None:
+            return self.dense_score >= min_score
+        return self.bm25_score is not None and self.bm25_score > min_bm25_score
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,24 @@ class Retriever:
         depth = max(n, self.fusion_depth)
         dense = self._dense_hits(name, emb, depth)
         lexical = self._bm25_hits(name, queries, depth)
-        return [self._fuse(name, d, b, n) for d, b in zip(dense, lexical, strict=True)]
+        fused = [self._fuse(name, d, b, n) for d, b in zip(dense, lexical, strict=True)]
+        return self._with_cosine(name, emb, fused)
+
+    def _with_cosine(self, name: str, emb: np.ndarray, hits: list[list[Hit]]) -> list[list[Hit]]:
+        """Set ``dense_score`` (cosine similarity) of the hits only the BM25 ranking found, from their stored
+        embeddings (one ``get``), so that ``retrieval.min_score`` means the same in hybrid as in dense mode."""
+        import numpy as np
+
+        missing = list(dict.fromkeys(h.chunk_id for hs in hits for h in hs if h.dense_score is None))
+        if not missing:
+            return hits
+        res = self._call(name, lambda col: col.get(ids=missing, include=["embeddings"]))
+        vectors = {cid: np.asarray(e, dtype=np.float32) for cid, e in zip(res["ids"], res["embeddings"], strict=True)}
+        return [
+            [h if h.dense_score is not None or h.chunk_id not in vectors
+             else replace(h, dense_score=float(np.dot(emb[qi], vectors[h.chunk_id]))) for h in hs]
+            for qi, hs in enumerate(hits)
+        ]
 
     def search(self, queries: list[str], top_k: int) -> list[QueryResult]:
         """Top-k chunks per query over all configured collections, in ``self.mode``.
