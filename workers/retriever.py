@@ -283,28 +283,42 @@ class Retriever:
         return index
 
     def _fetch(self, name: str, chunk_ids: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
-        """``{chunk_id: (text, metadata)}`` of the given chunks of collection ``name`` (one ``get`` call)."""
-        if not chunk_ids:
-            return {}
-        res = self._call(name, lambda col: col.get(ids=chunk_ids, include=["documents", "metadatas"]))
-        docs = res.get("documents") or [""] * len(res["ids"])
-        metas = res.get("metadatas") or [None] * len(res["ids"])
-        return {cid: (d or "", dict(m or {})) for cid, d, m in zip(res["ids"], docs, metas, strict=True)}
+        """``{chunk_id: (text, metadata)}`` of the given chunks of collection ``name`` (``get`` calls of at most
+        :data:`QUERY_RESULTS_PER_CALL` ids)."""
+        out: dict[str, tuple[str, dict[str, Any]]] = {}
+        for lo in range(0, len(chunk_ids), QUERY_RESULTS_PER_CALL):
+            ids = chunk_ids[lo : lo + QUERY_RESULTS_PER_CALL]
+            res = self._call(name, lambda col, ids=ids: col.get(ids=ids, include=["documents", "metadatas"]))
+            docs = res.get("documents") or [""] * len(res["ids"])
+            metas = res.get("metadatas") or [None] * len(res["ids"])
+            out.update({cid: (d or "", dict(m or {})) for cid, d, m in zip(res["ids"], docs, metas, strict=True)})
+        return out
 
     def _bm25_hits(self, name: str, queries: list[str], n: int) -> list[list[Hit]]:
-        """Top ``n`` BM25 hits per query (text and metadata fetched from the collection)."""
-        ranked = self.bm25_index(name).search(queries, n)
-        found = self._fetch(name, list(dict.fromkeys(cid for r in ranked for cid, _ in r)))
+        """Top ``n`` BM25 hits per query, without text and metadata yet (:meth:`_fill` adds them)."""
+        return [
+            [Hit(doc_id=cid.rsplit("#", 1)[0], chunk_id=cid, text="", score=score, metadata={}, collection=name,
+                 bm25_rank=rank, bm25_score=score) for rank, (cid, score) in enumerate(r, start=1)]
+            for r in self.bm25_index(name).search(queries, n)
+        ]
+
+    def _fill(self, name: str, hits: list[list[Hit]]) -> list[list[Hit]]:
+        """Text and metadata of the hits that came from the BM25 ranking only (one ``get``); a chunk deleted
+        from the collection after the index was opened is dropped."""
+        missing = list(dict.fromkeys(h.chunk_id for hs in hits for h in hs if h.dense_rank is None))
+        if not missing:
+            return hits
+        found = self._fetch(name, missing)
         out = []
-        for r in ranked:
-            hits = []
-            for rank, (cid, score) in enumerate(r, start=1):
-                if cid not in found:  # deleted from the collection after the index was opened
-                    continue
-                text, meta = found[cid]
-                hits.append(Hit(doc_id=str(meta.get("doc_id", cid.rsplit("#", 1)[0])), chunk_id=cid, text=text,
-                                score=score, metadata=meta, collection=name, bm25_rank=rank, bm25_score=score))
-            out.append(hits)
+        for hs in hits:
+            row = []
+            for h in hs:
+                if h.dense_rank is not None:
+                    row.append(h)
+                elif h.chunk_id in found:
+                    text, meta = found[h.chunk_id]
+                    row.append(replace(h, text=text, metadata=meta, doc_id=str(meta.get("doc_id", h.doc_id))))
+            out.append(row)
         return out
 
     def _dense_hits(self, name: str, emb: np.ndarray, n: int) -> list[list[Hit]]:
@@ -341,12 +355,12 @@ class Retriever:
         if self.mode == "dense":
             return self._dense_hits(name, emb, n)
         if self.mode == "bm25":
-            return self._bm25_hits(name, queries, n)
+            return self._fill(name, self._bm25_hits(name, queries, n))
         depth = max(n, self.fusion_depth)
         dense = self._dense_hits(name, emb, depth)
         lexical = self._bm25_hits(name, queries, depth)
         fused = [self._fuse(name, d, b, n) for d, b in zip(dense, lexical, strict=True)]
-        return self._with_cosine(name, emb, fused)
+        return self._with_cosine(name, emb, self._fill(name, fused))
 
     def _with_cosine(self, name: str, emb: np.ndarray, hits: list[list[Hit]]) -> list[list[Hit]]:
         """Set ``dense_score`` (cosine similarity) of the hits only the BM25 ranking found, from their stored
@@ -441,6 +455,8 @@ class Retriever:
                 lexical = self._bm25_hits(name, [queries[i] for i in pending], n)
                 # document fusion needs every document of both lists; chunk fusion every chunk
                 hits = [self._fuse(name, d, b, 2 * n) for d, b in zip(dense, lexical, strict=True)]
+            elif self.mode == "bm25":  # ranking only: no passage text needed
+                hits = self._bm25_hits(name, [queries[i] for i in pending], n)
             else:
                 hits = self._search_collection(name, [queries[i] for i in pending], sub_emb, n)
             retry = []

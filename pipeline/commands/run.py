@@ -42,6 +42,8 @@ def summary_table(manifest: dict) -> str:
 @config_option("--store", key="store.path", type=click.Path(file_okay=False), help="ChromaDB directory.")
 @config_option("--chroma-url", key="store.chroma_url", help="Chroma server URL (multi-node) instead of --store.")
 @config_option("--collection", key="store.collection", help="Collection to retrieve from.")
+@config_option("--bm25-path", key="store.bm25_path", type=click.Path(file_okay=False),
+               help="BM25 index directory (default <store>/bm25; with --chroma-url a shared path).")
 @config_option("--ingest", key="run.ingest", type=click.Path(exists=False),
                help="Ingest this source (rank0, single writer) before the run.")
 @config_option("--reset-collection/--no-reset-collection", key="run.reset_collection",
