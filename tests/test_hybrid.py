@@ -17,7 +17,16 @@ from pipeline.cli import main
 from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig, load_config
 from pipeline.errors import ConfigError
 from tests.fixtures.store import EXAMPLE_DIR, SMALL_QUERIES, write_small_corpus
-from workers.bm25 import BUILD_KEY, BM25Index, BM25Settings, build_marker, index_root, open_index, tokenize
+from workers.bm25 import (
+    BUILD_KEY,
+    BM25Index,
+    BM25Settings,
+    build_marker,
+    ensure_index,
+    index_root,
+    open_index,
+    tokenize,
+)
 from workers.ingest import ingest_source
 from workers.retriever import Retriever, rrf_scores
 from workers.store import open_collection
@@ -125,9 +134,12 @@ def test_readers_never_use_a_stale_or_missing_build(tmp_path, embedder, caplog):
     assert s.bm25_built
     assert open_index(open_collection(store_cfg, create=False), store_cfg, other).build_id
 
-    # the index directory deleted by hand
+    # the index directory deleted by hand: readers build in memory; rank0's ensure_index stores it again
     shutil.rmtree(index_root(store_cfg, store_cfg.collection))
     assert _bm25_top(store_cfg, "rye gluten sourdough") == "bread.md"  # in-memory build
+    assert ensure_index(store_cfg, other) is True and ensure_index(store_cfg, other) is False
+    col = open_collection(store_cfg, create=False)
+    assert open_index(col, store_cfg, other).build_id == build_marker(col) != ""
 
 
 def test_modes_find_the_right_documents_with_source_ranks(tmp_path, embedder):

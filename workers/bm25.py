@@ -309,3 +309,34 @@ def open_index(col: Collection, store_cfg: StoreConfig, settings: BM25Settings) 
         len(ids), time.perf_counter() - t0,
     )
     return index
+
+
+def ensure_index(store_cfg: StoreConfig, settings: BM25Settings, name: str | None = None) -> bool:
+    """Store a current build for collection ``name`` (default ``store_cfg.collection``) if it has none.
+
+    For the single writer only (rank0 under the barrier), so that the other RAG workers load a stored, memory-
+    mapped index instead of each building one in memory. Holds the store's writer lock (local stores).
+
+    Returns:
+        True if an index was built and stored; False if a current build exists, the collection is missing or
+        empty, or the store keeps no index (Chroma server without ``store.bm25_path``).
+
+    Raises:
+        pipeline.errors.StoreError: the store cannot be read or the index cannot be written, or another ingest
+            holds the store.
+    """
+    from workers.ingest import writer_lock
+    from workers.store import collection_exists, get_collection, open_client
+
+    name = name or store_cfg.collection
+    if index_root(store_cfg, name) is None:
+        return False
+    with writer_lock(store_cfg):
+        client = open_client(store_cfg, create=False)
+        if not collection_exists(client, name):
+            return False
+        col = get_collection(client, name, create=False)
+        if col.count() == 0 or stored_build(col, store_cfg, settings) is not None:
+            return False
+        rebuild(col, store_cfg, settings)
+        return True

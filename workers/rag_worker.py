@@ -138,12 +138,15 @@ def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any
         if not collection_exists(client, cfg.store.collection) or get_collection(client, cfg.store.collection).count() == 0:
             source = str(resolve_template_path(cfg.run.ingest_if_empty))
             log.warning("%s: collection %r is empty: ingesting %s", name, cfg.store.collection, cfg.run.ingest_if_empty)
-    if source:
-        from workers.bm25 import BM25Settings
+    from workers.bm25 import BM25Settings, ensure_index
 
+    bm25 = BM25Settings.from_config(cfg.retrieval)
+    if source:
         summary = ingest_source(source, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False,
-                                bm25=BM25Settings.from_config(cfg.retrieval))
+                                bm25=bm25)
         done["ingest"] = summary.as_dict()
+    elif cfg.retrieval.mode != "dense" and ensure_index(cfg.store, bm25):
+        done["bm25_index"] = "built"  # a store without a current BM25 build: rank0 stores one for all workers
     return done
 
 
