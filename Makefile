@@ -27,6 +27,7 @@ bench: setup      ## benchmarks: print measured ratios against a baseline measur
 	$(PY) bench/llm_client.py
 	$(PY) bench/orchestration.py
 	$(PY) bench/memory.py
+	$(PY) bench/retrieval.py
 
 clean:
 	rm -rf output data/store .pytest_cache

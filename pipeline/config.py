@@ -42,6 +42,10 @@ class StoreConfig:
     path: str = _f("data/store", "ChromaDB PersistentClient directory (ignored when chroma_url is set).")
     collection: str = _f("example", "Collection name that ingest writes and retrieval reads.")
     chroma_url: str = _f("", "URL of a Chroma server (http://host:port) for multi-node runs; empty = local path.")
+    bm25_path: str = _f(
+        "", "BM25 index directory (one folder per collection); empty = <path>/bm25, or none with chroma_url "
+        "(then each RAG worker builds it in memory); with chroma_url use a shared filesystem path."
+    )
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,16 @@ class RetrievalConfig:
     min_score: float = _f(0.2, "Cosine similarity below which a chunk does not count as a hit (soft failure).")
     collections: tuple[str, ...] = _f((), "Extra collections searched concurrently besides store.collection.")
     query_batch_size: int = _f(32, "Queries embedded and searched per micro-batch in a RAG worker.")
+    mode: str = _f("hybrid", "'dense' (embeddings), 'bm25' (lexical) or 'hybrid' (reciprocal rank fusion of both).")
+    fusion: str = _f("chunk", "Hybrid: fuse chunk rankings ('chunk') or document rankings ('document').")
+    rrf_k: int = _f(60, "Hybrid: k of reciprocal rank fusion, score = sum 1 / (k + rank) (Cormack et al. 2009).")
+    fusion_depth: int = _f(100, "Hybrid: candidates taken from each ranking before fusion.")
+    min_bm25_score: float = _f(
+        0.0, "bm25/hybrid: a passage whose BM25 score exceeds this counts as a hit (besides cosine >= min_score)."
+    )
+    bm25_k1: float = _f(1.2, "BM25 term-frequency saturation k1 (Lucene/Elasticsearch default; index setting).")
+    bm25_b: float = _f(0.75, "BM25 length normalisation b (Lucene/Elasticsearch default; index setting).")
+    bm25_language: str = _f("english", "BM25 analyzer: 'english' (stopwords + Snowball stemmer) or 'none'.")
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,12 @@ class GenerationConfig:
     )
     endpoints: tuple[str, ...] = _f((), "Generation endpoints; empty = the server pool's endpoints.")
     api_key_env: str = _f("", "Environment variable with the generation endpoints' API key.")
+    response_format: str = _f(
+        "", "JSON Schema file: replies must be JSON matching it (OpenAI response_format json_schema); empty = text."
+    )
+    response_format_attempts: int = _f(
+        2, "Requests per record (first included) while the reply does not validate; then gen_status invalid_output."
+    )
 
 
 @dataclass(frozen=True)
@@ -217,6 +237,9 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("ingest", "on_error"): ("fail", "skip"),
     ("servers", "backend"): ("auto", "sglang", "llamacpp"),
     ("rag", "mode"): ("retrieve+answer", "retrieve"),
+    ("retrieval", "mode"): ("dense", "bm25", "hybrid"),
+    ("retrieval", "fusion"): ("chunk", "document"),
+    ("retrieval", "bm25_language"): ("english", "none"),
     ("run", "on_bad_record"): ("fail", "skip"),
 }
 

@@ -529,7 +529,8 @@ class _Run:
                        generate_ms=None, attempts=int(rag.get("attempts") or 0), endpoint=rag.get("endpoint"),
                        model=rag.get("model"))
         else:
-            row.update(generation=gen["generation"], gen_status=gen["gen_status"], gen_error=gen["gen_error"],
+            row.update(generation=gen["generation"], generation_json=gen.get("generation_json"),
+                       gen_status=gen["gen_status"], gen_error=gen["gen_error"],
                        generate_ms=gen["generate_ms"],
                        attempts=int(rag.get("attempts") or 0) + int(gen.get("attempts") or 0),
                        endpoint=gen.get("endpoint") or rag.get("endpoint"), model=gen.get("model") or rag.get("model"))
@@ -683,6 +684,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     from pipeline.output import OutputDir, input_fingerprint, parse_shard, shard_dir, shard_size
     from pipeline.records import iter_records, scan_input, scan_input_cached
 
+    if cfg.generation.response_format:  # a bad schema is a config error before any server starts
+        from workers.structured import load_schema
+
+        load_schema(cfg.generation.response_format)
     t_start = time.monotonic()
     shard = parse_shard(cfg.run.shard) if cfg.run.shard else None
     out_root = Path(cfg.run.output)

@@ -136,16 +136,18 @@ def test_eval_retrieval_cli_matches_the_library(example_store, embedder, tmp_pat
     cfg = example_store.store_cfg
     res = CliRunner().invoke(main, [
         "eval-retrieval", "--store", cfg.path, "--collection", cfg.collection, "--queries", str(queries),
-        "--qrels", str(qrels), "--json", str(out), "--device", "cpu",
+        "--qrels", str(qrels), "--json", str(out), "--device", "cpu", "--mode", "dense",
     ])
     assert res.exit_code == 0, res.output
     for name in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
         assert name in res.stdout
     got = json.loads(out.read_text(encoding="utf-8"))
-    assert set(got) == {"ndcg@10", "recall@10", "recall@100", "mrr@10", "queries"} and got["queries"] == 40
+    assert set(got) == {"ndcg@10", "recall@10", "recall@100", "mrr@10", "queries/s", "queries", "mode"}
+    assert got["queries"] == 40 and got["mode"] == "dense" and got["queries/s"] > 0
     lib = evaluate_retriever(Retriever(cfg, embedder), load_queries(queries), load_qrels(qrels), k=10)
     for name, value in lib.items():
-        assert got[name] == pytest.approx(value, abs=1e-5)
+        if name != "queries/s":  # a timing, not a score
+            assert got[name] == pytest.approx(value, abs=1e-5)
     # 400 documents only: far easier than the full SciFact corpus (nDCG@10 0.645). Measured: 0.811.
     assert 0.78 < got["ndcg@10"] <= 1.0 and got["recall@100"] == 1.0
 

@@ -5,7 +5,9 @@ produced the record's RAG answer while it is healthy), builds the prompt (worker
 instructions + context + query, then the generation part, after rag_status "ok"; the query alone after
 "soft_fail"), calls the target endpoint first through the LLM client (failover, retries, circuit breaker,
 adaptive concurrency on 429/503) and returns one result per item:
-    id: str; generation: str | None; gen_status: "ok" | "failed"; gen_error: str | None;
+    id: str; generation: str | None; generation_json: str | None (the parsed reply as compact JSON when
+    generation.response_format is set and the reply validates); gen_status: "ok" | "failed" | "invalid_output"
+    (the reply never matched generation.response_format, see workers.structured); gen_error: str | None;
     generate_ms: float; attempts: int; endpoint: str | None; model: str | None;
     bad_endpoints: list[str] (endpoints that failed an attempt: connection error, timeout, 5xx; main routes
     around them for a while); unavailable / overloaded: bool (no endpoint reachable / overload outlasted
@@ -36,28 +38,50 @@ def bad_endpoints(attempts: list[Any]) -> list[str]:
     return sorted(bad)
 
 
-def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict) -> dict:
-    """Generate for one record; never raises for a per-record failure (it is recorded)."""
+def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict, structured: Any = None) -> dict:
+    """Generate for one record; never raises for a per-record failure (it is recorded).
+
+    ``structured``: a :class:`workers.structured.StructuredOutput` (``generation.response_format``) or None.
+    """
     from workers.llm_client import NoEndpointAvailable, Overloaded, RequestFailed
     from workers.prompts import generation_prompt
+    from workers.structured import REASK, dumps
 
     prompt = generation_prompt(templates, query=item["query"], rag=item["rag"], context_chars=cfg.rag.context_chars,
                                extra=item.get("extra"))
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"id": item["id"], "generation": None, "gen_status": "ok", "gen_error": None,
-                           "generate_ms": None, "attempts": 0, "endpoint": None, "model": None, "bad_endpoints": []}
+    out: dict[str, Any] = {"id": item["id"], "generation": None, "generation_json": None, "gen_status": "ok",
+                           "gen_error": None, "generate_ms": None, "attempts": 0, "endpoint": None, "model": None,
+                           "bad_endpoints": []}
+    extra = structured.request_fields() if structured is not None else None
+    tries = max(1, cfg.generation.response_format_attempts) if structured is not None else 1
+    n_attempts = 0
+    seen: list[Any] = []
+    ask = prompt
     try:
-        comp = client.chat(prompt, cfg.generation.max_tokens, prefer=item.get("target"))
+        for i in range(tries):
+            comp = client.chat(ask, cfg.generation.max_tokens, prefer=item.get("target"), extra=extra)
+            n_attempts += len(comp.attempts)
+            seen += list(comp.attempts)
+            out.update(generation=comp.text, attempts=n_attempts, endpoint=comp.endpoint, model=comp.model,
+                       bad_endpoints=bad_endpoints(seen))
+            if structured is None:
+                break
+            value, error = structured.parse(comp.text)
+            if error is None:
+                out.update(generation_json=dumps(value), gen_status="ok", gen_error=None)
+                break
+            out.update(gen_status="invalid_output",
+                       gen_error=f"reply does not match generation.response_format after {i + 1} request(s): {error}")
+            ask = prompt + REASK.format(error=error[:200])
     except (RequestFailed, NoEndpointAvailable, Overloaded) as exc:
-        attempts = getattr(exc, "attempts", []) or []
-        out.update(gen_status="failed", gen_error=f"{type(exc).__name__}: {exc}", attempts=len(attempts),
-                   unavailable=isinstance(exc, NoEndpointAvailable), overloaded=isinstance(exc, Overloaded),
-                   bad_endpoints=bad_endpoints(attempts))
+        failed = list(getattr(exc, "attempts", []) or [])
+        out.update(generation=None, generation_json=None, gen_status="failed", gen_error=f"{type(exc).__name__}: {exc}",
+                   attempts=n_attempts + len(failed), unavailable=isinstance(exc, NoEndpointAvailable),
+                   overloaded=isinstance(exc, Overloaded), bad_endpoints=bad_endpoints(seen + failed))
     except Exception as exc:  # noqa: BLE001 - one bad record never fails the run
-        out.update(gen_status="failed", gen_error=f"internal error: {type(exc).__name__}: {exc}")
-    else:
-        out.update(generation=comp.text, attempts=len(comp.attempts), endpoint=comp.endpoint, model=comp.model,
-                   bad_endpoints=bad_endpoints(comp.attempts))
+        out.update(generation=None, generation_json=None, gen_status="failed",
+                   gen_error=f"internal error: {type(exc).__name__}: {exc}")
     out["generate_ms"] = (time.perf_counter() - t0) * 1000
     return out
 
@@ -85,13 +109,18 @@ def generation_worker_main(
         threads = max(1, threads)
         client = LLMClient(endpoints, cfg.llm, api_key=api_key, max_concurrency=threads)
         templates = load_templates(cfg)
+        structured = None
+        if cfg.generation.response_format:
+            from workers.structured import StructuredOutput
+
+            structured = StructuredOutput.from_file(cfg.generation.response_format)
     except BaseException:  # noqa: BLE001 - reported to main
         outbox.put(("ERROR", name, traceback.format_exc()))
         return
     outbox.put(("READY", name, {}))
 
     def work(item: dict) -> None:
-        outbox.put(("GEN", name, [generate_one(client, cfg, templates, item)]))
+        outbox.put(("GEN", name, [generate_one(client, cfg, templates, item, structured)]))
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
     try:

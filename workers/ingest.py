@@ -14,6 +14,11 @@ Steps of :func:`ingest_source`:
    ``<doc_id>#<chunk_index>``), then delete stale chunk ids. New chunks are written before old ones are
    deleted, so a document never disappears during an update; an interrupted ingest is repaired by the next
    one (incomplete documents fail the completeness check and are rewritten).
+5. Keep the collection's BM25 index (:mod:`workers.bm25`) in step: an ingest that changes the collection first
+   clears the collection's BM25 build marker, and after writing rebuilds the index from the collection and
+   marks the new build current; an ingest that changes nothing rebuilds only when the current build is missing
+   or was made with other BM25 settings. A Chroma server without ``store.bm25_path`` stores no index (readers
+   build it in memory).
 
 Chunk metadata: ``doc_id`` (str), ``source`` (str, path relative to SOURCE), ``chunk_index`` (int),
 ``n_chunks`` (int), ``doc_hash`` (str, sha256 hex of the indexed text), ``chunking`` (str,
@@ -43,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
     from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
+    from workers.bm25 import BM25Settings
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,8 @@ class IngestSummary:
     skipped: tuple[SkippedInput, ...] = field(default_factory=tuple)
     seconds: float = 0.0
     chunks_per_s: float = 0.0
+    bm25_built: bool = False
+    bm25_seconds: float = 0.0
 
     @property
     def chunks_written(self) -> int:
@@ -104,6 +112,7 @@ class IngestSummary:
             f"removed {self.docs_removed}; chunks added {self.chunks_added}, updated {self.chunks_updated}, "
             f"unchanged {self.chunks_unchanged}, removed {self.chunks_removed}; skipped {len(self.skipped)}; "
             f"{self.chunks_total} chunks stored; {self.seconds:.1f} s, {self.chunks_per_s:.1f} chunks/s"
+            + (f"; BM25 index rebuilt in {self.bm25_seconds:.1f} s" if self.bm25_built else "")
         )
 
 
@@ -183,6 +192,7 @@ def ingest_source(
     reset: bool = False,
     embedder: SentenceTransformer | None = None,
     progress: bool = True,
+    bm25: BM25Settings | None = None,
 ) -> IngestSummary:
     """Ingest SOURCE into collection ``store_cfg.collection`` (see the module docstring for the steps).
 
@@ -195,6 +205,8 @@ def ingest_source(
         embedder: an already loaded model (:func:`workers.embedding.load_embedder`); loaded on
             ``embed_cfg.device`` only if something has to be embedded.
         progress: tqdm bars (stderr) over documents read and chunks embedded.
+        bm25: settings of the collection's BM25 index (default :class:`workers.bm25.BM25Settings`, i.e. the
+            ``retrieval.bm25_*`` defaults).
 
     Returns:
         An :class:`IngestSummary`.
@@ -204,11 +216,14 @@ def ingest_source(
         pipeline.errors.ConfigError: invalid chunking parameters or on_error value; nothing written.
         pipeline.errors.StoreError: the store cannot be opened/written, or another ingest holds the store.
     """
+    from workers.bm25 import BM25Settings, index_root, rebuild, set_build_marker, stored_build
     from workers.embedding import embed_texts, load_embedder
     from workers.store import describe, get_collection, open_client, reset_collection, store_errors
 
     t0 = time.perf_counter()
     check_chunking(ingest_cfg.chunk_chars, ingest_cfg.chunk_overlap)
+    bm25 = bm25 or BM25Settings()
+    bm25.check()
     scan = read_source(source, on_error=ingest_cfg.on_error, progress=progress)
     chunking = f"{ingest_cfg.chunk_chars}/{ingest_cfg.chunk_overlap}"
     name = store_cfg.collection
@@ -273,6 +288,9 @@ def ingest_source(
                 chunks_added += len(pieces)
 
         # --- embed + write, then delete stale chunks ----------------------------------------
+        changed = bool(texts or stale)
+        if changed:  # the stored BM25 build no longer matches the collection from the first write on
+            set_build_marker(col, "")
         if texts and embedder is None:
             embedder = load_embedder(embed_cfg.device)
         batch = max(1, min(ingest_cfg.write_batch_chunks, max_batch))
@@ -288,6 +306,13 @@ def ingest_source(
                 col.delete(ids=stale[lo : lo + max_batch])
             total = col.count()
 
+        # --- BM25 index: rebuilt from the collection when it changed or has no current build ---
+        bm25_built, bm25_seconds = False, 0.0
+        if index_root(store_cfg, name) is not None and (changed or stored_build(col, store_cfg, bm25) is None):
+            tb = time.perf_counter()
+            rebuild(col, store_cfg, bm25)
+            bm25_built, bm25_seconds = True, time.perf_counter() - tb
+
     seconds = time.perf_counter() - t0
     written = chunks_added + chunks_updated
     summary = IngestSummary(
@@ -302,6 +327,8 @@ def ingest_source(
         skipped=tuple(scan.skipped),
         seconds=seconds,
         chunks_per_s=written / seconds if seconds > 0 else 0.0,
+        bm25_built=bm25_built,
+        bm25_seconds=bm25_seconds,
     )
     log.info("%s", summary.line())
     return summary

@@ -9,7 +9,8 @@ Per micro-batch of records it embeds all queries in one call, searches top-k, an
 thread pool so a batching server (SGLang) stays busy.
 
 Result dict per record (sent as ("RAG", name, [result, ...])):
-    id: str; contexts: list of {doc_id, chunk_id, text, score (float, cosine similarity)};
+    id: str; contexts: list of {doc_id, chunk_id, text, score (float: the retrieval mode's score),
+    dense_rank, bm25_rank (int | None: rank in each source ranking)};
     rag_answer: str | None; rag_status: "ok" | "soft_fail" | "hard_fail"; rag_error: str | None;
     retrieve_ms: float (the micro-batch's retrieval wall time); rag_llm_ms: float | None;
     attempts: int (LLM request attempts); endpoint: str | None (the endpoint that produced the RAG answer: main
@@ -142,9 +143,15 @@ def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any
         if not collection_exists(client, cfg.store.collection) or get_collection(client, cfg.store.collection).count() == 0:
             source = str(resolve_template_path(cfg.run.ingest_if_empty))
             log.warning("%s: collection %r is empty: ingesting %s", name, cfg.store.collection, cfg.run.ingest_if_empty)
+    from workers.bm25 import BM25Settings, ensure_index
+
+    bm25 = BM25Settings.from_config(cfg.retrieval)
     if source:
-        summary = ingest_source(source, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False)
+        summary = ingest_source(source, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False,
+                                bm25=bm25)
         done["ingest"] = summary.as_dict()
+    elif cfg.retrieval.mode != "dense" and ensure_index(cfg.store, bm25):
+        done["bm25_index"] = "built"  # a store without a current BM25 build: rank0 stores one for all workers
     return done
 
 
@@ -154,7 +161,7 @@ def _startup(
 ) -> dict:
     from pipeline.errors import StoreError
     from workers.embedding import load_embedder
-    from workers.retriever import Retriever
+    from workers.retriever import Retriever, retriever_options
 
     embedder = load_embedder(device)
     detail: dict[str, Any] = {"device": device, "endpoint": endpoint}
@@ -168,7 +175,7 @@ def _startup(
     # On a GPU too: tokenisation and the CPU side of 8 workers would each start one thread per core.
     torch.set_num_threads(cpu_threads)
     detail["cpu_threads"] = cpu_threads
-    retriever = Retriever(cfg.store, embedder, list(cfg.retrieval.collections) or None)
+    retriever = Retriever(cfg.store, embedder, list(cfg.retrieval.collections) or None, **retriever_options(cfg))
     n = retriever.count()
     if n == 0:
         where = cfg.store.chroma_url or cfg.store.path
@@ -221,9 +228,10 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
                     ready.append(result)
                     continue
                 qr = found[i]
-                hits = [h for h in qr.hits if h.score >= cfg.retrieval.min_score]
+                hits = [h for h in qr.hits if h.is_hit(cfg.retrieval.min_score, cfg.retrieval.min_bm25_score)]
                 result["contexts"] = [
-                    {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "text": h.text, "score": float(h.score)} for h in hits
+                    {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "text": h.text, "score": float(h.score),
+                     "dense_rank": h.dense_rank, "bm25_rank": h.bm25_rank} for h in hits
                 ]
                 if qr.source_errors:
                     errs = "; ".join(f"{k}: {v}" for k, v in sorted(qr.source_errors.items()))

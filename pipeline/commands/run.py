@@ -45,6 +45,8 @@ def summary_table(manifest: dict) -> str:
 @config_option("--store", key="store.path", type=click.Path(file_okay=False), help="ChromaDB directory.")
 @config_option("--chroma-url", key="store.chroma_url", help="Chroma server URL (multi-node) instead of --store.")
 @config_option("--collection", key="store.collection", help="Collection to retrieve from.")
+@config_option("--bm25-path", key="store.bm25_path", type=click.Path(file_okay=False),
+               help="BM25 index directory (default <store>/bm25; with --chroma-url a shared path).")
 @config_option("--ingest", key="run.ingest", type=click.Path(exists=False),
                help="Ingest this source (rank0, single writer) before the run.")
 @config_option("--reset-collection/--no-reset-collection", key="run.reset_collection",
@@ -53,6 +55,10 @@ def summary_table(manifest: dict) -> str:
                help="retrieve+answer: grounded answer from the RAG worker's endpoint; retrieve: passages only.")
 @config_option("--top-k", key="retrieval.top_k", type=int, help="Passages retrieved per record.")
 @config_option("--min-score", key="retrieval.min_score", type=float, help="Cosine similarity threshold.")
+@config_option("--retrieval-mode", key="retrieval.mode", type=click.Choice(["dense", "bm25", "hybrid"]),
+               help="dense (embeddings), bm25 (lexical) or hybrid (reciprocal rank fusion of both).")
+@config_option("--response-format", key="generation.response_format", type=click.Path(dir_okay=False),
+               help="JSON Schema file: generations are JSON matching it (column generation_json).")
 @config_option("--query-field", key="run.query_field", help="Record field with the query.")
 @config_option("--id-field", key="run.id_field", help="Record field with the unique id.")
 @config_option("--limit", key="run.limit", type=int, help="Only the first N records (0: all).")

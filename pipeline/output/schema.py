@@ -4,7 +4,7 @@ Every other module (the run's commit, input validation's reserved names, status,
 refers to :data:`FIXED_COLUMNS` / :func:`row_schema` here. One Parquet row per valid input record::
 
     id, query, <passthrough columns of the input>, contexts, rag_answer, rag_status, rag_error,
-    generation, gen_status, gen_error, attempts, endpoint, retrieve_ms, rag_llm_ms, generate_ms, model
+    generation, generation_json, gen_status, gen_error, attempts, endpoint, retrieve_ms, rag_llm_ms, generate_ms, model
 
 Passthrough columns keep their input type: for JSONL the type is unified over the whole input
 (string, int64, float64, bool; nested or mixed values as a JSON string); for Parquet input the column's own
@@ -19,7 +19,8 @@ import pyarrow as pa
 
 #: element of the ``contexts`` list: one retrieved chunk.
 CONTEXT_TYPE = pa.struct(
-    [("doc_id", pa.string()), ("chunk_id", pa.string()), ("text", pa.string()), ("score", pa.float32())]
+    [("doc_id", pa.string()), ("chunk_id", pa.string()), ("text", pa.string()), ("score", pa.float32()),
+     ("dense_rank", pa.int32()), ("bm25_rank", pa.int32())]
 )
 
 #: (name, Arrow type, meaning) of the columns every row has; ``id`` and ``query`` come first, then the
@@ -28,14 +29,19 @@ FIXED_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("id", pa.string(), "the record id (run.id_field), as a string"),
     ("query", pa.string(), "the query (run.query_field)"),
     ("contexts", pa.list_(CONTEXT_TYPE),
-     "retrieved chunks with cosine similarity >= retrieval.min_score, best first (score float32)"),
+     "retrieved chunks, best first: score float32 (cosine similarity in dense mode, the fused RRF score in hybrid, "
+     "BM25 in bm25 mode), dense_rank / bm25_rank int32 (1-based rank in each source ranking, null if absent)"),
     ("rag_answer", pa.string(), "grounded answer from the RAG worker's own endpoint (rag.mode retrieve+answer)"),
     ("rag_status", pa.string(),
      "ok | soft_fail (no passage above min_score, answer too short, a failing extra source) | hard_fail "
      "(store error, LLM timeout / connection error / 5xx after retries and failover)"),
     ("rag_error", pa.string(), "why, for soft and hard failures"),
     ("generation", pa.string(), "the generated text"),
-    ("gen_status", pa.string(), "ok | failed (after retries/failover) | skipped (after a RAG hard failure)"),
+    ("generation_json", pa.string(),
+     "with generation.response_format: the reply parsed and validated against the JSON Schema, as compact JSON"),
+    ("gen_status", pa.string(),
+     "ok | failed (after retries/failover) | skipped (after a RAG hard failure) | invalid_output (the reply never "
+     "matched generation.response_format)"),
     ("gen_error", pa.string(), "why"),
     ("attempts", pa.int32(), "LLM request attempts for the record (RAG answer + generation, retries included)"),
     ("endpoint", pa.string(), "endpoint that produced the generation (else the RAG answer)"),
