@@ -80,13 +80,18 @@ def is_parquet_input(path: str | Path) -> bool:
     return p.is_dir() or p.suffix.lower() == ".parquet"
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _json_type(value: Any) -> str | None:
+    """Column type name of a passthrough JSON value. An integer outside int64 makes the column "json" (stored as
+    its JSON text, nothing lost) instead of failing the Parquet write."""
     if value is None:
         return None
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int):
-        return "int64"
+        return "int64" if INT64_MIN <= value <= INT64_MAX else "json"
     if isinstance(value, float):
         return "float64"
     if isinstance(value, str):
@@ -119,6 +124,8 @@ def _parse_line(
         raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "\\u" in text:  # only JSON escapes can produce text that is not valid Unicode (lone surrogates)
+        _check_unicode(obj, where)
     rid = obj.get(id_field)
     if rid is None or isinstance(rid, (dict, list, bool)) or (isinstance(rid, str) and not rid.strip()):
         raise InputError(f"{where}: field '{id_field}': missing or not a string/integer id")
@@ -134,6 +141,24 @@ def _parse_line(
     return str(rid), query, extra
 
 
+def _check_unicode(value: Any, where: str, field: str | None = None) -> None:
+    """Raise InputError naming the field if a string (key or value, nested too) holds a lone surrogate
+    (``"\\ud800"`` in JSON): valid JSON, but not Unicode, so it can be neither sent to a server nor stored."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"{where}: field '{field}': not valid Unicode (lone surrogate "
+                             f"{value[exc.start]!r} at character {exc.start})") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, where, field or k)
+            _check_unicode(v, where, field or k)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v, where, field)
+
+
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes without newline) of every non-blank line."""
     try:
@@ -144,6 +169,8 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise InputError(f"{path}: cannot read input: {exc.strerror}") from None
     with fh:
         for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark (Windows editors write one)
             raw = raw.rstrip(b"\r\n")
             if raw.strip():
                 yield lineno, raw
