@@ -127,7 +127,9 @@ class OutputDir:
         identity = dict(identity or {})
         settings = dict(settings or {})
         changes: list[dict[str, Any]] = []
-        if self.run_file.exists():
+        if overwrite:
+            pass  # a fresh start: _clear left at most the tombstone, replaced below
+        elif self.run_file.exists():
             prev = read_json(self.run_file, "run file")
             if prev.get("state") == "overwriting":
                 raise InputError(f"output dir {self.path}: an --overwrite was interrupted while discarding the "
