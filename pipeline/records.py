@@ -328,9 +328,10 @@ def _bad_rows(batch: Any, id_field: str, query_field: str, max_query_chars: int)
     import numpy as np
     import pyarrow.compute as pc
 
-    ids = batch.column(id_field)
-    query = batch.column(query_field)
     bad: dict[int, str] = {}
+    invalid = _invalid_utf8_rows(batch)
+    ids = _without_rows(batch.column(id_field), invalid)
+    query = _without_rows(batch.column(query_field), invalid)
     id_str = ids.cast("string")
     id_blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(id_str)), 0), True)
     q_len = pc.utf8_length(query)
@@ -343,11 +344,55 @@ def _bad_rows(batch: Any, id_field: str, query_field: str, max_query_chars: int)
         bad[int(k)] = f"field '{query_field}': missing or empty query"
     for k in np.nonzero(id_blank.to_numpy(zero_copy_only=False))[0]:
         bad[int(k)] = f"field '{id_field}': missing or not a string/integer id"
+    bad.update(invalid)
     return bad
 
 
+def _without_rows(col: Any, rows: dict[int, str]) -> Any:
+    """``col`` with the given rows set to null (so vectorised string kernels never see invalid UTF-8)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not rows or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return col
+    mask = np.zeros(len(col), dtype=bool)
+    mask[list(rows)] = True
+    binary = pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()
+    return pc.if_else(pa.array(mask), pa.scalar(None, binary), col.cast(binary)).cast(col.type)
+
+
+def _invalid_utf8_rows(batch: Any) -> dict[int, str]:
+    """Row offset -> problem for string cells that are not valid UTF-8 (a Parquet writer need not check)."""
+    import pyarrow as pa
+
+    out: dict[int, str] = {}
+    for name, col in zip(batch.schema.names, batch.columns, strict=True):
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            continue
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid:
+            raw = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()).to_pylist()
+            for k, v in enumerate(raw):
+                if v is not None:
+                    try:
+                        v.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        out.setdefault(k, f"field '{name}': not valid UTF-8 (byte {exc.start}: "
+                                          f"{v[exc.start:exc.start + 1]!r})")
+    return out
+
+
 def _row_text(batch: Any, k: int) -> str:
-    return json.dumps(batch.slice(k, 1).to_pylist()[0], default=str, ensure_ascii=False)
+    try:
+        return json.dumps(batch.slice(k, 1).to_pylist()[0], default=str, ensure_ascii=False)
+    except UnicodeDecodeError:  # a cell that is not UTF-8: show the bytes
+        import pyarrow as pa
+
+        row = {n: (c.cast(pa.binary())[k].as_py().decode("utf-8", "replace") if pa.types.is_string(c.type)
+                   and c[k].is_valid else c[k].as_py()) for n, c in zip(batch.schema.names, batch.columns, strict=True)}
+        return json.dumps(row, default=repr, ensure_ascii=False)
 
 
 def _scan_parquet(p: Path, id_field: str, query_field: str, max_query_chars: int, on_bad_record: str) -> InputScan:

@@ -139,6 +139,24 @@ def test_bom_and_big_integers_are_accepted(tmp_path: Path) -> None:
     assert [r.id for r in iter_records(scan)] == ["a", "b"]
 
 
+def test_parquet_cells_that_are_not_utf8_are_rejected_with_row_and_field(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.errors import InputError
+    from pipeline.records import iter_records, scan_input
+
+    raw = pa.array([b"fine", b"caf\xe9"], pa.binary())
+    note = pa.Array.from_buffers(pa.string(), 2, raw.buffers())  # a writer that did not check UTF-8
+    p = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "query": ["q1", "q2"], "note": note}), p)
+    with pytest.raises(InputError, match=r"in\.parquet:row 2: field 'note': not valid UTF-8"):
+        scan_input(p)
+    scan = scan_input(p, on_bad_record="skip")
+    assert [r["line"] for r in scan.rejected] == [2] and "caf" in scan.rejected[0]["text"]
+    assert [r.id for r in iter_records(scan)] == ["a"]
+
+
 @requires_llama
 @pytest.mark.slow
 def test_disk_full_mid_run_is_one_line_keeps_committed_rows_and_resumes(tmp_path, example_store, llama_endpoints):
