@@ -90,6 +90,16 @@ def test_remote_lock_is_honoured_while_its_heartbeat_is_fresh_and_taken_over_whe
         assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == lock.token
 
 
+def test_remote_lock_that_missed_heartbeats_is_watched_until_stale(tmp_path: Path) -> None:
+    """A job requeued on another node right after its node died: it waits for the lock instead of failing."""
+    _remote_lock(tmp_path, age_s=2.0)
+    t0 = time.monotonic()
+    with DirLock(tmp_path, refresh_s=0.5, stale_s=4.0) as lock:
+        waited_s = time.monotonic() - t0
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == lock.token
+    assert 1.0 < waited_s < 10.0
+
+
 CONTENDER = textwrap.dedent("""
     import sys, time
     from pipeline.output.lock import DirLock, LockHeld

@@ -140,11 +140,13 @@ class DirLock:
         finally:
             probe.unlink(missing_ok=True)
 
+    def _is_local(self, info: dict[str, Any]) -> bool:
+        return (info.get("host") == socket.gethostname() and info.get("boot_id") == _boot_id()
+                and info.get("pid_ns") == _pid_ns() and isinstance(info.get("pid"), int))
+
     def stale_reason(self, info: dict[str, Any], mtime: float) -> str | None:
         """Why the lock described by ``info`` (file mtime ``mtime``) is stale, or None if it is live."""
-        local = (info.get("host") == socket.gethostname() and info.get("boot_id") == _boot_id()
-                 and info.get("pid_ns") == _pid_ns() and isinstance(info.get("pid"), int))
-        if local:
+        if self._is_local(info):
             started = _pid_started(info["pid"])
             if started is None:
                 return f"process {info['pid']} is gone"
@@ -157,8 +159,15 @@ class DirLock:
         return None
 
     def acquire(self) -> None:
-        """Take the lock, taking over a stale one; start the heartbeat thread."""
-        for _ in range(20):
+        """Take the lock, taking over a stale one; start the heartbeat thread.
+
+        A lock held from another host whose heartbeat is fresh (refreshed within two periods) is refused at
+        once; one that has missed heartbeats is watched until it is refreshed (refused) or stale (taken over),
+        so a job requeued on another node just after its first node died waits for the lock instead of failing.
+        """
+        attempts = 0
+        while attempts < 20:
+            attempts += 1
             if self._create():
                 self.held = True
                 self._start_heartbeat()
@@ -177,6 +186,12 @@ class DirLock:
                 reason = "unreadable lock file"
             else:
                 reason = self.stale_reason(info, mtime)
+            if reason is None and not self._is_local(info) and self._fs_now() - mtime > 2 * self.refresh_s:
+                log.warning("the lock of %s (host %s, pid %s) missed heartbeats: waiting until it is refreshed "
+                            "or %.0f s old", self.directory, info.get("host"), info.get("pid"), self.stale_s)
+                time.sleep(min(self.refresh_s, 2.0))
+                attempts -= 1
+                continue
             if reason is None:
                 raise LockHeld(
                     f"output dir {self.directory} is in use by another run (host {info.get('host')}, pid "
