@@ -125,6 +125,7 @@ def _fault(url: str, status: int, for_s: float = 600.0) -> None:
 
 @requires_llama
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_retry_failed_end_to_end_with_kill9_at_random_moments(tmp_path, example_store, llama_endpoints):
     """First run: the generation endpoint (a benchmark server standing in for a GPU server) answers HTTP 400 to
     every request (injected fault): every row is gen_status=failed. Then `run --retry-failed` against the real
@@ -133,7 +134,7 @@ def test_retry_failed_end_to_end_with_kill9_at_random_moments(tmp_path, example_
 
     seed = int(os.environ.get("RAG_PIPELINE_TEST_SEED", time.time()))
     rng = random.Random(seed)
-    records = write_records(tmp_path, 10)
+    records = write_records(tmp_path, 8)
     want = sorted(json.loads(ln)["id"] for ln in records.read_text().splitlines())
     out = tmp_path / "out"
     cfg = write_config(tmp_path, {"rag": {"mode": "retrieve"}})
@@ -144,10 +145,10 @@ def test_retry_failed_end_to_end_with_kill9_at_random_moments(tmp_path, example_
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     rows = read_rows(out).to_pylist()
-    assert len(rows) == 10 and all(r["gen_status"] == "failed" for r in rows), rows[0]
+    assert len(rows) == 8 and all(r["gen_status"] == "failed" for r in rows), rows[0]
     retry = [*base, "--endpoints", ",".join(llama_endpoints), "--retry-failed"]
     history = []
-    for attempt in range(3):
+    for attempt in range(2):
         proc, marker = start_run(retry)
         delay_s = rng.uniform(2.0, 12.0)
         time.sleep(delay_s)
@@ -173,5 +174,5 @@ def test_retry_failed_end_to_end_with_kill9_at_random_moments(tmp_path, example_
     assert all(r["gen_status"] == "ok" and r["generation"] for r in rows), f"seed {seed}"
     assert not list(out.glob("retry-*")) and not list(out.glob("*.tmp"))
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["complete"] is True and manifest["counts"]["gen_status"] == {"ok": 10}
+    assert manifest["complete"] is True and manifest["counts"]["gen_status"] == {"ok": 8}
 
