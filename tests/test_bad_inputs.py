@@ -185,3 +185,24 @@ def test_disk_full_mid_run_is_one_line_keeps_committed_rows_and_resumes(tmp_path
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
         assert sorted(read_ids(out)) == want
+
+
+@pytest.mark.parametrize("flag, value, key", [("--id-field", "doc_id", "run.id_field"), ("--limit", "1", "run.limit")])
+def test_resume_with_a_changed_identity_flag_is_refused_naming_the_key(tmp_path: Path, flag, value, key) -> None:
+    """The issue's cases: a changed --id-field used to exit 0 with the old ids, a lower --limit ended in "bug"."""
+    from pipeline.config import load_config
+    from pipeline.identity import result_settings, run_identity
+    from pipeline.output import OutputDir, input_fingerprint
+
+    records = tmp_path / "in.jsonl"
+    records.write_text("".join(json.dumps({"id": str(i), "doc_id": f"d{i}", "query": f"q{i}"}) + "\n"
+                               for i in range(3)))
+    cfg_file = write_config(tmp_path)
+    out = tmp_path / "out"
+    cfg = load_config(cfg_file, {"run.input": str(records), "run.output": str(out)})
+    OutputDir(out).prepare(input_path=records, fingerprint=input_fingerprint(records), shard=None, total_records=3,
+                           config=cfg.to_dict(), overwrite=False, identity=run_identity(cfg),
+                           settings=result_settings(cfg))
+    res = _cli(*run_args(records, out, cfg_file, "--endpoints", dead_endpoint(), flag, value))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert f"was started with {key}=" in res.stderr and "Traceback" not in res.stderr
