@@ -205,6 +205,12 @@ class RunConfig:
     overwrite: bool = _f(False, "Discard an existing output directory instead of resuming.")
     shard: str = _f("", "'I/N': process partition I of N of the input (by record index).")
     progress_interval_s: float = _f(30.0, "Seconds between plain progress lines when stderr is not a terminal.")
+    retry_failed: bool = _f(False, "Re-process the committed rows with rag_status hard_fail or gen_status failed.")
+    allow_config_change: bool = _f(
+        False, "Resume although prompts, model, retrieval or generation settings changed since the first rows."
+    )
+    lock_refresh_s: float = _f(10.0, "Seconds between heartbeats of the output directory's lock file.")
+    lock_stale_s: float = _f(60.0, "A lock whose heartbeat is older than this (holder on another host) is taken over.")
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,55 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+#: Allowed range (lowest, highest; None = unbounded) of numeric fields. A numeric field not listed here must be
+#: >= 0 (:data:`DEFAULT_RANGE`): no negative size, count or duration is ever meaningful.
+RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("embedding", "batch_size"): (1, None),
+    ("ingest", "write_batch_chunks"): (1, None),
+    ("retrieval", "top_k"): (1, None),
+    ("retrieval", "min_score"): (-1.0, 1.0),  # cosine similarity
+    ("retrieval", "query_batch_size"): (1, None),
+    ("servers", "base_port"): (1, 65535),
+    ("servers", "gpus"): (-1, None),  # -1 = all visible
+    ("servers", "cpu_servers"): (1, None),
+    ("servers", "n_parallel"): (1, None),
+    ("servers", "n_ctx"): (64, None),
+    ("servers", "nccl_base_port"): (1, 65535),
+    ("servers", "startup_timeout_s"): (0.001, None),
+    ("llm", "connect_timeout_s"): (0.001, None),
+    ("llm", "read_timeout_s"): (0.001, None),
+    ("llm", "max_attempts"): (1, None),
+    ("llm", "breaker_failures"): (1, None),
+    ("llm", "temperature"): (0.0, 2.0),  # the OpenAI API's range
+    ("rag", "max_tokens"): (1, None),
+    ("rag", "context_chars"): (1, None),
+    ("generation", "num_processes"): (1, None),
+    ("generation", "max_tokens"): (1, None),
+    ("generation", "concurrency"): (1, None),
+    ("run", "max_query_chars"): (1, None),
+    ("run", "queue_size"): (1, None),
+    ("run", "part_rows"): (1, None),
+    ("run", "ready_timeout_s"): (0.001, None),
+    ("run", "progress_interval_s"): (0.001, None),
+    ("run", "lock_refresh_s"): (0.01, None),
+    ("run", "lock_stale_s"): (0.01, None),
+}
+DEFAULT_RANGE: tuple[float | None, float | None] = (0, None)
+
+
+def _check_range(section: str, name: str, value: float, where: str) -> None:
+    """Raise ConfigError naming the key if ``value`` is NaN or outside :data:`RANGES` (default: >= 0)."""
+    import math
+
+    lo, hi = RANGES.get((section, name), DEFAULT_RANGE)
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{where}: must be a number, got nan")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: must be <= {hi}, got {value!r}")
+
+
 def _coerce(section: str, name: str, ftype: Any, value: Any, source: str) -> Any:
     """Check and convert one TOML/CLI value to the field's type; raise ConfigError naming the key."""
     where = f"{source}: [{section}] {name}"
@@ -261,10 +316,12 @@ def _coerce(section: str, name: str, ftype: Any, value: Any, source: str) -> Any
     if ftype is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        _check_range(section, name, value, where)
         return value
     if ftype is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        _check_range(section, name, float(value), where)
         return float(value)
     if ftype is str:
         if not isinstance(value, str):
@@ -339,7 +396,23 @@ def load_config(config_file: str | Path | None = None, overrides: dict[str, Any]
         cfg = merge(cfg, load_toml(config_file), str(config_file))
     if overrides:
         cfg = with_overrides(cfg, overrides)
+    check(cfg)
     return cfg
+
+
+def check(cfg: Config) -> None:
+    """Checks that involve several fields (each field's own range is checked when it is set).
+
+    Raises:
+        ConfigError: names the keys.
+    """
+    ing = cfg.ingest
+    if ing.chunk_chars and ing.chunk_overlap >= ing.chunk_chars:
+        raise ConfigError(f"[ingest] chunk_overlap ({ing.chunk_overlap}) must be smaller than chunk_chars "
+                          f"({ing.chunk_chars})")
+    if cfg.llm.backoff_max_s < cfg.llm.backoff_initial_s:
+        raise ConfigError(f"[llm] backoff_max_s ({cfg.llm.backoff_max_s}) must be >= backoff_initial_s "
+                          f"({cfg.llm.backoff_initial_s})")
 
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

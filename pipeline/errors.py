@@ -41,3 +41,10 @@ class Interrupted(RagPipelineError):
     """The run was stopped by SIGINT/SIGTERM/SIGUSR1 after committing finished rows (resumable)."""
 
     exit_code = 130
+
+
+class OutputError(RagPipelineError):
+    """The output directory cannot be used: not a directory, under a regular file, read-only, disk full.
+    Committed rows are kept; fix the cause and run again to resume."""
+
+    exit_code = 2

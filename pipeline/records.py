@@ -80,13 +80,18 @@ def is_parquet_input(path: str | Path) -> bool:
     return p.is_dir() or p.suffix.lower() == ".parquet"
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _json_type(value: Any) -> str | None:
+    """Column type name of a passthrough JSON value. An integer outside int64 makes the column "json" (stored as
+    its JSON text, nothing lost) instead of failing the Parquet write."""
     if value is None:
         return None
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, int):
-        return "int64"
+        return "int64" if INT64_MIN <= value <= INT64_MAX else "json"
     if isinstance(value, float):
         return "float64"
     if isinstance(value, str):
@@ -119,6 +124,8 @@ def _parse_line(
         raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "\\u" in text:  # only JSON escapes can produce text that is not valid Unicode (lone surrogates)
+        _check_unicode(obj, where)
     rid = obj.get(id_field)
     if rid is None or isinstance(rid, (dict, list, bool)) or (isinstance(rid, str) and not rid.strip()):
         raise InputError(f"{where}: field '{id_field}': missing or not a string/integer id")
@@ -134,6 +141,24 @@ def _parse_line(
     return str(rid), query, extra
 
 
+def _check_unicode(value: Any, where: str, field: str | None = None) -> None:
+    """Raise InputError naming the field if a string (key or value, nested too) holds a lone surrogate
+    (``"\\ud800"`` in JSON): valid JSON, but not Unicode, so it can be neither sent to a server nor stored."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"{where}: field '{field}': not valid Unicode (lone surrogate "
+                             f"{value[exc.start]!r} at character {exc.start})") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, where, field or k)
+            _check_unicode(v, where, field or k)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v, where, field)
+
+
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes without newline) of every non-blank line."""
     try:
@@ -144,6 +169,8 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise InputError(f"{path}: cannot read input: {exc.strerror}") from None
     with fh:
         for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark (Windows editors write one)
             raw = raw.rstrip(b"\r\n")
             if raw.strip():
                 yield lineno, raw
@@ -301,9 +328,10 @@ def _bad_rows(batch: Any, id_field: str, query_field: str, max_query_chars: int)
     import numpy as np
     import pyarrow.compute as pc
 
-    ids = batch.column(id_field)
-    query = batch.column(query_field)
     bad: dict[int, str] = {}
+    invalid = _invalid_utf8_rows(batch)
+    ids = _without_rows(batch.column(id_field), invalid)
+    query = _without_rows(batch.column(query_field), invalid)
     id_str = ids.cast("string")
     id_blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(id_str)), 0), True)
     q_len = pc.utf8_length(query)
@@ -316,11 +344,55 @@ def _bad_rows(batch: Any, id_field: str, query_field: str, max_query_chars: int)
         bad[int(k)] = f"field '{query_field}': missing or empty query"
     for k in np.nonzero(id_blank.to_numpy(zero_copy_only=False))[0]:
         bad[int(k)] = f"field '{id_field}': missing or not a string/integer id"
+    bad.update(invalid)
     return bad
 
 
+def _without_rows(col: Any, rows: dict[int, str]) -> Any:
+    """``col`` with the given rows set to null (so vectorised string kernels never see invalid UTF-8)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not rows or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return col
+    mask = np.zeros(len(col), dtype=bool)
+    mask[list(rows)] = True
+    binary = pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()
+    return pc.if_else(pa.array(mask), pa.scalar(None, binary), col.cast(binary)).cast(col.type)
+
+
+def _invalid_utf8_rows(batch: Any) -> dict[int, str]:
+    """Row offset -> problem for string cells that are not valid UTF-8 (a Parquet writer need not check)."""
+    import pyarrow as pa
+
+    out: dict[int, str] = {}
+    for name, col in zip(batch.schema.names, batch.columns, strict=True):
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            continue
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid:
+            raw = col.cast(pa.large_binary() if pa.types.is_large_string(col.type) else pa.binary()).to_pylist()
+            for k, v in enumerate(raw):
+                if v is not None:
+                    try:
+                        v.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        out.setdefault(k, f"field '{name}': not valid UTF-8 (byte {exc.start}: "
+                                          f"{v[exc.start:exc.start + 1]!r})")
+    return out
+
+
 def _row_text(batch: Any, k: int) -> str:
-    return json.dumps(batch.slice(k, 1).to_pylist()[0], default=str, ensure_ascii=False)
+    try:
+        return json.dumps(batch.slice(k, 1).to_pylist()[0], default=str, ensure_ascii=False)
+    except UnicodeDecodeError:  # a cell that is not UTF-8: show the bytes
+        import pyarrow as pa
+
+        row = {n: (c.cast(pa.binary())[k].as_py().decode("utf-8", "replace") if pa.types.is_string(c.type)
+                   and c[k].is_valid else c[k].as_py()) for n, c in zip(batch.schema.names, batch.columns, strict=True)}
+        return json.dumps(row, default=repr, ensure_ascii=False)
 
 
 def _scan_parquet(p: Path, id_field: str, query_field: str, max_query_chars: int, on_bad_record: str) -> InputScan:

@@ -13,6 +13,7 @@ cleanly with every finished row committed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -154,8 +155,11 @@ class _Run:
     """State of one invocation of the scheduler loop (see module docstring)."""
 
     def __init__(self, cfg: Config, od: Any, records: Iterator, extra_types: dict[str, Any],
-                 progress: bool) -> None:
+                 progress: bool, retry_ids: set[str] | None = None, lock: Any = None) -> None:
         from pipeline.output import row_schema
+
+        self.retry_ids: set[str] = retry_ids or set()  # committed failed rows being re-processed (--retry-failed)
+        self.lock = lock  # the output directory's DirLock (commits stop if it was lost)
 
         self.cfg = cfg
         self.od = od  # the run's one OutputDir: its ledger is loaded once and updated by every commit
@@ -509,7 +513,7 @@ class _Run:
 
     def _finish(self, item: dict, rag: dict, gen: dict | None) -> None:
         rid = item["id"]
-        if rid in self.finished_ids or rid in self.od.ledger:
+        if rid in self.finished_ids or (rid in self.od.ledger and rid not in self.retry_ids):
             raise RunError(f"bug: record {rid!r} finished twice")
         self.finished_ids.add(rid)
         row: dict[str, Any] = {"id": rid, "query": item["query"]}
@@ -544,12 +548,26 @@ class _Run:
         """Commit finished rows as one Parquet part (atomic: tmp + fsync + rename)."""
         import pyarrow as pa
 
+        from pipeline.errors import OutputError
+
         self.last_commit = time.monotonic()
         if not self.finished:
             return
-        table = pa.Table.from_pylist(self.finished, schema=self.schema)
-        self.od.commit_part(table)
-        self.processed += len(self.finished)
+        if self.lock is not None and self.lock.lost.is_set():
+            raise RunError(f"the lock of {self.out_dir} was taken by another process: stopped without committing")
+        retried = [r for r in self.finished if r["id"] in self.retry_ids]
+        new = [r for r in self.finished if r["id"] not in self.retry_ids] if retried else self.finished
+        try:
+            if new:
+                self.od.commit_part(pa.Table.from_pylist(new, schema=self.schema))
+                self.finished = retried
+            if retried:  # replacement rows, applied to the parts at the end (OutputDir.apply_retries)
+                self.od.commit_retry_part(pa.Table.from_pylist(retried, schema=self.schema))
+                self.retry_ids.difference_update(r["id"] for r in retried)
+        except OSError as exc:
+            raise OutputError(f"cannot write a part in {self.out_dir}: {exc.strerror or exc}; committed rows are "
+                              "kept: fix it and run the same command again to resume") from None
+        self.processed += len(new) + len(retried)
         self.finished = []
         self.finished_ids.clear()
 
@@ -672,49 +690,105 @@ def _last_line(tb: str) -> str:
 def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     """Run (or resume) the whole pipeline for ``cfg.run.input`` into ``cfg.run.output``.
 
+    Order: the output directory is created and locked first (a second run into it is refused at once), then
+    everything that can be checked without a server is (prompt templates, the store and its collection, the
+    whole input); only then do servers start. With ``run.retry_failed`` the committed failed rows are
+    re-processed too and replaced exactly once (:meth:`pipeline.output.OutputDir.apply_retries`).
+
     Returns:
         RunResult; the rows are in ``output_dir/part-*.parquet``, the report in ``_manifest.json``.
 
     Raises:
-        InputError: bad input (before any server starts), or an output dir that belongs to another input.
+        InputError / ConfigError: bad input, prompt template or setting, or an output dir that belongs to another
+            input or identity (before any server starts).
+        LockHeld: another live run holds the output directory.
+        OutputError: the output path cannot be created or written (not a directory, read-only, disk full).
+        StoreError: the store or collection is missing (before any server starts).
         ServerError: the server pool could not start or an attached endpoint is unreachable.
         RunError: rank0 failed, or a worker kept dying (finished rows are committed first).
         Interrupted: SIGINT/SIGTERM/SIGUSR1 (finished rows committed; run again to resume).
     """
-    from pipeline.output import OutputDir, input_fingerprint, parse_shard, shard_dir, shard_size
-    from pipeline.records import iter_records, scan_input, scan_input_cached
+    from pipeline.output import parse_shard, shard_dir
+    from pipeline.output.lock import DirLock
 
     if cfg.generation.response_format:  # a bad schema is a config error before any server starts
         from workers.structured import load_schema
 
         load_schema(cfg.generation.response_format)
-    t_start = time.monotonic()
     shard = parse_shard(cfg.run.shard) if cfg.run.shard else None
     out_root = Path(cfg.run.output)
     out_dir = shard_dir(out_root, *shard) if shard else out_root
+    created = not out_dir.exists()
+    with _output_errors(out_dir, "create"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    lock = DirLock(out_dir, refresh_s=cfg.run.lock_refresh_s, stale_s=cfg.run.lock_stale_s)
+    with _output_errors(out_dir, "lock"):
+        lock.acquire()
+    try:
+        return _run_locked(cfg, progress, out_dir, shard, lock)
+    finally:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if nothing was written (the run stopped before preparing it)
+
+
+@contextlib.contextmanager
+def _output_errors(out_dir: Path, what: str) -> Iterator[None]:
+    """OSError on the output path -> OutputError naming the path and the cause (no traceback)."""
+    from pipeline.errors import OutputError
+
+    try:
+        yield
+    except OSError as exc:
+        cause = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            cause = "it, or a directory above it, is a file"
+        raise OutputError(f"cannot {what} output dir {out_dir}: {cause}"
+                          f"{' (' + str(exc.filename) + ')' if exc.filename and str(exc.filename) != str(out_dir) else ''}"
+                          ) from None
+
+
+def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, int] | None, lock: Any) -> RunResult:
+    """:func:`run_pipeline` once the output directory is locked."""
+    from pipeline.identity import result_settings, run_identity
+    from pipeline.output import OutputDir, input_fingerprint, shard_size
+    from pipeline.preflight import check_store
+    from pipeline.records import iter_records, scan_input, scan_input_cached
+
+    t_start = time.monotonic()
     input_path = Path(cfg.run.input)
+    settings = result_settings(cfg)  # prompt templates read and checked here
+    check_store(cfg)
     fields = {"id_field": cfg.run.id_field, "query_field": cfg.run.query_field,
               "max_query_chars": cfg.run.max_query_chars, "on_bad_record": cfg.run.on_bad_record}
     fingerprint = input_fingerprint(input_path)
     if shard:  # the shards of one input share one scan: a task then parses only its own records
-        scan = scan_input_cached(input_path, out_root / "_input_scan.json", fingerprint, **fields)
+        scan = scan_input_cached(input_path, out_dir.parent / "_input_scan.json", fingerprint, **fields)
     else:
         scan = scan_input(input_path, **fields)
     n_records = min(scan.n_valid, cfg.run.limit) if cfg.run.limit else scan.n_valid
     total = shard_size(n_records, *shard) if shard else n_records
     od = OutputDir(out_dir)
-    od.prepare(input_path=input_path, fingerprint=fingerprint, shard=cfg.run.shard or None,
-               total_records=total, config=cfg.to_dict(), overwrite=cfg.run.overwrite)
-    if scan.rejected:
-        od.write_rejected(scan.rejected)
-        log.warning("%d bad input lines skipped; see %s", len(scan.rejected), out_dir / "_rejected.jsonl")
+    with _output_errors(out_dir, "write"):
+        od.prepare(input_path=input_path, fingerprint=fingerprint, shard=cfg.run.shard or None,
+                   total_records=total, config=cfg.to_dict(), overwrite=cfg.run.overwrite,
+                   identity=run_identity(cfg), settings=settings, allow_config_change=cfg.run.allow_config_change)
+        if od.apply_retries():  # a retry interrupted by a crash: finish replacing its rows first
+            log.warning("%s: applied the rows of an interrupted --retry-failed", out_dir)
+        if scan.rejected:
+            od.write_rejected(scan.rejected)
+            log.warning("%d bad input lines skipped; see %s", len(scan.rejected), out_dir / "_rejected.jsonl")
     ledger = od.ledger  # loaded once for the whole run (resume: the ids committed by earlier invocations)
-    n_done_before = len(ledger)
+    retry_ids = od.failed_ids() if cfg.run.retry_failed else set()
+    if retry_ids:
+        log.warning("%s: re-processing %d failed rows (--retry-failed)", out_dir, len(retry_ids))
+    n_done_before = len(ledger) - len(retry_ids)
     n_pending = total - n_done_before
     records = (r for r in iter_records(scan, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
                                        max_query_chars=cfg.run.max_query_chars, limit=cfg.run.limit, shard=shard)
-               if r.id not in ledger)
-    run = _Run(cfg, od, records, scan.extra_types, progress)
+               if r.id not in ledger or r.id in retry_ids)
+    run = _Run(cfg, od, records, scan.extra_types, progress, retry_ids=retry_ids, lock=lock)
     backend = "none"
     interrupted: str | None = None
     pool = None
@@ -738,6 +812,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         force = run.signals.count >= 2
         try:
             run.commit()
+            with _output_errors(out_dir, "write"):
+                od.apply_retries()
         finally:
             if run.progress_view is not None:
                 run.progress_view.close()
@@ -752,7 +828,8 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
                                       backend=backend)
             if run.pool is not None:
                 manifest["servers"] = _server_report(run.pool, run)
-            od.write_manifest(manifest)
+            with _output_errors(out_dir, "write"):
+                od.write_manifest(manifest)
     result = RunResult(out_dir, total, n_done_before, run.processed, manifest["complete"], manifest)
     if not result.complete:
         missing = total - manifest["rows"]

@@ -72,3 +72,24 @@ def test_config_command_prints_a_loadable_documented_toml(tmp_path):
     f = tmp_path / "all.toml"
     f.write_text(res.output)
     assert load_config(f) == load_config()  # round trip: every printed key is known and typed
+
+
+def test_numeric_ranges_name_the_key_and_cover_every_field(tmp_path):
+    from pipeline.config import RANGES
+
+    known = {(s.name, f.name): f.type for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory())}
+    assert set(RANGES) <= set(known), set(RANGES) - set(known)  # no typo in the table
+    for key, value, msg in [("generation.num_processes", 0, "num_processes: must be >= 1"),
+                            ("run.part_rows", -3, "part_rows: must be >= 1"),
+                            ("retrieval.min_score", -1.5, "min_score: must be >= -1.0"),
+                            ("llm.read_timeout_s", 0.0, "read_timeout_s: must be >= 0.001"),
+                            ("servers.base_port", 70000, "base_port: must be <= 65535"),
+                            ("run.grace_s", -1.0, "grace_s: must be >= 0"),  # not in the table: >= 0
+                            ("llm.backoff_initial_s", float("nan"), "got nan")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, {key: value})
+    p = tmp_path / "c.toml"
+    p.write_text("[ingest]\nchunk_chars = 100\nchunk_overlap = 100\n")
+    with pytest.raises(ConfigError, match="chunk_overlap"):
+        load_config(p)
+    assert load_config(None, {"servers.gpus": -1, "retrieval.min_score": -0.5}).servers.gpus == -1

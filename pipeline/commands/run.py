@@ -66,6 +66,10 @@ def summary_table(manifest: dict) -> str:
                help="fail: stop before any server starts; skip: write bad lines to _rejected.jsonl.")
 @config_option("--overwrite/--resume", key="run.overwrite", help="Start afresh instead of resuming.")
 @config_option("--shard", key="run.shard", help="I/N: process partition I of N of the input.")
+@config_option("--retry-failed", key="run.retry_failed", is_flag=True, default=None,
+               help="Also re-process committed rows with rag_status hard_fail or gen_status failed (replaced once).")
+@config_option("--allow-config-change", key="run.allow_config_change", is_flag=True, default=None,
+               help="Resume although prompts, model, retrieval or generation settings changed.")
 @config_option("--grace-s", key="run.grace_s", type=float, help="Seconds in-flight records get after SIGTERM.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @handle_errors

@@ -19,6 +19,8 @@ from pipeline.output.sharding import shard_dirs
 
 RUN_FILE = "_run.json"
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+#: replacement rows of ``run --retry-failed`` not yet applied to the parts (never read as committed rows).
+RETRY_PART_RE = re.compile(r"^retry-(\d{5,})\.parquet$")
 #: rows per scanned batch (bounded memory of a scan: about this many rows of the projected columns times the
 #: scan's read-ahead).
 SCAN_BATCH_ROWS = 65_536

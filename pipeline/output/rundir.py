@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError, RunError
 from pipeline.output.files import atomic_write_bytes, atomic_write_json, fsync_dir, now, read_json
 from pipeline.output.ledger import Ledger
-from pipeline.output.reading import PART_RE, RUN_FILE, part_paths
+from pipeline.output.lock import LOCK_FILE
+from pipeline.output.reading import PART_RE, RETRY_PART_RE, RUN_FILE, part_paths
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class OutputDir:
         self.track_ids = track_ids
         self._lock = threading.Lock()
         self._ledger: Ledger | None = None
+        self._retry_ids: set[str] | None = None  # ids in retry parts (loaded on the first retry commit)
 
     def __repr__(self) -> str:
         return f"OutputDir({str(self.path)!r})"
@@ -87,12 +89,15 @@ class OutputDir:
         total_records: int,
         config: dict[str, Any],
         overwrite: bool,
+        identity: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+        allow_config_change: bool = False,
     ) -> None:
         """Create (or reopen for resuming) the run directory and write ``_run.json``.
 
-        A directory that already holds a ``_run.json`` for the same input (absolute path and fingerprint)
-        and shard is resumed: its committed parts stay, ``total_records`` and ``config`` are updated and
-        ``created`` is kept. Stale ``*.tmp`` files (a crash in the middle of a commit) are deleted.
+        A directory that already holds a ``_run.json`` for the same input (absolute path and fingerprint),
+        shard and identity is resumed: its committed parts stay, ``total_records`` and ``config`` are updated
+        and ``created`` is kept. Stale ``*.tmp`` files (a crash in the middle of a commit) are deleted.
 
         Args:
             input_path: the input (file or directory; stored as an absolute path).
@@ -100,11 +105,18 @@ class OutputDir:
             shard: ``"I/N"`` or ``None`` for an unsharded run.
             total_records: records this directory is expected to hold rows for.
             config: ``Config.to_dict()`` of the run (merge reads ``config["run"]``).
-            overwrite: delete previous parts, manifest, rejected records and ``_run.json`` first.
+            overwrite: discard previous parts, manifest and rejected records first (see :meth:`_clear`).
+            identity: ``{"run.id_field": ..., ...}``: what decides which rows the directory holds; a resume
+                with any different value is refused (the message names the key).
+            settings: ``{"rag.max_tokens": ..., "rag.prompt_file": <sha256>, ...}``: what decides the content
+                of a row; a resume with a different value is refused unless ``allow_config_change`` (then the
+                change is appended to ``config_changes`` in ``_run.json``).
+            allow_config_change: accept changed ``settings`` on resume.
 
         Raises:
-            InputError: the directory belongs to another input, a changed input or another shard
-                (and ``overwrite`` is False), or its ``_run.json`` is unreadable.
+            InputError: the directory belongs to another input, a changed input, another shard or another
+                identity, a setting changed without ``allow_config_change``, an interrupted ``--overwrite``
+                (and ``overwrite`` is False), parts without ``_run.json``, or an unreadable ``_run.json``.
             OSError: the directory cannot be created or written.
         """
         input_abs = str(Path(input_path).expanduser().resolve())
@@ -112,8 +124,16 @@ class OutputDir:
         if overwrite:
             self._clear()
         created = now()
-        if self.run_file.exists():
+        identity = dict(identity or {})
+        settings = dict(settings or {})
+        changes: list[dict[str, Any]] = []
+        if overwrite:
+            pass  # a fresh start: _clear left at most the tombstone, replaced below
+        elif self.run_file.exists():
             prev = read_json(self.run_file, "run file")
+            if prev.get("state") == "overwriting":
+                raise InputError(f"output dir {self.path}: an --overwrite was interrupted while discarding the "
+                                 "old rows; run with --overwrite again, or use another --output")
             reason = None
             if prev.get("input") != input_abs:
                 reason = f"belongs to input {prev.get('input')}"
@@ -123,7 +143,30 @@ class OutputDir:
                 reason = f"belongs to shard {prev.get('shard')} of input {prev.get('input')}, not {shard}"
             if reason:
                 raise InputError(f"output dir {self.path} {reason}; use --overwrite or another --output")
+            old_identity = _previous(prev, "identity", identity)
+            for key, value in identity.items():
+                if key in old_identity and old_identity[key] != value:
+                    raise InputError(
+                        f"output dir {self.path} was started with {key}={old_identity[key]!r}, now {value!r}: "
+                        f"a resume must keep {key} (it decides which rows the directory holds); use "
+                        f"{key}={old_identity[key]!r}, --overwrite, or another --output")
+            old_settings = _previous(prev, "settings", settings)
+            changes = list(prev.get("config_changes") or [])
+            changed = [k for k, v in settings.items() if k in old_settings and old_settings[k] != v]
+            if changed and not allow_config_change:
+                k = changed[0]
+                more = f" (and {', '.join(changed[1:])})" if len(changed) > 1 else ""
+                raise InputError(
+                    f"output dir {self.path}: {k} changed since its rows were made ({old_settings[k]!r} -> "
+                    f"{settings[k]!r}){more}; pass --allow-config-change to resume with the new settings, "
+                    "or --overwrite to start afresh")
+            changes += [{"at": now(), "key": k, "old": old_settings[k], "new": settings[k]} for k in changed]
+            if changed:
+                log.warning("%s: resuming with changed settings: %s", self.path, ", ".join(changed))
             created = prev.get("created", created)
+        elif self.parts():
+            raise InputError(f"output dir {self.path} holds committed parts but no {RUN_FILE}: they cannot be "
+                             "resumed safely; use --overwrite or another --output")
         for tmp in self.path.glob("*.tmp"):
             log.info("removing stale temporary file %s", tmp)
             tmp.unlink(missing_ok=True)
@@ -132,6 +175,9 @@ class OutputDir:
             "fingerprint": fingerprint,
             "shard": shard,
             "total_records": int(total_records),
+            "identity": identity,
+            "settings": settings,
+            "config_changes": changes,
             "config": config,
             "created": created,
             "updated": now(),
@@ -140,14 +186,23 @@ class OutputDir:
         self._ledger = None
 
     def _clear(self) -> None:
-        """Remove everything a previous run wrote in this directory (parts, tmp files, bookkeeping)."""
-        for p in list(self.path.iterdir()):
-            ours = p.name in (RUN_FILE, MANIFEST_FILE, REJECTED_FILE)
-            if ours or PART_RE.match(p.name) or p.name.endswith(".tmp"):
+        """Discard what a previous run wrote (parts, tmp files, retry parts, manifest, rejected records).
+
+        Ordered so that an interruption at any instant never leaves parts that a later resume would adopt:
+        ``_run.json`` is first replaced (atomically) by a tombstone ``{"state": "overwriting"}`` that every
+        resume refuses, then the files are deleted; :meth:`prepare` writes the new ``_run.json`` last.
+        """
+        entries = list(self.path.iterdir())
+        if any(p.name != LOCK_FILE and not p.name.startswith("_lock.") for p in entries):
+            atomic_write_json(self.run_file, {"state": "overwriting", "since": now()})
+        for p in entries:
+            ours = p.name in (MANIFEST_FILE, REJECTED_FILE)
+            if ours or PART_RE.match(p.name) or RETRY_PART_RE.match(p.name) or p.name.endswith(".tmp"):
                 if p.is_dir():
                     shutil.rmtree(p)
                 else:
                     p.unlink(missing_ok=True)
+        fsync_dir(self.path)
 
     def run_info(self) -> dict[str, Any]:
         """Contents of ``_run.json``.
@@ -236,6 +291,120 @@ class OutputDir:
         log.debug("committed %s (%d rows)", dest.name, len(ids))
         return dest
 
+    # -- retry of failed rows (run --retry-failed) ---------------------------------------------
+
+    def failed_ids(self) -> set[str]:
+        """Ids of committed rows with ``rag_status`` hard_fail or ``gen_status`` failed.
+
+        One streamed scan of three columns (contexts and generations are never read). Memory: the failed ids.
+
+        Raises:
+            RunError: a committed part is unreadable.
+        """
+        import pyarrow.compute as pc
+
+        from pipeline.output.reading import scan_batches
+
+        out: set[str] = set()
+        for batch in scan_batches(self.parts(), ["id", "rag_status", "gen_status"]):
+            failed = pc.or_kleene(pc.equal(batch.column(1), "hard_fail"), pc.equal(batch.column(2), "failed"))
+            out.update(pc.filter(batch.column(0), pc.fill_null(failed, False)).to_pylist())
+        return out
+
+    def retry_parts(self) -> list[Path]:
+        """Committed retry parts (``retry-NNNNN.parquet``: replacement rows not yet applied), in index order."""
+        found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := RETRY_PART_RE.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def commit_retry_part(self, table: pa.Table) -> Path:
+        """Commit replacement rows (of ids that already have a committed row) as the next ``retry-NNNNN.parquet``.
+
+        Same atomic protocol as :meth:`commit_part`. The rows replace the committed rows of the same ids when
+        :meth:`apply_retries` runs (at the end of the retry, or at the start of the next run after a crash).
+
+        Raises:
+            RunError: an id without a committed row, duplicated within ``table``, or already in a retry part.
+            OSError: the write failed; nothing is committed then.
+        """
+        ids = [str(i) for i in table.column("id").to_pylist()]
+        ledger = self.ledger
+        with self._lock:
+            if self._retry_ids is None:
+                self._retry_ids = set()
+                for rp in self.retry_parts():
+                    self._retry_ids.update(str(i) for i in pq.read_table(rp, columns=["id"]).column("id").to_pylist())
+            bad = [i for i in ids if i not in ledger or i in self._retry_ids]
+            if bad or len(set(ids)) != len(ids):
+                raise RunError(f"retry commit to {self.path}: ids without a committed row, duplicated or already "
+                               f"retried: {bad[:5] or ids[:5]}")
+            found = [int(m.group(1)) for p in self.path.iterdir() if (m := RETRY_PART_RE.match(p.name))]
+            dest = self.path / f"retry-{max(found, default=-1) + 1:05d}.parquet"
+            _write_atomic(table, dest)
+            fsync_dir(self.path)
+            self._retry_ids.update(ids)
+        return dest
+
+    def apply_retries(self) -> int:
+        """Replace committed rows by the rows of the retry parts with the same id; then delete the retry parts.
+
+        Each part that holds a replaced id is rewritten whole (tmp + fsync + rename), keeping its row order:
+        at every instant each id is in exactly one committed part, with either its old or its new row. The
+        operation is idempotent, so a crash at any point is repaired by running it again (every run does so
+        first). Memory: one committed part and one retry part at a time, plus the retried ids.
+
+        Returns:
+            Number of rows replaced.
+
+        Raises:
+            RunError: a part or retry part is unreadable, or their columns do not match.
+            OSError: a write failed (nothing is lost: the retry parts stay until every part is rewritten).
+        """
+        import numpy as np
+        import pyarrow.compute as pc
+
+        retry = self.retry_parts()
+        if not retry:
+            return 0
+        where: dict[str, int] = {}
+        for k, rp in enumerate(retry):
+            where.update(dict.fromkeys((str(i) for i in _read(rp, ["id"]).column("id").to_pylist()), k))
+        value_set = pa.array(list(where), pa.string())
+        cached: tuple[int, pa.Table] | None = None
+        replaced = 0
+        for part in self.parts():
+            ids = _read(part, ["id"]).column("id")
+            mask = pc.fill_null(pc.is_in(ids, value_set=value_set), False)
+            if not pc.any(mask).as_py():
+                continue
+            table = _read(part)
+            pos = np.nonzero(mask.to_numpy(zero_copy_only=False))[0]
+            wanted = [str(i) for i in ids.take(pa.array(pos)).to_pylist()]
+            pieces = []
+            for k in sorted({where[i] for i in wanted}):
+                if cached is None or cached[0] != k:
+                    cached = (k, _read(retry[k]))
+                rt = cached[1]
+                pieces.append(rt.filter(pc.is_in(rt.column("id"), value_set=pa.array(wanted, pa.string()))))
+            try:
+                repl = pa.concat_tables(pieces).select(table.schema.names).cast(table.schema)
+            except (KeyError, pa.ArrowException) as exc:
+                raise RunError(f"{part}: retried rows do not match its columns: {exc}") from None
+            order = {rid: n for n, rid in enumerate(repl.column("id").to_pylist())}
+            repl = repl.take(pa.array([order[i] for i in wanted]))  # in the part's row order
+            keep = np.nonzero(~mask.to_numpy(zero_copy_only=False))[0]
+            merged = pa.concat_tables([table.take(pa.array(keep)), repl])
+            merged = merged.take(pa.array(np.argsort(np.concatenate([keep, pos]), kind="stable")))
+            _write_atomic(merged, part)
+            replaced += len(wanted)
+        fsync_dir(self.path)
+        for rp in retry:
+            rp.unlink(missing_ok=True)
+        fsync_dir(self.path)
+        with self._lock:
+            self._retry_ids = None
+        log.info("%s: %d retried rows applied from %d retry parts", self.path, replaced, len(retry))
+        return replaced
+
     # -- bookkeeping files -------------------------------------------------------------------
 
     def write_manifest(self, manifest: dict[str, Any]) -> Path:
@@ -280,3 +449,38 @@ class OutputDir:
             return 0
         with self.rejected_file.open("rb") as fh:
             return sum(1 for line in fh if line.strip())
+
+
+def _previous(prev: dict[str, Any], key: str, current: dict[str, Any]) -> dict[str, Any]:
+    """``prev[key]``; for a ``_run.json`` written before it was recorded, the values of the same dotted keys
+    in ``prev["config"]`` (the keys that cannot be found there are not compared)."""
+    if isinstance(prev.get(key), dict):
+        return prev[key]
+    config = prev.get("config") or {}
+    out = {}
+    for dotted in current:
+        sec, _, name = dotted.partition(".")
+        if isinstance(config.get(sec), dict) and name in config[sec]:
+            out[dotted] = config[sec][name]
+    return out
+
+
+def _write_atomic(table: pa.Table, dest: Path) -> None:
+    """Write ``table`` to ``dest`` through ``dest.tmp`` + fsync + :func:`os.replace` (the caller fsyncs the dir)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        with tmp.open("wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise RunError(f"{path}: cannot read committed part: {exc}") from None

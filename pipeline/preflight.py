@@ -1,0 +1,96 @@
+"""Checks of the vector store made by the main process before any server starts (exit 4 instead of a failure
+minutes later, after SGLang loaded, when rank0 opens the store).
+
+The main process never imports chromadb (it is heavy and, with a PersistentClient, not multi-process safe:
+DESIGN.md). So the checks are light:
+
+* local store (``store.path``): the directory exists and its ``chroma.sqlite3`` lists the collection (read-only
+  SQLite query of Chroma's ``collections`` table; if that table is not found, e.g. a future Chroma layout, the
+  check is skipped and rank0's own check applies);
+* Chroma server (``store.chroma_url``): ``GET /api/v2/heartbeat`` answers, and the collection is found with
+  ``GET /api/v2/tenants/default_tenant/databases/default_database/collections/NAME`` (404 = missing).
+
+Nothing is checked when rank0 will ingest (``run.ingest``, or ``run.ingest_if_empty`` for the example store):
+then the collection may be absent; the ingest source must exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import InputError, StoreError
+
+log = logging.getLogger(__name__)
+
+HTTP_TIMEOUT_S = 10.0
+
+
+def check_store(cfg: Config) -> None:
+    """Check the store and collections the run reads (see the module docstring).
+
+    Raises:
+        InputError: ``run.ingest`` names a source that does not exist.
+        StoreError: the store directory or server is missing/unreachable, or a collection does not exist.
+    """
+    if cfg.run.ingest:
+        if not Path(cfg.run.ingest).exists():
+            raise InputError(f"{cfg.run.ingest}: ingest source not found (--ingest)")
+        return
+    if cfg.run.ingest_if_empty:
+        return  # rank0 ingests the example corpus into an empty or absent collection
+    names = [cfg.store.collection, *cfg.retrieval.collections]
+    if cfg.store.chroma_url:
+        _check_server(cfg.store.chroma_url.rstrip("/"), names)
+    else:
+        _check_local(Path(cfg.store.path), names)
+
+
+def _check_local(path: Path, names: list[str]) -> None:
+    if not path.is_dir():
+        raise StoreError(f"{path}: vector store not found (run `rag-pipeline ingest SOURCE --store {path}` first)")
+    db = path / "chroma.sqlite3"
+    if not db.is_file():
+        raise StoreError(f"{path}: not a Chroma store (no chroma.sqlite3); run `rag-pipeline ingest` first")
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            found = {row[0] for row in con.execute("SELECT name FROM collections")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        log.debug("store check skipped (%s: %s); rank0 checks the store", db, exc)
+        return
+    _require(names, found, str(path))
+
+
+def _check_server(url: str, names: list[str]) -> None:
+    import requests
+
+    try:
+        requests.get(f"{url}/api/v2/heartbeat", timeout=HTTP_TIMEOUT_S).raise_for_status()
+    except requests.RequestException as exc:
+        raise StoreError(f"Chroma server {url} does not answer: {exc}") from None
+    missing = []
+    for name in names:
+        try:
+            r = requests.get(f"{url}/api/v2/tenants/default_tenant/databases/default_database/collections/{name}",
+                             timeout=HTTP_TIMEOUT_S)
+        except requests.RequestException as exc:
+            raise StoreError(f"Chroma server {url} does not answer: {exc}") from None
+        text = r.text.lower() if r.status_code >= 400 else ""
+        if r.status_code == 404 or "does not exist" in text or "not found" in text:
+            missing.append(name)
+    if missing:
+        raise StoreError(f"collection {missing[0]!r} not found in {url}; ingest it first "
+                         f"(rag-pipeline ingest SOURCE --chroma-url {url} --collection {missing[0]})")
+
+
+def _require(names: list[str], found: set[str], where: str) -> None:
+    for name in names:
+        if name not in found:
+            known = ", ".join(sorted(found)) or "none"
+            raise StoreError(f"collection {name!r} not found in {where} (collections: {known}); ingest it first "
+                             f"(rag-pipeline ingest SOURCE --store {where} --collection {name})")
