@@ -274,7 +274,14 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("rag", "context_chars"): (1, None),
     ("generation", "num_processes"): (1, None),
     ("generation", "max_tokens"): (1, None),
-    ("generation", "concurrency"): (1, None),
+    ("generation", "response_format_attempts"): (1, None),
+    ("retrieval", "rrf_k"): (1, None),
+    ("retrieval", "fusion_depth"): (1, None),
+    ("servers", "tp_size"): (1, None),
+    ("servers", "port_slot"): (-1, 99),  # -1 = from SLURM_JOB_ID
+    ("servers", "mem_fraction_static"): (0.0, 1.0),  # 0 = computed
+    ("servers", "startup_attempts"): (1, None),
+    ("llm", "overload_timeout_s"): (0.001, None),
     ("run", "max_query_chars"): (1, None),
     ("run", "queue_size"): (1, None),
     ("run", "part_rows"): (1, None),
