@@ -95,6 +95,10 @@ class ServersConfig:
     startup_timeout_s: float = _f(600.0, "Seconds a managed server may take to become ready.")
     shutdown_timeout_s: float = _f(10.0, "Seconds between SIGTERM and SIGKILL when stopping a server.")
     log_dir: str = _f("", "Server log directory; empty = <output>/_logs or a temporary directory.")
+    health_interval_s: float = _f(5.0, "Seconds between health probes of each endpoint during a run (managed and attached).")
+    health_timeout_s: float = _f(
+        120.0, "Seconds an endpoint may go without answering its health probe before it is down (managed: restarted)."
+    )
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,19 @@ class RunConfig:
     overwrite: bool = _f(False, "Discard an existing output directory instead of resuming.")
     shard: str = _f("", "'I/N': process partition I of N of the input (by record index).")
     progress_interval_s: float = _f(30.0, "Seconds between plain progress lines when stderr is not a terminal.")
+    heartbeat_interval_s: float = _f(2.0, "Seconds between the heartbeats every RAG worker and generation process sends.")
+    heartbeat_timeout_s: float = _f(
+        60.0, "A worker silent this long is hung: it is killed and replaced, its records requeued once."
+    )
+    rag_deadline_s: float = _f(
+        900.0, "Seconds a record may stay in one RAG worker (retrieval + RAG answer, retries included) before the worker is hung."
+    )
+    gen_deadline_s: float = _f(
+        900.0, "Seconds a record may stay in one generation process (retries included) before the process is hung."
+    )
+    max_outage_s: float = _f(
+        1800.0, "Seconds dispatch stays paused while no LLM endpoint answers; then the run stops (exit 75, resumable)."
+    )
 
 
 @dataclass(frozen=True)

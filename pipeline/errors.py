@@ -41,3 +41,12 @@ class Interrupted(RagPipelineError):
     """The run was stopped by SIGINT/SIGTERM/SIGUSR1 after committing finished rows (resumable)."""
 
     exit_code = 130
+
+
+class OutageError(RagPipelineError):
+    """Every LLM endpoint stayed down longer than ``run.max_outage_s``; committed rows are kept (resumable).
+
+    Exit code 75 is ``EX_TEMPFAIL`` of sysexits.h: a temporary failure, the user is invited to retry.
+    """
+
+    exit_code = 75

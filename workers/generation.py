@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
-from workers.protocol import get_work, ignore_sigint
+from workers.protocol import ResultChannel, get_work, ignore_sigint, retry_cause, start_heartbeat
 
 
 def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict) -> dict:
@@ -42,7 +42,8 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict
         comp = client.chat(prompt, cfg.generation.max_tokens)
     except (RequestFailed, NoEndpointAvailable) as exc:
         out.update(gen_status="failed", gen_error=f"{type(exc).__name__}: {exc}",
-                   attempts=len(getattr(exc, "attempts", []) or []), unavailable=isinstance(exc, NoEndpointAvailable))
+                   attempts=len(getattr(exc, "attempts", []) or []), unavailable=isinstance(exc, NoEndpointAvailable),
+                   retry_cause=retry_cause(exc))
     except Exception as exc:  # noqa: BLE001 - one bad record never fails the run
         out.update(gen_status="failed", gen_error=f"internal error: {type(exc).__name__}: {exc}")
     else:
@@ -60,10 +61,12 @@ def generation_worker_main(
         name: "gen-0", ...
         endpoints: generation endpoints (the pool's, or generation.endpoints).
         inbox: queue of work lists ({id, query, extra, rag}) or None (sentinel).
-        outbox: queue receiving ("GEN", name, [result]).
+        outbox: the write end of this worker's own result pipe, receiving ("GEN", name, [result]).
         parent_pid: the main process; the worker exits if it disappears.
     """
     ignore_sigint()
+    outbox = ResultChannel(outbox)
+    start_heartbeat(outbox, name, cfg.run.heartbeat_interval_s, parent_pid)
     try:
         from workers.llm_client import LLMClient
         from workers.prompts import load_template
