@@ -90,6 +90,8 @@ class BenchHTTPServer(ThreadingHTTPServer):
         self.slots = threading.Semaphore(capacity)  # waiters are woken in FIFO order (threading.Condition)
         self.stats = _Stats()
         self.fault: tuple[int, float, float | None] | None = None  # (status, until monotonic, retry_after_s)
+        self.hang_until = 0.0  # monotonic: completions and /health wait until then
+        self.close_until = 0.0  # monotonic: connections are closed without an answer until then
 
     @property
     def url(self) -> str:
@@ -113,8 +115,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _faulted(self, path: str) -> bool:
+        """Apply a close or hang fault to this request; True if the request is done (connection closed)."""
+        if path in ("/fault", "/stats", "/stats/reset"):
+            return False
+        if time.monotonic() < self.server.close_until:
+            self.close_connection = True
+            self.connection.shutdown(2)  # socket.SHUT_RDWR: the client sees the connection dropped
+            return True
+        if path in ("/health", "/v1/chat/completions", "/v1/completions"):
+            while time.monotonic() < self.server.hang_until:
+                time.sleep(0.05)
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         path = self.path.split("?", 1)[0].rstrip("/")
+        if self._faulted(path):
+            return
         if path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]})
         elif path == "/health":
@@ -128,6 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         path = self.path.rstrip("/")
+        if self._faulted(path):
+            return
         if path == "/stats/reset":
             with self.server.stats.lock:
                 self.server.stats.reset()
@@ -136,6 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/fault":
             spec = json.loads(raw or b"{}")
             status = int(spec.get("status") or 0)
+            until = time.monotonic() + float(spec.get("for_s", 3600))
+            self.server.hang_until = until if spec.get("hang") else 0.0
+            self.server.close_until = until if spec.get("close") else 0.0
             self.server.fault = (
                 (status, time.monotonic() + float(spec.get("for_s", 3600)), spec.get("retry_after_s"))
                 if status else None
@@ -242,6 +264,14 @@ class BenchServers:
             with urllib.request.urlopen(u + "/stats" + ("?services=1" if services else ""), timeout=30) as r:
                 out.append(json.loads(r.read()))
         return out
+
+    def fault(self, spec: dict[str, Any], index: int | None = None) -> None:
+        """POST ``spec`` to /fault of server ``index`` (every server if None); see the module docstring."""
+        for u in self.urls if index is None else [self.urls[index]]:
+            req = urllib.request.Request(u + "/fault", data=json.dumps(spec).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                r.read()
 
     def reset(self) -> None:
         for u in self.urls:

@@ -98,21 +98,24 @@ class EndpointMonitor:
         self.total_restarts = 0
 
     # -- queries (main thread) --------------------------------------------------------------
-    def any_up(self) -> bool:
-        """True if at least one endpoint is up."""
-        with self._lock:
-            return any(e.state == UP for e in self.eps.values())
+    def _select(self, urls: list[str] | None) -> list[EndpointHealth]:
+        return [self.eps[u] for u in urls if u in self.eps] if urls is not None else list(self.eps.values())
 
-    def all_up(self) -> bool:
-        """True if every endpoint that is not given up on (``failed``) is up, and at least one is."""
+    def any_up(self, urls: list[str] | None = None) -> bool:
+        """True if at least one of ``urls`` (default: every endpoint) is up."""
         with self._lock:
-            live = [e for e in self.eps.values() if e.state != FAILED]
+            return any(e.state == UP for e in self._select(urls))
+
+    def all_up(self, urls: list[str] | None = None) -> bool:
+        """True if every one of ``urls`` (default: all) that is not given up on (``failed``) is up, and one is."""
+        with self._lock:
+            live = [e for e in self._select(urls) if e.state != FAILED]
             return bool(live) and all(e.state == UP for e in live)
 
-    def states(self) -> dict[str, str]:
-        """``{url: state}``."""
+    def states(self, urls: list[str] | None = None) -> dict[str, str]:
+        """``{url: state}`` of ``urls`` (default: every endpoint)."""
         with self._lock:
-            return {u: e.state for u, e in self.eps.items()}
+            return {e.url: e.state for e in self._select(urls)}
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:

@@ -121,6 +121,18 @@ class _Worker:
     hung: str | None = None  # why main declared it hung
 
 
+@dataclass(eq=False)
+class _StageHealth:
+    """Endpoint health as one stage sees it ("rag": the RAG workers' endpoints, "gen": the generation ones)."""
+
+    name: str
+    urls: list[str] = field(default_factory=list)
+    last_ok: float = 0.0  # monotonic time of the last result of this stage with a successful LLM request
+    outage_since: float | None = None  # endpoints in trouble and no request succeeded since
+    hold_until: float = 0.0  # dispatch of this stage pauses until then
+    paused_logged: bool = False
+
+
 def _package_versions() -> dict[str, str | None]:
     from importlib import metadata
 
@@ -202,13 +214,10 @@ class _Run:
         self.signals = _Signals()
         self.pool: Any = None
         self.monitor: Any = None  # pipeline.health.EndpointMonitor
-        self.hold_until = 0.0
         self.deferred: collections.Counter[str] = collections.Counter()
-        self.last_llm_ok = 0.0  # monotonic time of the last result with a successful LLM request
-        self.outage_since: float | None = None  # no LLM request succeeded since, and endpoints were in trouble
+        self.health = {"rag": _StageHealth("rag"), "gen": _StageHealth("gen")}  # urls set by _start_servers
         self.stop_reason: str | None = None  # the run stops for a reason of its own (not a signal)
         self.left_uncommitted = 0  # records dropped because the run is stopping (done again by the resume)
-        self.paused_logged = False
 
     @property
     def stopping(self) -> bool:
@@ -322,41 +331,46 @@ class _Run:
             return None
         return {"id": rec.id, "query": rec.query, "extra": rec.extra}
 
-    def _paused(self) -> bool:
-        """Dispatch pauses while no endpoint is up, or briefly after records failed on every endpoint.
+    def _paused(self, stage: str) -> bool:
+        """Dispatch of ``stage`` pauses while none of its endpoints is up, or briefly after records failed on
+        every endpoint. The RAG stage pauses only when it asks the LLM (rag.mode = retrieve+answer).
 
         Raises:
-            OutageError: no LLM request succeeded for ``run.max_outage_s`` while the endpoints were in trouble.
+            OutageError: no LLM request of the stage succeeded for ``run.max_outage_s`` while its endpoints were
+                in trouble.
         """
+        h = self.health[stage]
+        if stage == "rag" and self.cfg.rag.mode != "retrieve+answer":
+            return False
         now = time.monotonic()
-        down = self.monitor is not None and not self.monitor.any_up()
-        if down and self.outage_since is None:
-            self.outage_since = now
-        if self.outage_since is not None and now - self.outage_since > self.cfg.run.max_outage_s:
+        down = self.monitor is not None and not self.monitor.any_up(h.urls)
+        if down and h.outage_since is None:
+            h.outage_since = now
+        if h.outage_since is not None and now - h.outage_since > self.cfg.run.max_outage_s:
+            states = self.monitor.states(h.urls) if self.monitor else {}
             raise OutageError(
-                f"no LLM endpoint served a request for {now - self.outage_since:.0f} s (run.max_outage_s = "
-                f"{self.cfg.run.max_outage_s:g}); endpoint states: {self.monitor.states() if self.monitor else {}}")
-        paused = down or now < self.hold_until
-        if paused and not self.paused_logged:
-            log.warning("LLM endpoints unavailable (%s): dispatch paused; resuming when one answers (at most "
-                        "run.max_outage_s = %g s)", self.monitor.states() if self.monitor else "?",
-                        self.cfg.run.max_outage_s)
-            self.paused_logged = True
-        elif not paused and self.paused_logged:
-            log.warning("dispatch resumed")
-            self.paused_logged = False
+                f"no {stage} LLM endpoint served a request for {now - h.outage_since:.0f} s "
+                f"(run.max_outage_s = {self.cfg.run.max_outage_s:g}); endpoint states: {states}")
+        paused = down or now < h.hold_until
+        if paused and not h.paused_logged:
+            log.warning("%s endpoints unavailable (%s): %s dispatch paused until one answers (at most "
+                        "run.max_outage_s = %g s)", stage, self.monitor.states(h.urls) if self.monitor else "?",
+                        stage, self.cfg.run.max_outage_s)
+            h.paused_logged = True
+        elif not paused and h.paused_logged:
+            log.warning("%s dispatch resumed", stage)
+            h.paused_logged = False
         return paused
 
     def _dispatch(self) -> None:
-        if self._paused():
-            if self.stopping:
-                self.left_uncommitted += len(self.gen_backlog)
-                self.gen_backlog.clear()  # no endpoint while stopping: left for the resume
-            return
+        paused = {stage: self._paused(stage) for stage in ("rag", "gen")}
+        if paused["gen"] and self.stopping and self.gen_backlog:
+            self.left_uncommitted += len(self.gen_backlog)
+            self.gen_backlog.clear()  # no endpoint while stopping: left for the resume
         now = time.monotonic()
         batch_size = self.cfg.retrieval.query_batch_size
         for w in self.workers:
-            if w.stopping or w.hung or not w.process.is_alive():
+            if w.stopping or w.hung or not w.process.is_alive() or paused[w.kind]:
                 continue
             if w.kind == "rag":
                 while len(self.gen_backlog) < self.cfg.run.queue_size:
@@ -425,16 +439,17 @@ class _Run:
             log.warning("dropping a late %s result for %s from %s", stage, res["id"], w.name)
             return None
         w.restarts = 0
+        h = self.health[stage]
         failed = res.get("rag_status" if stage == "rag" else "gen_status") in ("hard_fail", "failed")
         if not failed and res.get("endpoint"):
-            self.last_llm_ok = time.monotonic()
-            self.outage_since = None
+            h.last_ok = time.monotonic()
+            h.outage_since = None
         cause = res.get("retry_cause")
         if cause and self.stopping:
             self.left_uncommitted += 1
             log.info("%s: %s failure while the run stops: left for the resume", res["id"], stage)
             return None
-        if cause == "llm" and failed and self._endpoint_trouble(item, res):
+        if cause == "llm" and failed and self._endpoint_trouble(item, res, h):
             if stage == "rag":
                 item.pop("rag", None)
                 self.rag_retry.append(item)
@@ -443,7 +458,7 @@ class _Run:
             return None
         return item
 
-    def _endpoint_trouble(self, item: dict, res: dict) -> bool:
+    def _endpoint_trouble(self, item: dict, res: dict, h: _StageHealth) -> bool:
         """True if a record whose LLM request failed for retryable reasons must go back to the queue.
 
         Its failure is the record's own (a failure row) only while the endpoints are healthy: every endpoint
@@ -451,16 +466,17 @@ class _Run:
         dispatch pauses (``llm.breaker_cooldown_s`` when every breaker was open, else TROUBLE_HOLD_S) and the
         outage clock starts if it is not running.
         """
-        healthy = (not res.get("unavailable") and self.last_llm_ok > item.get("t_dispatch", 0.0)
-                   and (self.monitor is None or self.monitor.all_up()))
+        t_dispatch = item.get("t_dispatch", 0.0)
+        healthy = (not res.get("unavailable") and h.last_ok > t_dispatch
+                   and (self.monitor is None or self.monitor.all_up(h.urls)))
         if healthy or self.deferred[item["id"]] >= MAX_DEFERRALS:
             return False
         self.deferred[item["id"]] += 1
         now = time.monotonic()
-        if self.outage_since is None and self.last_llm_ok < item.get("t_dispatch", 0.0):
-            self.outage_since = now
+        if h.outage_since is None and h.last_ok < t_dispatch:
+            h.outage_since = now
         hold = self.cfg.llm.breaker_cooldown_s if res.get("unavailable") else TROUBLE_HOLD_S
-        self.hold_until = max(self.hold_until, now + hold)
+        h.hold_until = max(h.hold_until, now + hold)
         return True
 
     def _finish(self, item: dict, rag: dict, gen: dict | None) -> None:
@@ -752,6 +768,8 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
         run.llm_concurrency = cfg.servers.n_parallel  # one request per continuous-batching slot
     from pipeline.health import EndpointMonitor
 
+    run.health["rag"].urls = list(endpoints)
+    run.health["gen"].urls = list(run.gen_endpoints)
     run.monitor = EndpointMonitor(list(dict.fromkeys([*endpoints, *run.gen_endpoints])), cfg.servers, pool)
     run.monitor.start()
     return pool, backend
