@@ -139,28 +139,23 @@ class EndpointMonitor:
 
     # -- the probing thread -----------------------------------------------------------------
     def _run(self) -> None:
-        with requests.Session() as http:
-            http.trust_env = False
-            while not self._stop.is_set():
-                self.check(http)
-                self._stop.wait(self.cfg.health_interval_s)
+        while not self._stop.is_set():
+            try:
+                self.check()
+            except RuntimeError:  # the probe pool was shut down by stop()
+                return
+            self._stop.wait(self.cfg.health_interval_s)
 
-    def check(self, http: requests.Session | None = None) -> None:
+    def check(self) -> None:
         """One round: probe every endpoint that is not restarting, update states, start restarts."""
-        own = http is None
-        http = http or requests.Session()
-        try:
-            with self._lock:
-                todo = [e.url for e in self.eps.values() if e.state in (UP, DOWN)]
-            results = dict(zip(todo, self._probe_pool.map(lambda u: self._probe(http, u), todo), strict=True))
-        finally:
-            if own:
-                http.close()
+        with self._lock:
+            todo = [e.url for e in self.eps.values() if e.state in (UP, DOWN)]
+        results = dict(zip(todo, self._probe_pool.map(self._probe, todo), strict=True))
         now = time.monotonic()
         for url, (ok, refused, detail) in results.items():
             self._update(url, ok, refused, detail, now)
 
-    def _probe(self, http: requests.Session, url: str) -> tuple[bool, bool, str]:
+    def _probe(self, url: str) -> tuple[bool, bool, str]:
         """``(answered, connection refused, detail)`` of one probe; a managed server's exit counts as refused."""
         e = self.eps[url]
         if e.port is not None and self.pool is not None:
@@ -168,8 +163,10 @@ class EndpointMonitor:
             if code is not None:
                 return False, True, f"process exited (code {code})"
         try:
-            r = http.get(url + self._paths[url], headers=self._headers,
-                         timeout=(PROBE_CONNECT_TIMEOUT_S, min(PROBE_READ_TIMEOUT_S, self.cfg.health_timeout_s)))
+            with requests.Session() as http:
+                http.trust_env = False  # never through an http_proxy from the environment
+                r = http.get(url + self._paths[url], headers=self._headers,
+                             timeout=(PROBE_CONNECT_TIMEOUT_S, min(PROBE_READ_TIMEOUT_S, self.cfg.health_timeout_s)))
         except requests.ConnectTimeout:
             return False, False, "connect timeout"
         except requests.ConnectionError as exc:
