@@ -21,7 +21,7 @@ processes, failure rows caused by endpoint trouble or the run's own shutdown (re
 of records whose worker was hung/killed twice (the documented rule), and the final statuses compared with the
 fault-free run.
 
-Usage: python bench/chaos.py [--records 600] [--faults 30] [--seed N] [--workdir DIR]
+Usage: python bench/chaos.py [--records 300] [--faults 30] [--seed N] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -76,10 +76,13 @@ def _read_rows(out: Path) -> list[dict]:
 
 
 def _marked(marker: str) -> list[psutil.Process]:
+    """Live processes started by the runs (they carry the marker in their environment); the benchmark servers,
+    started by this script, are not the run's."""
     found = []
     for p in psutil.process_iter(["pid"]):
         try:
-            if p.environ().get(MARKER_ENV) == marker and p.status() != psutil.STATUS_ZOMBIE:
+            if p.environ().get(MARKER_ENV) == marker and p.status() != psutil.STATUS_ZOMBIE \
+                    and "bench_server.py" not in " ".join(p.cmdline()):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -183,7 +186,7 @@ def _signal(pid: int, sig: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=600)
+    ap.add_argument("--records", type=int, default=300)
     ap.add_argument("--faults", type=int, default=30)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--min-gap-s", type=float, default=4.0)
