@@ -93,6 +93,10 @@ class BenchHTTPServer(ThreadingHTTPServer):
         self.hang_until = 0.0  # monotonic: completions and /health wait until then
         self.close_until = 0.0  # monotonic: connections are closed without an answer until then
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet: clients dropping connections (timeouts, killed workers, injected faults) are expected here."""
+        return
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

@@ -120,6 +120,18 @@ class Chaos:
                 "--collection", collection, "--base-port", str(self.args.base_port)]
         return PipelineRun(wd, args, torch_threads=1)
 
+    def wait_working(self, out: Path, timeout_s: float = 600.0) -> None:
+        """Block until the current invocation is processing: every worker it started logged READY (so a fault
+        hits a working run, not its startup), or it exited."""
+        assert self.run is not None
+        deadline = time.monotonic() + timeout_s
+        while self.run.proc.poll() is None and time.monotonic() < deadline:
+            started = set(self.run.started_pids().values())
+            ready = set(self.run.ready_times())
+            if started and {"rag-0", "gen-0"} <= ready:
+                return
+            time.sleep(0.5)
+
     def pids(self) -> dict[str, list[int]]:
         """Live worker and server pids of the current invocation, by role."""
         assert self.run is not None
@@ -211,6 +223,7 @@ def main() -> None:
         chaos.run = chaos.start(out, cfg, records, store, collection)
         while True:
             if sum(chaos.injected.values()) < args.faults:
+                chaos.wait_working(out)
                 time.sleep(chaos.rng.uniform(args.min_gap_s, args.max_gap_s))
                 if chaos.run.proc.poll() is None:
                     kind = chaos.rng.choice(FAULTS)
