@@ -106,13 +106,12 @@ class BenchHTTPServer(ThreadingHTTPServer):
         self.record_prompts = record_prompts
         # (status, until monotonic, retry_after_s, match: only prompts containing it, or None for all)
         self.fault: tuple[int, float, float | None, str | None] | None = None
+        self.hang_until = 0.0  # monotonic: completions and /health wait until then
+        self.close_until = 0.0  # monotonic: connections are closed without an answer until then
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that went away mid-request (a stopped run) is normal here: no traceback on stderr."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
-            return
-        super().handle_error(request, client_address)
+        """Quiet: clients dropping connections (timeouts, killed workers, injected faults) are expected here."""
+        return
 
     @property
     def url(self) -> str:
@@ -146,8 +145,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _faulted(self, path: str) -> bool:
+        """Apply a close or hang fault to this request; True if the request is done (connection closed)."""
+        if path in ("/fault", "/stats", "/stats/reset"):
+            return False
+        if time.monotonic() < self.server.close_until:
+            self.close_connection = True
+            self.connection.shutdown(2)  # socket.SHUT_RDWR: the client sees the connection dropped
+            return True
+        if path in ("/health", "/v1/chat/completions", "/v1/completions"):
+            while time.monotonic() < self.server.hang_until:
+                time.sleep(0.05)
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         path = self.path.split("?", 1)[0].rstrip("/")
+        if self._faulted(path):
+            return
         if path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]})
         elif path == "/health":
@@ -162,6 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         path = self.path.rstrip("/")
+        if self._faulted(path):
+            return
         if path == "/stats/reset":
             with self.server.stats.lock:
                 self.server.stats.reset()
@@ -170,6 +186,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/fault":
             spec = json.loads(raw or b"{}")
             status = int(spec.get("status") or 0)
+            until = time.monotonic() + float(spec.get("for_s", 3600))
+            self.server.hang_until = until if spec.get("hang") else 0.0
+            self.server.close_until = until if spec.get("close") else 0.0
             self.server.fault = (
                 (status, time.monotonic() + float(spec.get("for_s", 3600)), spec.get("retry_after_s"),
                  spec.get("match"))
@@ -286,6 +305,14 @@ class BenchServers:
             with urllib.request.urlopen(u + "/stats" + ("?services=1" if services else ""), timeout=30) as r:
                 out.append(json.loads(r.read()))
         return out
+
+    def fault(self, spec: dict[str, Any], index: int | None = None) -> None:
+        """POST ``spec`` to /fault of server ``index`` (every server if None); see the module docstring."""
+        for u in self.urls if index is None else [self.urls[index]]:
+            req = urllib.request.Request(u + "/fault", data=json.dumps(spec).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                r.read()
 
     def reset(self) -> None:
         for u in self.urls:

@@ -121,6 +121,10 @@ class ServersConfig:
         -1, "Port search shift: HTTP from base_port + 10*slot, NCCL from nccl_base_port + 100*slot; -1 = SLURM_JOB_ID % 100."
     )
     startup_attempts: int = _f(2, "Starts tried per managed server (first one included) before the run goes on without it.")
+    health_interval_s: float = _f(5.0, "Seconds between health probes of each endpoint during a run (managed and attached).")
+    health_timeout_s: float = _f(
+        120.0, "Seconds an endpoint may go without answering its health probe before it is down (managed: restarted)."
+    )
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,19 @@ class RunConfig:
     )
     lock_refresh_s: float = _f(10.0, "Seconds between heartbeats of the output directory's lock file.")
     lock_stale_s: float = _f(60.0, "A lock whose heartbeat is older than this (holder on another host) is taken over.")
+    heartbeat_interval_s: float = _f(2.0, "Seconds between the heartbeats every RAG worker and generation process sends.")
+    heartbeat_timeout_s: float = _f(
+        60.0, "A worker silent this long is hung: it is killed and replaced, its records requeued once."
+    )
+    rag_deadline_s: float = _f(
+        900.0, "Seconds a record may stay in one RAG worker (retrieval + RAG answer, retries included) before the worker is hung."
+    )
+    gen_deadline_s: float = _f(
+        900.0, "Seconds a record may stay in one generation process (retries included) before the process is hung."
+    )
+    max_outage_s: float = _f(
+        1800.0, "Seconds dispatch stays paused while no LLM endpoint answers; then the run stops (exit 75, resumable)."
+    )
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,12 @@ class OutputError(RagPipelineError):
     Committed rows are kept; fix the cause and run again to resume."""
 
     exit_code = 2
+
+
+class OutageError(RagPipelineError):
+    """Every LLM endpoint stayed down longer than ``run.max_outage_s``; committed rows are kept (resumable).
+
+    Exit code 75 is ``EX_TEMPFAIL`` of sysexits.h: a temporary failure, the user is invited to retry.
+    """
+
+    exit_code = 75

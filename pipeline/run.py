@@ -8,6 +8,22 @@ than the workers can hold), moves RAG results into the generation pool, collects
 commits Parquet parts atomically (pipeline.output). Dead workers are detected by their process sentinels;
 their in-flight records are requeued once and the worker restarted; a worker that keeps dying stops the run
 cleanly with every finished row committed.
+
+Liveness and faults (issue 9):
+
+- Each worker writes to its own result pipe (pipeline.channels): a worker killed mid-send cannot block or
+  corrupt the others' results. Every message, and a heartbeat every ``run.heartbeat_interval_s``, is a sign of
+  life: a worker silent for ``run.heartbeat_timeout_s``, or holding a record longer than the stage's deadline
+  (``run.rag_deadline_s`` / ``run.gen_deadline_s``), is hung: killed, replaced, its records requeued once (the
+  second time a record gets its error row, as for a crash).
+- Endpoint health comes from pipeline.health (probes, restarts of managed servers in the background). When no
+  endpoint is up, or requests come back with every endpoint failing, dispatch pauses; it resumes when an
+  endpoint answers again; after ``run.max_outage_s`` without any successful LLM request the run stops
+  (OutageError, exit 75, resumable). A record whose LLM request failed with retryable errors only is written
+  as a failure only while the endpoints are healthy (every endpoint up and another request succeeded since the
+  record was dispatched); otherwise it goes back to the queue.
+- Stopping is not failing: once the run stops (a signal, or a reason of its own), records that fail for a
+  retryable cause, and records of workers that die, are left uncommitted for the resume; no server restarts.
 """
 
 from __future__ import annotations
@@ -18,24 +34,25 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.errors import Interrupted, RunError
+from pipeline.errors import Interrupted, OutageError, RunError
 
 log = logging.getLogger(__name__)
 
 MAX_WORKER_RESTARTS = 3
 COMMIT_INTERVAL_S = 30.0
-SERVER_CHECK_INTERVAL_S = 2.0
-MAX_SERVER_RESTARTS = 3
-MAX_DEFERRALS = 600
+MAX_DEFERRALS = 50
+"""A record sent back to the queue this many times for endpoint trouble gets its failure row (poison guard)."""
+TROUBLE_HOLD_S = 1.0
+"""Dispatch pause after a record failed on every endpoint while the endpoints' breakers are not all open."""
 
 
 @dataclass
@@ -88,7 +105,7 @@ class _Signals:
             signal.signal(s, h)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Worker:
     name: str
     kind: str  # "rag" | "gen"
@@ -96,11 +113,25 @@ class _Worker:
     process: Any
     inbox: Any
     credit: int
-    assigned: dict[str, dict] = field(default_factory=dict)
+    reader: Any = None  # pipeline.channels.ChannelReader of its result pipe (heartbeat clock: reader.last_seen)
+    assigned: dict[str, dict] = field(default_factory=dict)  # in dispatch order: the first is the oldest
     endpoint: str | None = None  # a RAG worker's own LLM endpoint
-    restarts: int = 0
+    restarts: int = 0  # deaths in a row without a result in between
     stopping: bool = False
     last_error: str | None = None  # last line of the traceback it reported, if any
+    hung: str | None = None  # why main declared it hung
+
+
+@dataclass(eq=False)
+class _StageHealth:
+    """Endpoint health as one stage sees it ("rag": the RAG workers' endpoints, "gen": the generation ones)."""
+
+    name: str
+    urls: list[str] = field(default_factory=list)
+    last_ok: float = 0.0  # monotonic time of the last result of this stage with a successful LLM request
+    outage_since: float | None = None  # endpoints in trouble and no request succeeded since
+    hold_until: float = 0.0  # dispatch of this stage pauses until then
+    paused_logged: bool = False
 
 
 def _package_versions() -> dict[str, str | None]:
@@ -186,27 +217,32 @@ class _Run:
         self.progress = progress
         self.progress_view: Any = None  # pipeline.progress.RunProgress, opened once the servers are up
         self.ctx = mp.get_context("spawn")
-        self.results = self.ctx.Queue()
+        self.results: queue.Queue = queue.Queue()  # (worker, message) from every worker's own result pipe
         self.endpoints: list[str] = []
         self.gen_endpoints: list[str] = []
         self.n_gpus = 0
         self.rag_targets: list[dict[str, Any]] = []  # managed SGLang: RAG slot k -> the k-th ready server
         self.signals = _Signals()
         self.pool: Any = None
-        self.server_restarts: collections.Counter[int] = collections.Counter()
-        self.restarting: set[int] = set()
-        self.last_server_check = time.monotonic()
-        self.hold_until = 0.0
-        self.restart_executor: ThreadPoolExecutor | None = None
-        self.recovering_until = 0.0  # clients' circuit breakers stay open for a cool-down after a restart
+        self.monitor: Any = None  # pipeline.health.EndpointMonitor
         self.deferred: collections.Counter[str] = collections.Counter()
+        self.health = {"rag": _StageHealth("rag"), "gen": _StageHealth("gen")}  # urls set by _start_servers
+        self.stop_reason: str | None = None  # the run stops for a reason of its own (not a signal)
+        self.left_uncommitted = 0  # records dropped because the run is stopping (done again by the resume)
+
+    @property
+    def stopping(self) -> bool:
+        """The run is stopping: a signal arrived or it stops for a reason of its own."""
+        return bool(self.signals.count or self.stop_reason)
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, kind: str, slot: int, rank0: bool = False) -> _Worker:
+        from pipeline.channels import ChannelReader, open_channel
         from workers.generation import generation_worker_main
         from workers.rag_worker import rag_worker_main
 
         inbox = self.ctx.Queue()
+        read_end, write_end = open_channel(self.ctx)
         name = f"{kind}-{slot}"
         if kind == "rag":
             endpoint = self.endpoints[slot % len(self.endpoints)] if self.endpoints else None
@@ -223,17 +259,20 @@ class _Run:
                 device = f"cuda:{slot}" if slot < self.n_gpus else "cpu"
             threads = self.inflight.get(endpoint or "", 1)
             args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self._cpu_threads(), threads,
-                    inbox, self.results, os.getpid())
+                    inbox, write_end, os.getpid())
             proc = self.ctx.Process(target=rag_worker_main, args=args, name=name, daemon=True)
             credit = 2 * self.cfg.retrieval.query_batch_size  # retrieve mode; with RAG answers: the endpoint's room
         else:
             endpoint = None
-            args = (name, self.cfg, self.gen_endpoints, self.gen_threads, inbox, self.results, os.getpid())
+            args = (name, self.cfg, self.gen_endpoints, self.gen_threads, inbox, write_end, os.getpid())
             proc = self.ctx.Process(target=generation_worker_main, args=args, name=name, daemon=True)
             credit = self.gen_threads
         proc.start()
+        write_end.close()  # only the worker holds the write end now: its death is end-of-file for the reader
         log.info("started %s (pid %s)", name, proc.pid)
-        return _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit, endpoint=endpoint)
+        w = _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit, endpoint=endpoint)
+        w.reader = ChannelReader(read_end, w, self.results)
+        return w
 
     def _cpu_threads(self) -> int:
         """torch threads per RAG worker (on CPU or GPU): embedding.cpu_threads, or cores // (RAG workers + 1)."""
@@ -248,21 +287,28 @@ class _Run:
         self.workers.append(w)
         deadline = time.monotonic() + self.cfg.run.ready_timeout_s
         while True:
-            msg = self._get(0.2)
+            got = self._get(0.2)
+            msg = got[1] if got is not None and got[0] is w else None
             if msg is not None:
-                kind, name, payload = msg
-                if kind == "READY" and name == w.name:
+                kind, _name, payload = msg
+                if kind == "READY":
                     log.info("rank0 READY: %s", payload)
                     return
-                if kind == "ERROR" and name == w.name:
+                if kind == "ERROR":
                     raise RunError(self._rank0_error(payload))
             if not w.process.is_alive() and msg is None:
-                msg = self._get(0.5)  # an ERROR message may still be in flight
-                if msg and msg[0] == "ERROR":
-                    raise RunError(self._rank0_error(msg[2]))
+                w.reader.closed.wait(2.0)  # an ERROR message may still be in the pipe
+                while (got := self._get(0.0)) is not None:
+                    if got[0] is w and got[1] is not None and got[1][0] == "ERROR":
+                        raise RunError(self._rank0_error(got[1][2]))
                 raise RunError(f"RAG worker 0 (rank0) exited with code {w.process.exitcode} during startup")
             if self.signals.count:
                 raise Interrupted(f"{self.signals.name} received while waiting for rank0")
+            silent_s = time.monotonic() - w.reader.last_seen
+            if silent_s > self.cfg.run.heartbeat_timeout_s:
+                w.process.kill()
+                raise RunError(f"RAG worker 0 (rank0) hung during startup: no heartbeat for {silent_s:.0f} s "
+                               "(run.heartbeat_timeout_s)")
             if time.monotonic() > deadline:
                 raise RunError(f"RAG worker 0 (rank0) not READY after {self.cfg.run.ready_timeout_s:.0f} s")
 
@@ -293,10 +339,11 @@ class _Run:
             self.workers.append(self._spawn("rag", len(self.rag_targets) - 1))
             log.info("server %s joined the run (%d of %d ready)", spec.url, len(self.rag_targets), len(self.pool.specs))
 
-    def _get(self, timeout_s: float) -> tuple | None:
-        import queue
-
+    def _get(self, timeout_s: float) -> tuple[_Worker, tuple | None] | None:
+        """The next ``(worker, message)`` from any result pipe (message None: that pipe ended), or None."""
         try:
+            if timeout_s <= 0:
+                return self.results.get_nowait()
             return self.results.get(timeout=timeout_s)
         except queue.Empty:
             return None
@@ -305,7 +352,7 @@ class _Run:
     def _next_record(self) -> dict | None:
         if self.rag_retry:
             return self.rag_retry.popleft()
-        if self.exhausted or self.signals.count:
+        if self.exhausted or self.stopping:
             return None
         try:
             rec = next(self.records)
@@ -314,27 +361,36 @@ class _Run:
             return None
         return {"id": rec.id, "query": rec.query, "extra": rec.extra}
 
-    def _defer(self, item: dict, stage: str) -> bool:
-        """Put back a record whose LLM call found no endpoint while a managed server is being restarted.
+    def _paused(self, stage: str) -> bool:
+        """Dispatch of ``stage`` pauses while none of its endpoints is up, or briefly after records failed on
+        every endpoint. The RAG stage pauses only when it asks the LLM (rag.mode = retrieve+answer).
 
-        Without this a crashed server would turn every remaining record into a hard failure within
-        milliseconds (the circuit breaker answers at once). Dispatch pauses briefly; a record is deferred at
-        most MAX_DEFERRALS times, then its failure is recorded.
+        Raises:
+            OutageError: no LLM request of the stage succeeded for ``run.max_outage_s`` while its endpoints were
+                in trouble.
         """
-        if self.pool is None:
+        h = self.health[stage]
+        if stage == "rag" and self.cfg.rag.mode != "retrieve+answer":
             return False
-        self._check_servers(force=True)
-        recovering = bool(self.restarting) or time.monotonic() < self.recovering_until
-        if not recovering or self.deferred[item["id"]] >= MAX_DEFERRALS:
-            return False
-        self.deferred[item["id"]] += 1
-        self.hold_until = time.monotonic() + 1.0
-        if stage == "rag":
-            item.pop("rag", None)
-            self.rag_retry.append(item)
-        else:
-            self._queue_gen(item)
-        return True
+        now = time.monotonic()
+        down = self.monitor is not None and not self.monitor.any_up(h.urls)
+        if down and h.outage_since is None:
+            h.outage_since = now
+        if h.outage_since is not None and now - h.outage_since > self.cfg.run.max_outage_s:
+            states = self.monitor.states(h.urls) if self.monitor else {}
+            raise OutageError(
+                f"no {stage} LLM endpoint served a request for {now - h.outage_since:.0f} s "
+                f"(run.max_outage_s = {self.cfg.run.max_outage_s:g}); endpoint states: {states}")
+        paused = down or now < h.hold_until
+        if paused and not h.paused_logged:
+            log.warning("%s endpoints unavailable (%s): %s dispatch paused until one answers (at most "
+                        "run.max_outage_s = %g s)", stage, self.monitor.states(h.urls) if self.monitor else "?",
+                        stage, self.cfg.run.max_outage_s)
+            h.paused_logged = True
+        elif not paused and h.paused_logged:
+            log.warning("%s dispatch resumed", stage)
+            h.paused_logged = False
+        return paused
 
     # ---------------------------------------------------------------- per-endpoint in-flight and routing
     def _healthy(self, endpoint: str, now: float) -> bool:
@@ -395,15 +451,24 @@ class _Run:
     def _dispatch(self) -> None:
         """Send work while endpoints have room: generations first (they finish records), then new records to the
         RAG workers in micro-batches. Per endpoint, records held by its RAG worker + generations sent to it stay
-        within ``self.inflight[endpoint]`` (a total shared by the whole generation pool)."""
-        if time.monotonic() < self.hold_until:
-            return
+        within ``self.inflight[endpoint]`` (a total shared by the whole generation pool). A stage whose endpoints
+        are down is paused (:meth:`_paused`)."""
+        paused = {stage: self._paused(stage) for stage in ("rag", "gen")}
+        if paused["gen"] and self.stopping and self.gen_waiting:
+            for q in self.gen_queues.values():  # no endpoint while stopping: left for the resume
+                self.left_uncommitted += len(q)
+                q.clear()
+            self.gen_waiting = 0
+        now = time.monotonic()
         load = self._loads()
-        self._dispatch_gen(load)
+        if not paused["gen"]:
+            self._dispatch_gen(load, now)
+        if paused["rag"]:
+            return
         batch_size = self.cfg.retrieval.query_batch_size
         answer = self.cfg.rag.mode == "retrieve+answer"
         for w in self.workers:
-            if w.kind != "rag" or w.stopping or not w.process.is_alive():
+            if w.kind != "rag" or w.stopping or w.hung or not w.process.is_alive():
                 continue
             while self.gen_waiting < self.cfg.run.queue_size:
                 if answer and w.endpoint:
@@ -424,16 +489,16 @@ class _Run:
                 if not items:
                     break
                 for it in items:
+                    it["t_dispatch"] = now
                     w.assigned[it["id"]] = it
                 if w.endpoint:
                     load[w.endpoint] += len(items)
                 w.inbox.put(items)
 
-    def _dispatch_gen(self, load: collections.Counter[str]) -> None:
-        gen = [w for w in self.workers if w.kind == "gen" and not w.stopping and w.process.is_alive()]
+    def _dispatch_gen(self, load: collections.Counter[str], now: float) -> None:
+        gen = [w for w in self.workers if w.kind == "gen" and not w.stopping and not w.hung and w.process.is_alive()]
         if not gen or not self.gen_waiting:
             return
-        now = time.monotonic()
         any_healthy = any(self._healthy(e, now) for e in self.gen_endpoints)
         for e in list(self.gen_queues):
             q = self.gen_queues[e]
@@ -451,31 +516,28 @@ class _Run:
                     return
                 item = q.popleft()
                 self.gen_waiting -= 1
+                item["t_dispatch"] = now
                 w.assigned[item["id"]] = item
                 self.gen_inflight[e] += 1
                 load[e] += 1
                 free -= 1
                 w.inbox.put([item])
 
-    def _worker(self, name: str) -> _Worker | None:
-        for w in self.workers:
-            if w.name == name:
-                return w
-        return None
-
-    def _handle(self, msg: tuple) -> None:
+    def _handle(self, w: _Worker, msg: tuple | None) -> None:
+        if msg is None:  # its result pipe ended: the worker exited, died, or sent something unreadable
+            if not w.stopping and w.process.is_alive() and not w.last_error:
+                w.last_error = "its result channel closed"
+            return
         kind, name, payload = msg
-        w = self._worker(name)
         if kind == "READY":
             log.info("%s READY", name)
         elif kind == "ERROR":
             log.error("%s failed:\n%s", name, payload)
-            if w is not None:
-                w.last_error = _last_line(payload)
+            w.last_error = _last_line(payload)
         elif kind == "RAG":
             for res in payload:
                 self._note_health(res)
-                item = self._claim(w, name, res, "rag")
+                item = self._claim(w, res, "rag")
                 if item is None:
                     continue
                 if self.progress_view is not None:
@@ -488,17 +550,22 @@ class _Run:
         elif kind == "GEN":
             for res in payload:
                 self._note_health(res)
-                item = self._claim(w, name, res, "gen")
+                item = self._claim(w, res, "gen")
                 if item is not None:
                     self._finish(item, item["rag"], res)
 
-    def _claim(self, w: _Worker | None, name: str, res: dict, stage: str) -> dict | None:
-        """The in-flight record a result belongs to, or None if the result is a late duplicate (its worker was
-        declared dead and the record requeued) or the record was deferred while a server restarts."""
-        item = w.assigned.pop(res["id"], None) if w else None
+    def _claim(self, w: _Worker, res: dict, stage: str) -> dict | None:
+        """The in-flight record a result belongs to, or None when the result is not to be used now.
+
+        None for: a late duplicate (its worker was declared dead or hung and the record requeued); a failure
+        with a retryable cause while the run stops (left uncommitted for the resume); an LLM failure while the
+        endpoints are not healthy (the record goes back to the queue, dispatch pauses).
+        """
+        item = w.assigned.pop(res["id"], None)  # a replaced worker's records were taken from it
         if item is None:
-            log.warning("dropping a late duplicate %s result for %s from %s", stage, res["id"], name)
+            log.warning("dropping a late %s result for %s from %s", stage, res["id"], w.name)
             return None
+        w.restarts = 0
         if stage == "gen":
             self._gen_done(item)
         if res.get("overloaded"):  # the server is up but full: never a failure row, send the record again
@@ -507,9 +574,45 @@ class _Run:
             else:
                 self._queue_gen(item)
             return None
-        if res.get("unavailable") and self._defer(item, stage):
+        h = self.health[stage]
+        failed = res.get("rag_status" if stage == "rag" else "gen_status") in ("hard_fail", "failed")
+        if not failed and res.get("endpoint"):
+            h.last_ok = time.monotonic()
+            h.outage_since = None
+        cause = res.get("retry_cause")
+        if cause and self.stopping:
+            self.left_uncommitted += 1
+            log.info("%s: %s failure while the run stops: left for the resume", res["id"], stage)
+            return None
+        if cause == "llm" and failed and self._endpoint_trouble(item, res, h):
+            if stage == "rag":
+                item.pop("rag", None)
+                self.rag_retry.append(item)
+            else:
+                self._queue_gen(item, front=True)
             return None
         return item
+
+    def _endpoint_trouble(self, item: dict, res: dict, h: _StageHealth) -> bool:
+        """True if a record whose LLM request failed for retryable reasons must go back to the queue.
+
+        Its failure is the record's own (a failure row) only while the endpoints are healthy: every endpoint
+        passes its health probe and another LLM request succeeded after this record was dispatched. Otherwise
+        dispatch pauses (``llm.breaker_cooldown_s`` when every breaker was open, else TROUBLE_HOLD_S) and the
+        outage clock starts if it is not running.
+        """
+        t_dispatch = item.get("t_dispatch", 0.0)
+        healthy = (not res.get("unavailable") and h.last_ok > t_dispatch
+                   and (self.monitor is None or self.monitor.all_up(h.urls)))
+        if healthy or self.deferred[item["id"]] >= MAX_DEFERRALS:
+            return False
+        self.deferred[item["id"]] += 1
+        now = time.monotonic()
+        if h.outage_since is None and h.last_ok < t_dispatch:
+            h.outage_since = now
+        hold = self.cfg.llm.breaker_cooldown_s if res.get("unavailable") else TROUBLE_HOLD_S
+        h.hold_until = max(h.hold_until, now + hold)
+        return True
 
     def _finish(self, item: dict, rag: dict, gen: dict | None) -> None:
         rid = item["id"]
@@ -571,78 +674,81 @@ class _Run:
         self.finished = []
         self.finished_ids.clear()
 
+    def _find_hung(self, w: _Worker, now: float) -> str | None:
+        """Why an alive worker counts as hung (silent past the heartbeat timeout, or a record past its
+        stage's deadline), or None."""
+        silent_s = now - w.reader.last_seen
+        if silent_s > self.cfg.run.heartbeat_timeout_s:
+            return f"hung: no heartbeat for {silent_s:.0f} s (run.heartbeat_timeout_s)"
+        if w.assigned:
+            oldest = next(iter(w.assigned.values()))
+            age_s = now - oldest.get("t_dispatch", now)
+            deadline_s = self.cfg.run.rag_deadline_s if w.kind == "rag" else self.cfg.run.gen_deadline_s
+            if age_s > deadline_s:
+                return (f"hung: record {oldest['id']!r} held {age_s:.0f} s "
+                        f"(run.{'rag' if w.kind == 'rag' else 'gen'}_deadline_s = {deadline_s:g})")
+        return None
+
     def _check_workers(self) -> None:
-        """Requeue the in-flight records of dead workers once and restart them; give up after repeated deaths."""
+        """Replace dead or hung workers: requeue their in-flight records once, restart them; give up after
+        repeated deaths without progress. While the run stops, their records are left for the resume."""
+        now = time.monotonic()
         for i, w in enumerate(self.workers):
-            if w.stopping or (w.process.is_alive() and not w.last_error):
+            if w.stopping:
                 continue
-            reason = w.last_error or f"exit code {w.process.exitcode}"
-            log.warning("%s died (%s); requeueing %d in-flight records", w.name, reason, len(w.assigned))
+            if w.process.is_alive() and not w.last_error:
+                w.hung = self._find_hung(w, now)
+                if w.hung is None:
+                    continue
+            reason = w.hung or w.last_error or f"exit code {w.process.exitcode}"
+            if w.process.is_alive():
+                w.process.kill()  # also ends a SIGSTOPped process
+                w.process.join(timeout=5)
+            w.stopping = True
+            if self.stopping:
+                log.warning("%s died (%s) while the run stops: %d in-flight records left for the resume",
+                            w.name, reason, len(w.assigned))
+                self.left_uncommitted += len(w.assigned)
+                w.assigned.clear()
+                continue
+            log.warning("%s %s (%s); requeueing %d in-flight records", w.name,
+                        "is hung" if w.hung else "died", reason, len(w.assigned))
             for rid, item in w.assigned.items():
                 if w.kind == "gen":
                     self._gen_done(item)
                 self.requeued[rid] += 1
                 if self.requeued[rid] > 1:
                     err = f"worker {w.name} died twice while processing this record ({reason})"
-                    rag = item.get("rag") or {"rag_status": "hard_fail", "rag_error": err}
                     if w.kind == "gen":
-                        self._finish(item, rag, {"generation": None, "gen_status": "failed", "gen_error": err,
-                                                 "generate_ms": None, "attempts": 0})
+                        self._finish(item, item["rag"], {"generation": None, "gen_status": "failed", "gen_error": err,
+                                                         "generate_ms": None, "attempts": 0})
                     else:
                         self._finish(item, {"rag_status": "hard_fail", "rag_error": err}, None)
                 elif w.kind == "rag":
+                    item.pop("rag", None)
                     self.rag_retry.append(item)
                 else:
                     self._queue_gen(item, front=True)
             w.assigned.clear()
-            if w.process.is_alive():
-                w.process.kill()
             if w.restarts >= MAX_WORKER_RESTARTS:
-                raise RunError(f"{w.name} died {w.restarts + 1} times; last error: {reason}")
+                raise RunError(f"{w.name} died {w.restarts + 1} times in a row; last error: {reason}")
             nw = self._spawn(w.kind, w.slot)
             nw.restarts = w.restarts + 1
             self.workers[i] = nw
-
-    def _check_servers(self, force: bool = False) -> None:
-        """Restart a managed server that died (in a thread: SGLang takes minutes); meanwhile the LLM client fails
-        over to the other endpoints. A server that keeps dying is left down after MAX_SERVER_RESTARTS."""
-        if self.pool is None or (not force and time.monotonic() - self.last_server_check < SERVER_CHECK_INTERVAL_S):
-            return
-        self.last_server_check = time.monotonic()
-        for port in self.pool.check_alive():
-            if port in self.restarting or self.server_restarts[port] >= MAX_SERVER_RESTARTS:
-                continue
-            self.server_restarts[port] += 1
-            self.restarting.add(port)
-            log.warning("server on port %d died (code %s): restarting (%d/%d)", port, self.pool.returncode(port),
-                        self.server_restarts[port], MAX_SERVER_RESTARTS)
-
-            def restart(p: int = port) -> None:
-                try:
-                    self.pool.restart(p)
-                    self.recovering_until = time.monotonic() + self.cfg.llm.breaker_cooldown_s + 2.0
-                except Exception as exc:  # noqa: BLE001 - logged; records fail over or hard-fail meanwhile
-                    log.error("restart of the server on port %d failed: %s", p, exc)
-                finally:
-                    self.restarting.discard(p)
-
-            if self.restart_executor is None:
-                # One long-lived thread: a server started from a thread gets PR_SET_PDEATHSIG'd when THAT thread
-                # exits (Linux tracks the forking thread), so a short-lived thread would kill its own restart.
-                self.restart_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="server-restart")
-            self.restart_executor.submit(restart)
 
     def outstanding(self) -> int:
         return sum(len(w.assigned) for w in self.workers) + self.gen_waiting + len(self.rag_retry)
 
     def loop(self) -> None:
-        """Schedule until every record has a row, or a signal / fatal error stops the run."""
+        """Schedule until every record has a row, or a signal / fatal error / outage stops the run."""
         grace_deadline: float | None = None
         while True:
             if self.signals.count >= 2:
                 raise Interrupted(f"{self.signals.name} received twice: stopped immediately")
             if self.signals.count and grace_deadline is None:
                 grace_deadline = time.monotonic() + self.cfg.run.grace_s
+                if self.monitor is not None:
+                    self.monitor.freeze()  # no server restarts during shutdown
                 self.rag_retry.clear()  # not started yet: left for the next run
             if grace_deadline is not None and time.monotonic() > grace_deadline:
                 raise Interrupted(f"{self.signals.name}: grace period of {self.cfg.run.grace_s:.0f} s over")
@@ -651,18 +757,17 @@ class _Run:
                 return
             if self.signals.count and self.outstanding() == 0:
                 raise Interrupted(f"{self.signals.name} received: stopped after finishing in-flight records")
-            msg = self._get(0.2)
-            while msg is not None:
-                self._handle(msg)
-                msg = self._get(0.0) if not self.results.empty() else None
+            got = self._get(0.2)
+            while got is not None:
+                self._handle(*got)
+                got = self._get(0.0)
             self._check_workers()
-            self._check_servers()
             self._join_servers()
             if time.monotonic() - self.last_commit > COMMIT_INTERVAL_S:
                 self.commit()
 
     def shutdown(self, force: bool = False) -> None:
-        """Sentinel to every worker, join with a deadline, then terminate/kill (no orphans)."""
+        """Sentinel to every worker, join with a deadline, then kill (no orphans; a SIGSTOPped one too)."""
         for w in self.workers:
             w.stopping = True
             if not force:
@@ -679,7 +784,6 @@ class _Run:
                 w.process.join(timeout=5)
         for w in self.workers:
             w.inbox.cancel_join_thread()
-        self.results.cancel_join_thread()
 
 
 def _last_line(tb: str) -> str:
@@ -707,6 +811,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         ServerError: the server pool could not start or an attached endpoint is unreachable.
         RunError: rank0 failed, or a worker kept dying (finished rows are committed first).
         Interrupted: SIGINT/SIGTERM/SIGUSR1 (finished rows committed; run again to resume).
+        OutageError: no LLM endpoint served for ``run.max_outage_s`` (finished rows committed; resumable).
     """
     from pipeline.output import parse_shard, shard_dir
     from pipeline.output.lock import DirLock
@@ -803,13 +908,16 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
             run.start_others(len(run.rag_targets) if run.rag_targets else max(1, len(run.endpoints)))
             _open_bars(run, total, n_done_before)
             run.loop()
-    except (Interrupted, RunError) as exc:
-        interrupted = str(exc) if isinstance(exc, Interrupted) else None
+    except (Interrupted, RunError, OutageError) as exc:
+        interrupted = str(exc) if isinstance(exc, (Interrupted, OutageError)) else None
         rows = len(od.ledger) + len(run.finished)
         raise type(exc)(f"{exc}\n{rows} of {total} records have their row in {out_dir}; "
                         "run the same command again to resume") from None
     finally:
+        run.stop_reason = run.stop_reason or "stopping"
         force = run.signals.count >= 2
+        if run.monitor is not None:
+            run.monitor.freeze()  # no server restarts during shutdown
         try:
             run.commit()
             with _output_errors(out_dir, "write"):
@@ -818,10 +926,13 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
             if run.progress_view is not None:
                 run.progress_view.close()
             run.shutdown(force=force)
-            if run.restart_executor is not None:
-                run.restart_executor.shutdown(wait=False, cancel_futures=True)
+            if run.monitor is not None:
+                run.monitor.stop()
             if run.pool is not None:
                 run.pool.stop()
+            if run.left_uncommitted:
+                log.warning("%d in-flight records were left uncommitted by the stop (the resume does them)",
+                            run.left_uncommitted)
             run.signals.restore()
             manifest = build_manifest(cfg, out_dir, total, endpoints=run.endpoints, wall_s=time.monotonic() - t_start,
                                       processed=run.processed, interrupted=interrupted or _signal_name(run),
@@ -888,6 +999,12 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
     else:
         run.gen_endpoints = endpoints
     _size_inflight(cfg, run, backend)
+    from pipeline.health import EndpointMonitor
+
+    run.health["rag"].urls = list(endpoints)
+    run.health["gen"].urls = list(run.gen_endpoints)
+    run.monitor = EndpointMonitor(list(dict.fromkeys([*endpoints, *run.gen_endpoints])), cfg.servers, pool)
+    run.monitor.start()
     return pool, backend
 
 

@@ -698,6 +698,7 @@ class ServerPool:
         self.state = {s.index: ServerState() for s in self.specs}
         self._procs: dict[int, subprocess.Popen] = {}
         self._lock = threading.RLock()
+        self._closed = False  # set by stop(): a restart in progress must not start a server after it
         self._atexit = False
         self._launched = False
 
@@ -755,6 +756,7 @@ class ServerPool:
         with self._lock:
             if self._launched:
                 raise ServerError("server pool already started")
+            self._closed = False
             self.allocate_ports()
             self.log_dir.mkdir(parents=True, exist_ok=True)
             if not self._atexit:
@@ -940,41 +942,18 @@ class ServerPool:
             proc = self._procs.get(port)
             return None if proc is None else proc.poll()
 
-    def restart(self, port: int) -> str:
-        """Stop (if needed) and start again the server on ``port`` (same ports); wait until it is ready.
-
-        Returns:
-            Its endpoint.
-
-        Raises:
-            ServerError: unknown port, port still taken after 10 s, the server exits during startup or is
-                not ready within ``servers.startup_timeout_s``.
-        """
-        with self._lock:
-            spec = self._spec(port)
-            old = self._procs.pop(port, None)
-            if old is not None:
-                stop_processes([old], self.cfg.servers.shutdown_timeout_s)
-            self._wait_port_free(spec)
-            self._launch(spec, append=True)
-            try:
-                self._wait_ready([spec], self.cfg.servers.startup_timeout_s)
-            except BaseException:
-                stop_processes([self._procs.pop(port)], self.cfg.servers.shutdown_timeout_s)
-                raise
-            finally:
-                self.state[spec.index].status = "ready"  # crashed-after-ready: check_alive keeps reporting it
-            log.warning("server on port %d restarted (pid %d)", port, self._procs[port].pid)
-            return spec.url
-
-    def _wait_ready(self, specs: list[ServerSpec], timeout_s: float) -> None:
+    def _wait_ready(self, specs: list[ServerSpec], timeout_s: float, procs: dict[int, subprocess.Popen] | None = None,
+                    cancel: threading.Event | None = None) -> None:
+        procs = procs if procs is not None else self._procs
         pending = {s.port: s for s in specs}
         deadline = time.monotonic() + timeout_s
         with requests.Session() as http:
             http.trust_env = False  # local servers: never through an http_proxy from the environment
             while True:
+                if cancel is not None and cancel.is_set():
+                    raise ServerError(f"startup of the server(s) on port(s) {sorted(pending)} cancelled")
                 for port, s in list(pending.items()):
-                    code = self._procs[port].poll()
+                    code = procs[port].poll()
                     if code is not None:
                         raise ServerError(
                             f"server on port {port} {_describe_exit(code)} during startup; "
@@ -1016,12 +995,59 @@ class ServerPool:
                 for s in self.specs
             ]
 
+    def restart(self, port: int, cancel: threading.Event | None = None) -> str:
+        """Stop (if needed) and start again the server on ``port``; wait until it is ready.
+
+        The pool's lock is held only to swap the process: the wait for readiness (up to
+        ``servers.startup_timeout_s``) runs without it, so :meth:`check_alive`, :meth:`returncode` and
+        :meth:`stop` never wait for a restart (issue 9). Call it from a long-lived thread (PR_SET_PDEATHSIG).
+
+        Args:
+            port: the server's port.
+            cancel: set it to abandon the wait (the new process is stopped and ServerError raised).
+
+        Returns:
+            Its endpoint.
+
+        Raises:
+            ServerError: unknown port, the pool was stopped, port still taken after 10 s, cancelled, or the
+                startup errors of :meth:`start`.
+        """
+        spec = self._spec(port)
+        with self._lock:
+            if self._closed:
+                raise ServerError(f"server pool stopped: not restarting port {port}")
+            old = self._procs.pop(port, None)
+        if old is not None:
+            stop_processes([old], self.cfg.servers.shutdown_timeout_s)
+        deadline = time.monotonic() + 10.0
+        while port_in_use(spec.host, port) and time.monotonic() < deadline:
+            time.sleep(_POLL_INTERVAL_S)
+        check_port_free(spec.host, port)
+        with self._lock:
+            if self._closed:
+                raise ServerError(f"server pool stopped: not restarting port {port}")
+            self._launch(spec, append=True)
+            proc = self._procs[port]
+        try:
+            self._wait_ready([spec], self.cfg.servers.startup_timeout_s, procs={port: proc}, cancel=cancel)
+        except BaseException:
+            with self._lock:
+                if self._procs.get(port) is proc:
+                    del self._procs[port]
+            stop_processes([proc], self.cfg.servers.shutdown_timeout_s)
+            raise
+        self.state[spec.index].status = "ready"  # crashed-after-ready: check_alive keeps reporting it
+        log.warning("server on port %d restarted (pid %d)", port, proc.pid)
+        return spec.url
+
     def stop(self) -> None:
         """Stop every server: SIGTERM to each process group, SIGKILL after ``servers.shutdown_timeout_s``.
 
         Idempotent; safe to call from atexit, ``finally`` blocks and after a partial start.
         """
         with self._lock:
+            self._closed = True
             procs = list(self._procs.values())
             self._procs.clear()
             if procs:

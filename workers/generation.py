@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
-from workers.protocol import get_work, ignore_sigint
+from workers.protocol import ResultChannel, get_work, ignore_sigint, retry_cause, start_heartbeat
 
 
 def bad_endpoints(attempts: list[Any]) -> list[str]:
@@ -78,7 +78,8 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict
         failed = list(getattr(exc, "attempts", []) or [])
         out.update(generation=None, generation_json=None, gen_status="failed", gen_error=f"{type(exc).__name__}: {exc}",
                    attempts=n_attempts + len(failed), unavailable=isinstance(exc, NoEndpointAvailable),
-                   overloaded=isinstance(exc, Overloaded), bad_endpoints=bad_endpoints(seen + failed))
+                   overloaded=isinstance(exc, Overloaded), bad_endpoints=bad_endpoints(seen + failed),
+                   retry_cause=retry_cause(exc))
     except Exception as exc:  # noqa: BLE001 - one bad record never fails the run
         out.update(generation=None, generation_json=None, gen_status="failed",
                    gen_error=f"internal error: {type(exc).__name__}: {exc}")
@@ -96,10 +97,12 @@ def generation_worker_main(
         endpoints: generation endpoints (the pool's, or generation.endpoints).
         threads: most items main sends this process at once (= its threads and its client's per-endpoint limit).
         inbox: queue of work lists ({id, query, extra, rag, target}) or None (sentinel).
-        outbox: queue receiving ("GEN", name, [result]).
+        outbox: the write end of this worker's own result pipe, receiving ("GEN", name, [result]).
         parent_pid: the main process; the worker exits if it disappears.
     """
     ignore_sigint()
+    outbox = ResultChannel(outbox)
+    start_heartbeat(outbox, name, cfg.run.heartbeat_interval_s, parent_pid)
     try:
         from workers.llm_client import LLMClient
         from workers.prompts import load_templates

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
-from workers.protocol import get_work, ignore_sigint
+from workers.protocol import ResultChannel, get_work, ignore_sigint, retry_cause, start_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: dic
             unavailable=isinstance(exc, NoEndpointAvailable),
             overloaded=isinstance(exc, Overloaded),
             bad_endpoints=bad_endpoints(attempts),
+            retry_cause=retry_cause(exc),
         )
         return result
     answer = (comp.text or "").strip()
@@ -106,10 +107,12 @@ def rag_worker_main(
         llm_concurrency: most RAG-answer requests in flight (threads): the endpoint's in-flight total (main sends
             no more records than the endpoint has room for, generations of earlier records included).
         inbox: multiprocessing queue of work lists (dicts with id, query, extra) or None (sentinel).
-        outbox: multiprocessing queue of results (see workers.protocol).
+        outbox: the write end of this worker's own result pipe (see workers.protocol).
         parent_pid: the main process; the worker exits if it disappears.
     """
     ignore_sigint()
+    outbox = ResultChannel(outbox)
+    start_heartbeat(outbox, name, cfg.run.heartbeat_interval_s, parent_pid)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
@@ -224,7 +227,7 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
                     "retrieve_ms": retrieve_ms, "rag_llm_ms": None, "attempts": 0, "endpoint": None, "model": None,
                 }
                 if found is None:
-                    result.update(rag_status="hard_fail", rag_error=error)
+                    result.update(rag_status="hard_fail", rag_error=error, retry_cause="store")
                     ready.append(result)
                     continue
                 qr = found[i]
@@ -235,7 +238,7 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
                 ]
                 if qr.source_errors:
                     errs = "; ".join(f"{k}: {v}" for k, v in sorted(qr.source_errors.items()))
-                    result.update(rag_status="soft_fail", rag_error=f"retrieval source error: {errs}")
+                    result.update(rag_status="soft_fail", rag_error=f"retrieval source error: {errs}", retry_cause="store")
                 elif not hits:
                     result.update(
                         rag_status="soft_fail",
