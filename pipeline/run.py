@@ -86,12 +86,15 @@ class _Signals:
         self.first_at: float | None = None
         self.name = ""
         self._old: dict[int, Any] = {}
+        self.on_first: Any = None  # called at the first signal, in the handler (e.g. freeze server restarts)
 
     def _handler(self, signum: int, _frame: Any) -> None:
         self.count += 1
         self.name = signal.Signals(signum).name
         if self.first_at is None:
             self.first_at = time.monotonic()
+            if self.on_first is not None:
+                self.on_first()
             log.warning("%s received: finishing in-flight records, then stopping (again to force)", self.name)
         else:
             log.warning("%s received again: stopping now", self.name)
@@ -1004,6 +1007,9 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
     run.health["rag"].urls = list(endpoints)
     run.health["gen"].urls = list(run.gen_endpoints)
     run.monitor = EndpointMonitor(list(dict.fromkeys([*endpoints, *run.gen_endpoints])), cfg.servers, pool)
+    run.signals.on_first = run.monitor.freeze  # no server restart once a stop signal arrived, however busy main is
+    if run.signals.count:
+        run.monitor.freeze()
     run.monitor.start()
     return pool, backend
 
