@@ -8,13 +8,14 @@ export ANONYMIZED_TELEMETRY := False
 
 .PHONY: setup run test lint bench clean
 
-setup:            ## idempotent: apt packages, .venv, torch CPU, project, llama.cpp (cached wheel), SmolLM2
+setup:            ## idempotent: apt packages, .venv, torch CPU, project, xllamacpp (prebuilt), SmolLM2
 	bash scripts/setup.sh
 
 run: setup        ## the main job on the bundled example data (CPU: a llama.cpp SmolLM2 server is started)
 	$(RP) run --input data/example/records.jsonl --output output/example
 
-test: setup       ## the whole test suite, real components
+test:             ## the whole test suite, real components (setup + the test-only SGLang argument parser)
+	RAG_PIPELINE_TEST_DEPS=1 bash scripts/setup.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

@@ -3,6 +3,7 @@
 # Usage: bash scripts/setup.sh            (called by `make setup`, `make run`, `make test`, .ci/run)
 # Env:   PYTHON (interpreter to create .venv with, default python3)
 #        RAG_PIPELINE_SKIP_APT=1 (do not touch system packages)
+#        RAG_PIPELINE_TEST_DEPS=1 (also the test-only SGLang argument parser; `make test` sets it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,7 +66,10 @@ fi
 
 # --- 7. SGLang's command-line parser for the tests (no GPU here: only its argument parser is used) ---
 # --no-deps into its own directory, put on PYTHONPATH only by the test that checks the SGLang commands.
-if [ ! -f "$VENV/sglang-parser/.installed" ] || [ scripts/requirements-sglang-parser.txt -nt "$VENV/sglang-parser/.installed" ]; then
+# Test-only (~1.3 GB, mostly triton): installed when RAG_PIPELINE_TEST_DEPS=1 (`make test` sets it), not by
+# `make run`.
+if [ "${RAG_PIPELINE_TEST_DEPS:-0}" = 1 ] && { [ ! -f "$VENV/sglang-parser/.installed" ] ||
+  [ scripts/requirements-sglang-parser.txt -nt "$VENV/sglang-parser/.installed" ]; }; then
   log "installing SGLang's argument parser (sglang --no-deps) into $VENV/sglang-parser"
   rm -rf "$VENV/sglang-parser"
   "${PIP[@]}" --no-deps --target "$VENV/sglang-parser" -r scripts/requirements-sglang-parser.txt

