@@ -276,16 +276,7 @@ class OutputDir:
         with self._lock:
             ledger.check(ids)
             dest = self.path / f"part-{ledger.next_index:05d}.parquet"
-            tmp = dest.with_name(dest.name + ".tmp")
-            try:
-                with tmp.open("wb") as fh:
-                    pq.write_table(table, fh)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            _write_atomic(table, dest)
             fsync_dir(self.path)
             ledger.add(ids)
         log.debug("committed %s (%d rows)", dest.name, len(ids))
