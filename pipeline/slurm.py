@@ -8,7 +8,8 @@
   --input IN --output OUT --shard I/S RUN_OPTIONS`` (the run writes ``OUT/shard-I-of-S/``). ``--requeue``: a requeued or preempted
   task resumes from its committed parts. ``--signal=B:USR1@120``: two minutes before the time limit Slurm
   signals the batch shell, which forwards SIGUSR1 to the run (it commits finished rows and exits) and then
-  requeues its own task, so a long job continues in a new allocation. SIGTERM (scancel, requeue,
+  requeues its own task, so a long job continues in a new allocation. A run that stopped on an endpoint
+  outage (exit 75) is requeued up to ``--outage-requeues`` times (3). SIGTERM (scancel, requeue,
   preemption) reaches the run directly from Slurm (not forwarded: a second signal would force-stop it).
 * ``merge.sbatch``: ``<python> -m pipeline merge OUT``, submitted with ``--dependency=afterok:<array id>``
   and ``--kill-on-invalid-dep=yes`` (a failed task cancels the merge instead of leaving it pending forever).
@@ -31,12 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import InputError, RunError
+from pipeline.errors import InputError, OutageError, RunError
 from pipeline.output import shard_dirs
 
 log = logging.getLogger(__name__)
 
 SIGNAL_SPEC = "B:USR1@120"
+OUTAGE_EXIT = OutageError.exit_code
+"""Exit status of a run stopped by an endpoint outage (pipeline.errors.OutageError), requeued by the array script."""
 SLURM_DIR = "_slurm"
 SBATCH_TIMEOUT_S = 60.0
 _TIME_RE = re.compile(r"^\d+(-\d+)?(:\d+){0,2}$")
@@ -68,6 +71,9 @@ class SubmitOptions:
         shards: S, array tasks = shards of the input (0 = ``nodes``).
         max_concurrent: K, array tasks running at once (Slurm ``--array=0-(S-1)%K``); 0 = ``nodes`` when
             ``shards`` exceeds it, else no throttle.
+        outage_requeues: times a task that stopped on an endpoint outage (the run's exit 75, after
+            ``run.max_outage_s``) requeues itself, counted per task in ``_slurm/outages/<task index>``; 0 =
+            never (the task fails with 75 and the merge job is cancelled).
     """
 
     input_path: Path
@@ -86,6 +92,7 @@ class SubmitOptions:
     run_command: tuple[str, ...] | None = None
     shards: int = 0
     max_concurrent: int = 0
+    outage_requeues: int = 3
 
     @property
     def n_shards(self) -> int:
@@ -160,6 +167,8 @@ def validate(opts: SubmitOptions) -> None:
         raise InputError(f"--nodes {opts.nodes}: must be >= 1")
     if opts.shards < 0:
         raise InputError(f"--shards {opts.shards}: must be >= 1")
+    if opts.outage_requeues < 0:
+        raise InputError(f"--outage-requeues {opts.outage_requeues}: must be >= 0")
     if opts.max_concurrent < 0:
         raise InputError(f"--max-concurrent {opts.max_concurrent}: must be >= 1 (or 0 for the default)")
     if opts.gpus_per_node < 0:
@@ -279,6 +288,19 @@ def array_script(opts: SubmitOptions) -> str:
         'if [ "$usr1" = 1 ] && [ "$rc" -ne 0 ]; then',
         '  echo "rag-pipeline: SIGUSR1 (time limit near), run exited ${rc}: requeueing ${task}" >&2',
         '  scontrol requeue "$task"',
+        f'elif [ "$rc" -eq {OUTAGE_EXIT} ]; then',
+        "  # every endpoint was down for run.max_outage_s: committed rows are kept; try again later",
+        f"  counter={shlex.quote(str(opts.slurm_dir / 'outages'))}/\"${{SLURM_ARRAY_TASK_ID}}\"",
+        '  mkdir -p "$(dirname "$counter")" && echo "$(date -Is)" >> "$counter"',
+        '  n=$(wc -l < "$counter")',
+        f'  if [ "$n" -le {opts.outage_requeues} ]; then',
+        f'    echo "rag-pipeline: endpoint outage (exit {OUTAGE_EXIT}), requeueing ${{task}} '
+        f'(outage ${{n}} of at most {opts.outage_requeues})" >&2',
+        '    scontrol requeue "$task"',
+        "  else",
+        f'    echo "rag-pipeline: endpoint outage (exit {OUTAGE_EXIT}) ${{n}} times: not requeueing ${{task}}; '
+        'fix the endpoints and resubmit (committed rows are kept)" >&2',
+        "  fi",
         "fi",
         'exit "$rc"',
         "",

@@ -7,6 +7,10 @@ or SIGUSR1 stop after the current record, commit, write the manifest and exit 13
 Each record takes ``--delay-s`` seconds, so that a test can requeue or signal a task while it runs.
 
     python tests/slurm_standin_run.py --input IN --output OUT --shard I/N [--limit K] [--delay-s S]
+        [--outage-after R]
+
+``--outage-after R``: on its first start (SLURM_RESTART_COUNT 0) the task stops after committing R rows with the
+exit status of an endpoint outage (75, pipeline.errors.OutageError), as `run` does after ``run.max_outage_s``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 import pyarrow as pa
 
 from pipeline.config import Config
+from pipeline.errors import OutageError
 from pipeline.output import OutputDir, in_shard, input_fingerprint, parse_shard, shard_dir
 from pipeline.records import iter_records, scan_input
 
@@ -31,6 +36,7 @@ def main() -> int:
     ap.add_argument("--shard", required=True)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--delay-s", type=float, default=0.5)
+    ap.add_argument("--outage-after", type=int, default=0)
     args = ap.parse_args()
 
     stop: list[str] = []
@@ -59,11 +65,16 @@ def main() -> int:
     )
     done = od.committed_ids()
     print(f"standin resume committed={len(done)} of {len(recs)}", flush=True)
+    committed_now = 0
     for rec in recs:
         if rec.id in done:
             continue
         if stop:
             break
+        if args.outage_after and restart == "0" and committed_now >= args.outage_after:
+            od.write_manifest({"complete": False, "rows": len(done), "total_records": len(recs)})
+            print(f"standin exit outage rows={len(done)} t={time.time():.3f}", flush=True)
+            return OutageError.exit_code
         time.sleep(args.delay_s)
         od.commit_part(
             pa.table(
@@ -77,6 +88,7 @@ def main() -> int:
             )
         )
         done.add(rec.id)
+        committed_now += 1
     complete = len(done) == len(recs)
     od.write_manifest({"complete": complete, "rows": len(done), "total_records": len(recs)})
     print(f"standin exit signal={','.join(stop) or '-'} rows={len(done)} complete={complete} t={time.time():.3f}",

@@ -143,6 +143,44 @@ def test_more_shards_than_nodes_run_throttled_and_merge(slurm_cluster: SlurmClus
     assert json.loads((out / "merged" / "_manifest.json").read_text())["n_shards"] == 6
 
 
+def test_outage_exit_requeues_the_task_a_bounded_number_of_times(slurm_cluster: SlurmCluster, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """A task whose run stops on an endpoint outage (exit 75 after run.max_outage_s) requeues itself and finishes
+    on its next start; with --outage-requeues 0 it is not requeued (the task fails, the merge is cancelled)."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    inp = tmp_path / "records.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"r{i}", "query": f"question {i}"}) + "\n" for i in range(4)))
+    outs = {}
+    for requeues in (1, 0):
+        out = tmp_path / f"out{requeues}"
+        res = submit(
+            SubmitOptions(
+                input_path=inp, output_dir=out, nodes=1, run_command=(sys.executable, str(STANDIN)),
+                run_options=("--delay-s", "0.2", "--outage-after", "2"), workdir=tmp_path,
+                job_name=f"rag-test-outage{requeues}", outage_requeues=requeues,
+            )
+        )
+        outs[requeues] = (out, res.array_job_id, res.merge_job_id)
+    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+
+    out, array_id, merge_id = outs[1]
+    state = slurm_cluster.wait_state(merge_id, final, timeout_s=120)
+    err = _logs(out, "run-*.err")
+    assert state == "COMPLETED", f"merge job {state}\n{err}\n{_logs(out, 'run-*.out')}"
+    task = slurm_cluster.job(f"{array_id}_0")
+    assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", task
+    assert f"endpoint outage (exit 75), requeueing {array_id}_0 (outage 1 of at most 1)" in err
+    text = _logs(out, "run-*.out")
+    assert "standin exit outage rows=2" in text and "restart=1" in text
+    _assert_exactly_once(out / "merged", [f"r{i}" for i in range(4)])
+
+    out, array_id, merge_id = outs[0]
+    assert slurm_cluster.wait_state(f"{array_id}_0", final, timeout_s=120) == "FAILED"
+    assert slurm_cluster.job(f"{array_id}_0")["Restarts"] == "0"
+    assert "not requeueing" in _logs(out, "run-*.err")
+    assert len(read_rows(shard_dir(out, 0, 1), ["id"])) == 2  # committed rows kept for a resubmission
+
+
 # --- the real run --------------------------------------------------------------------------------------
 
 

@@ -36,6 +36,10 @@ from pipeline.commands.options import handle_errors
     help="Array tasks running at once (Slurm --array=...%K); default --nodes when --shards exceeds it.",
 )
 @click.option(
+    "--outage-requeues", default=3, show_default=True, type=int,
+    help="Times a task stopped by an endpoint outage (exit 75) requeues itself; 0 = never.",
+)
+@click.option(
     "--gpus-per-node", "-G", default=0, show_default=True, type=int, help="GPUs per task (--gres=gpu:G)."
 )
 @click.option("--partition", "-p", default="", help="Slurm partition (array and merge job).")
@@ -61,6 +65,7 @@ def submit_cmd(
     nodes: int,
     shards: int,
     max_concurrent: int,
+    outage_requeues: int,
     gpus_per_node: int,
     partition: str,
     time_limit: str,
@@ -90,6 +95,7 @@ def submit_cmd(
         nodes=nodes,
         shards=shards,
         max_concurrent=max_concurrent,
+        outage_requeues=outage_requeues,
         gpus_per_node=gpus_per_node,
         partition=partition,
         time_limit=time_limit,
