@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.jsonl import iter_json_objects
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -136,50 +137,32 @@ def load_references(path: str | Path, fields: ReferenceFields = ReferenceFields(
     """
     p = Path(path)
     refs: dict[str, Reference] = {}
-    try:
-        fh = p.open("rb")
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read references file: {exc.strerror or exc}") from None
-    with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{p}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise InputError(f"{where}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            rid = rec.get(fields.id)
-            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
-                raise InputError(f"{where}: field '{fields.id}' is missing or not a string/integer")
-            ans = rec.get(fields.answer)
-            if isinstance(ans, str):
-                answers: tuple[str, ...] = (ans,)
-            elif ans is None:
-                answers = ()
-            elif isinstance(ans, list) and ans and all(isinstance(a, str) for a in ans):
-                answers = tuple(ans)
-            else:
-                raise InputError(f"{where}: field '{fields.answer}' must be a string or a non-empty list of strings")
-            label = rec.get(fields.label)
-            if label is not None and not isinstance(label, str):
-                raise InputError(f"{where}: field '{fields.label}' must be a string")
-            docs = rec.get(fields.doc_ids)
-            if docs is not None and (not isinstance(docs, list) or not all(
-                    isinstance(d, (str, int)) and not isinstance(d, bool) for d in docs)):
-                raise InputError(f"{where}: field '{fields.doc_ids}' must be a list of document ids")
-            if not answers and label is None and not docs:
-                raise InputError(
-                    f"{where}: none of the fields '{fields.answer}', '{fields.label}', '{fields.doc_ids}' is present")
-            if str(rid) in refs:
-                raise InputError(f"{where}: duplicate id {rid!r}")
-            refs[str(rid)] = Reference(answers, label, frozenset(str(d) for d in docs or ()))
+    for where, rec in iter_json_objects(p, "references file"):
+        rid = rec.get(fields.id)
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
+            raise InputError(f"{where}: field '{fields.id}' is missing or not a string/integer")
+        ans = rec.get(fields.answer)
+        if isinstance(ans, str):
+            answers: tuple[str, ...] = (ans,)
+        elif ans is None:
+            answers = ()
+        elif isinstance(ans, list) and ans and all(isinstance(a, str) for a in ans):
+            answers = tuple(ans)
+        else:
+            raise InputError(f"{where}: field '{fields.answer}' must be a string or a non-empty list of strings")
+        label = rec.get(fields.label)
+        if label is not None and not isinstance(label, str):
+            raise InputError(f"{where}: field '{fields.label}' must be a string")
+        docs = rec.get(fields.doc_ids)
+        if docs is not None and (not isinstance(docs, list) or not all(
+                isinstance(d, (str, int)) and not isinstance(d, bool) for d in docs)):
+            raise InputError(f"{where}: field '{fields.doc_ids}' must be a list of document ids")
+        if not answers and label is None and not docs:
+            raise InputError(
+                f"{where}: none of the fields '{fields.answer}', '{fields.label}', '{fields.doc_ids}' is present")
+        if str(rid) in refs:
+            raise InputError(f"{where}: duplicate id {rid!r}")
+        refs[str(rid)] = Reference(answers, label, frozenset(str(d) for d in docs or ()))
     if not refs:
         raise InputError(f"{p}: no references")
     return refs

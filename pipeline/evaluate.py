@@ -19,7 +19,6 @@ Van Gysel & de Rijke, "Pytrec_eval: An Extremely Fast Python Interface to trec_e
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import InputError
+from pipeline.jsonl import iter_json_objects
 
 if TYPE_CHECKING:  # pragma: no cover
     from workers.retriever import Retriever
@@ -140,33 +140,15 @@ def load_queries(path: str | Path) -> dict[str, str]:
     """
     p = Path(path)
     queries: dict[str, str] = {}
-    try:
-        fh = p.open("rb")
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read queries file: {exc.strerror or exc}") from None
-    with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{p}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise InputError(f"{where}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            qid, text = rec.get("_id"), rec.get("text")
-            if isinstance(qid, bool) or not isinstance(qid, (str, int)) or str(qid) == "":
-                raise InputError(f"{where}: field '_id' is missing or not a string/integer")
-            if not isinstance(text, str) or not text.strip():
-                raise InputError(f"{where}: field 'text' is missing or empty")
-            if str(qid) in queries:
-                raise InputError(f"{where}: duplicate query _id {qid!r}")
-            queries[str(qid)] = text
+    for where, rec in iter_json_objects(p, "queries file"):
+        qid, text = rec.get("_id"), rec.get("text")
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)) or str(qid) == "":
+            raise InputError(f"{where}: field '_id' is missing or not a string/integer")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{where}: field 'text' is missing or empty")
+        if str(qid) in queries:
+            raise InputError(f"{where}: duplicate query _id {qid!r}")
+        queries[str(qid)] = text
     if not queries:
         raise InputError(f"{p}: no queries")
     return queries
