@@ -46,12 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_server import launch  # noqa: E402
 from bench.common import PipelineRun, ensure_store, write_config, write_records  # noqa: E402
+from tests.runtools import MARKER_ENV, processes_with_marker, wait_no_survivors  # noqa: E402
 
 FAULTS = ["kill9_main", "sigterm_main", "kill9_server", "sigstop_rag", "sigstop_gen", "kill9_worker", "http500",
           "all_down"]
 RETRYABLE_MARKS = ("NoEndpointAvailable", "RequestFailed", "connection", "refused", "timeout", "http_5",
                    "StoreError")
-MARKER_ENV = "RAG_PIPELINE_TEST_MARKER"
 
 
 def _config(workdir: Path, bench_urls: list[str]) -> Path:
@@ -78,24 +78,11 @@ def _read_rows(out: Path) -> list[dict]:
 def _marked(marker: str) -> list[psutil.Process]:
     """Live processes started by the runs (they carry the marker in their environment); the benchmark servers,
     started by this script, are not the run's."""
-    found = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get(MARKER_ENV) == marker and p.status() != psutil.STATUS_ZOMBIE \
-                    and "bench_server.py" not in " ".join(p.cmdline()):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    return processes_with_marker(marker, exclude="bench_server.py")
 
 
 def _wait_orphans(marker: str, timeout_s: float = 30.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = _marked(marker)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.3)
+    return wait_no_survivors(marker, timeout_s, exclude="bench_server.py")
 
 
 class Chaos:

@@ -14,10 +14,15 @@ record, retrieval included, and the bench servers run on the same cores), i.e. s
 (2 x target)). Only capacity / service matters for the ideal; a long service time with a large capacity is the
 harder case for the pipeline (more requests in flight to keep).
 
-**What is measured (steady state).** After every worker logged READY, the bench waits 2 service times (both
-stages flowing) and measures a window of ``--window-services`` service times (at least ``--min-window-s``):
-records/s = generation requests completed at the servers per second in the window (one per record), ratio =
-that / ideal; server utilisation (busy slot-seconds / (N x C x window)) is printed beside it. Then the run is
+**What is measured (steady state).** The run starts by sending every endpoint its default in-flight total (320)
+of RAG answers; a server of capacity C queues what it cannot serve (as SGLang and vLLM do), so the first
+generations complete only after that queue drained once, and the RAG/generation mix settles after about two
+such cycles (a cycle = (ceil(320 / C) + 1) service times). After every worker logged READY, the bench waits
+``--warm-cycles`` (2) cycles, at least 2 service times, then measures a window of ``--window-services`` (4)
+service times (at least ``--min-window-s``): records/s = generation requests completed at the servers per
+second in the window (one per record), ratio = that / ideal; printed beside it: server utilisation (busy
+slot-seconds / (N x C x window)), the work ratio (RAG answers + generations completed in the window / 2, per
+second, / ideal) and when the first generation completed (the start-up transient a short run pays). Then the run is
 stopped (SIGTERM twice: committed rows are kept), and its committed rows are checked: no failure row. The
 input is sized so that it is not exhausted before the window ends (checked: in the window's last quarter RAG
 answers still complete at least half as often as generations).
@@ -98,8 +103,14 @@ def measure(n: int, cap: int, service_s: float, args: argparse.Namespace, store:
 
     ideal = n * cap / (CALLS_PER_RECORD * service_s)
     window = max(args.min_window_s, args.window_services * service_s)
-    warm = 2 * service_s + 2.0
-    in_flight = n * inflight_per_endpoint(LLMConfig(), None)
+    per_endpoint = inflight_per_endpoint(LLMConfig(), None)
+    # Steady state: the run starts by sending each endpoint its whole in-flight total of RAG answers, which the
+    # server works through at cap per service time (queueing the rest, as SGLang/vLLM do); the first generations
+    # complete only after that queue drained once, and the RAG/generation mix settles after about two such
+    # cycles. Measuring earlier counts the start-up transient (ratios far below or above 1).
+    cycle_s = (math.ceil(per_endpoint / cap) + 1) * service_s
+    warm = max(2 * service_s, args.warm_cycles * cycle_s) + 2.0
+    in_flight = n * per_endpoint
     startup_est = 20 + 10 * n
     m = int(math.ceil(ideal * (startup_est + warm + window + 30) + in_flight + 500))
     tag = f"n{n}-c{cap}" + (f"-r{reject_status}" if reject_status else "")
@@ -131,7 +142,8 @@ def measure(n: int, cap: int, service_s: float, args: argparse.Namespace, store:
         rc = _stop(run)
         stats = servers.stats(services=True)
     kinds = _kinds()
-    gen_done = busy = 0.0
+    gen_done = rag_done = busy = 0.0
+    first_gen = math.inf
     tail = {"rag": 0, "gen": 0}  # completions in the last quarter of the window
     t_tail = t1 - window / 4
     rejected = sum(st["rejected"] for st in stats)
@@ -141,6 +153,10 @@ def measure(n: int, cap: int, service_s: float, args: argparse.Namespace, store:
             kind = kinds.get(label, "other")
             if kind == "gen" and t0 < s1 <= t1:
                 gen_done += 1
+            if kind == "rag" and t0 < s1 <= t1:
+                rag_done += 1
+            if kind == "gen":
+                first_gen = min(first_gen, s1)
             if kind in tail and t_tail < s1 <= t1:
                 tail[kind] += 1
     rate = gen_done / window
@@ -150,6 +166,9 @@ def measure(n: int, cap: int, service_s: float, args: argparse.Namespace, store:
     failures = sum(v for k, v in statuses.items() if k != "ok/ok")
     return {
         "tag": tag, "n": n, "cap": cap, "service_s": service_s, "ideal": ideal, "rate": rate, "ratio": rate / ideal,
+        # both stages' completions in the window, in records (2 calls each): the servers' useful work
+        "work_ratio": (rag_done + gen_done) / CALLS_PER_RECORD / window / ideal,
+        "first_gen_s": first_gen - t_ready, "warm_s": warm,
         "util": busy / (n * cap * window), "window_s": window, "startup_s": t_ready - run.t_launch,
         "cpu_ms_per_record": own / rate * 1000 if rate else float("nan"), "cpu": cpu,
         "rows": sum(statuses.values()), "failures": failures, "statuses": statuses, "rejected": rejected,
@@ -171,7 +190,9 @@ def main() -> None:
     ap.add_argument("--capacities", default="64,256", help="capacity of each endpoint (requests in service)")
     ap.add_argument("--target-ideal", type=float, default=20.0, help="records/s the service time is sized for")
     ap.add_argument("--min-service-s", type=float, default=2.0)
-    ap.add_argument("--window-services", type=float, default=2.0, help="measured window, in service times")
+    ap.add_argument("--window-services", type=float, default=4.0, help="measured window, in service times")
+    ap.add_argument("--warm-cycles", type=float, default=2.0,
+                    help="wait before the window, in queue cycles ((in flight per endpoint / capacity + 1) x service)")
     ap.add_argument("--min-window-s", type=float, default=30.0)
     ap.add_argument("--startup-timeout-s", type=float, default=600.0)
     ap.add_argument("--no-overload", action="store_true", help="skip the 429/503 runs")
@@ -195,7 +216,9 @@ def main() -> None:
                     r = measure(n, cap, s, args, store, collection, work)
                     results.append(r)
                     print(f"{r['tag']}: {r['rate']:.2f} rec/s of {r['ideal']:.2f} (ratio {r['ratio']:.3f}, util "
-                          f"{r['util']:.3f}); CPU {r['cpu_ms_per_record']:.1f} ms/record; cores {_fmt(r['cpu'])}; "
+                          f"{r['util']:.3f}, work {r['work_ratio']:.3f}); first generation {r['first_gen_s']:.0f} s "
+                          f"after READY, window from {r['warm_s']:.0f} s for {r['window_s']:.0f} s; "
+                          f"CPU {r['cpu_ms_per_record']:.1f} ms/record; cores {_fmt(r['cpu'])}; "
                           f"startup {r['startup_s']:.0f} s; rows {r['statuses']}", flush=True)
         if not args.no_overload:
             for status, retry_after in ((429, None), (503, 1.0)):

@@ -93,22 +93,30 @@ def start_run(args: list[str], marker: str | None = None) -> tuple[subprocess.Po
     return proc, marker
 
 
-def processes_with_marker(marker: str) -> list[psutil.Process]:
-    """Live processes whose environment carries the marker (the run and everything it started)."""
+MARKER_ENV = "RAG_PIPELINE_TEST_MARKER"
+"""Environment variable carrying a run's marker (inherited by everything the run starts)."""
+
+
+def processes_with_marker(marker: str, exclude: str = "") -> list[psutil.Process]:
+    """Live processes whose environment carries the marker (the run and everything it started), except those
+    whose command line contains ``exclude`` (when given)."""
     found = []
     for p in psutil.process_iter(["pid"]):
         try:
-            if p.environ().get("RAG_PIPELINE_TEST_MARKER") == marker and p.status() != psutil.STATUS_ZOMBIE:
+            if p.environ().get(MARKER_ENV) == marker and p.status() != psutil.STATUS_ZOMBIE \
+                    and not (exclude and exclude in " ".join(p.cmdline())):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
 
 
-def wait_no_survivors(marker: str, timeout_s: float = 15.0) -> list[psutil.Process]:
+def wait_no_survivors(marker: str, timeout_s: float = 15.0, exclude: str = "") -> list[psutil.Process]:
+    """Wait up to ``timeout_s`` for the marked processes (see :func:`processes_with_marker`) to be gone; returns
+    those still alive."""
     deadline = time.monotonic() + timeout_s
     while True:
-        left = processes_with_marker(marker)
+        left = processes_with_marker(marker, exclude)
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
