@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -73,8 +72,8 @@ def synthetic_collection(n: int, root: Path = SHARED_ROOT) -> Path:
 
     import numpy as np
 
-    from workers.store import get_collection, open_client
     from pipeline.config import StoreConfig
+    from workers.store import get_collection, open_client
 
     shutil.rmtree(store, ignore_errors=True)
     t0 = time.perf_counter()
