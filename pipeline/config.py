@@ -46,6 +46,10 @@ class StoreConfig:
         "", "BM25 index directory (one folder per collection); empty = <path>/bm25, or none with chroma_url "
         "(then each RAG worker builds it in memory); with chroma_url use a shared filesystem path."
     )
+    shared: str = _f(
+        "auto", "run: 'on' = one Chroma server over the local store for all RAG workers of the node (one index copy), "
+        "'off' = each worker opens the store, 'auto' = on when the copies would duplicate > 1 GiB (pipeline/store_mode.py)."
+    )
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,7 @@ class Config:
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("ingest", "on_error"): ("fail", "skip"),
+    ("store", "shared"): ("auto", "on", "off"),
     ("servers", "backend"): ("auto", "sglang", "llamacpp"),
     ("rag", "mode"): ("retrieve+answer", "retrieve"),
     ("retrieval", "mode"): ("dense", "bm25", "hybrid"),
