@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -160,6 +161,226 @@ def part_workers(args: argparse.Namespace) -> None:
               f"8 RAG workers duplicate 7 x that")
 
 
+# --- (a) peak RSS of an ingest vs corpus size ---------------------------------------------------------------
+SCIFACT_DOCS = 5183
+
+
+def synthetic_corpus(scifact: Path, factor: float, out: Path) -> tuple[Path, int, int]:
+    """``factor`` x SciFact as one JSONL: SciFact's documents repeated (copy k gets ids ``k-<_id>`` and its copy
+    number in the title, so texts and hashes differ). Returns (path, documents, bytes)."""
+    import gzip
+
+    n = max(1, round(SCIFACT_DOCS * factor))
+    path = out / f"scifact-x{factor:g}.jsonl"
+    if path.exists():
+        return path, n, path.stat().st_size
+    with gzip.open(scifact, "rt", encoding="utf-8") as fh:
+        base = [json.loads(line) for line in fh if line.strip()]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            d = base[i % len(base)]
+            k = i // len(base)
+            fh.write(json.dumps({"_id": f"{k}-{d['_id']}", "title": f"{d.get('title', '')} ({k})",
+                                 "text": d["text"]}) + "\n")
+    tmp.rename(path)
+    return path, n, path.stat().st_size
+
+
+class _Sampler:
+    """RSS of one process every 0.1 s (a thread), with a time stamp per sample."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), self.proc.memory_info().rss / 2**20))
+            except psutil.Error:
+                return
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(timeout=5)
+
+    def peak(self, until: float | None = None) -> float:
+        return max((r for t, r in self.samples if until is None or t <= until), default=0.0)
+
+
+_READ_SNIPPET = """
+import sys, time, tempfile, pathlib
+from workers.sources import iter_source, read_source, SqliteSeenIds
+t0 = time.perf_counter()
+if sys.argv[2] == "stream":
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = SqliteSeenIds.temporary(pathlib.Path(tmp) / "seen.sqlite")
+        n = sum(1 for _ in iter_source(sys.argv[1], seen=seen))
+else:
+    n = len(read_source(sys.argv[1]).documents)
+dt = time.perf_counter() - t0
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(n, dt, int(hwm) / 1024)
+"""
+
+
+def _read_pass(path: Path, how: str) -> tuple[int, float, float]:
+    out = subprocess.run([sys.executable, "-c", _READ_SNIPPET, str(path), how], check=True, cwd=REPO,
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]), float(out[1]), float(out[2])
+
+
+def part_rss(args: argparse.Namespace) -> None:
+    import threading
+
+    from pipeline.config import IngestConfig
+
+    sizes = [float(s) for s in args.sizes.split(",")]
+    ingest_sizes = [float(s) for s in (args.ingest_sizes or args.sizes).split(",")]
+    work = Path(tempfile.gettempdir()) / f"rag-bench-corpus-{os.getuid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"\n(a) ingest of a synthetic corpus k x SciFact ({args.scifact}); default settings "
+          f"(chunk_chars {IngestConfig().chunk_chars}, write batch 8 x encode batch), real model, 2 CPU cores")
+    rows = []
+    for k in sizes:
+        path, n_docs, n_bytes = synthetic_corpus(Path(args.scifact), k, work)
+        n, stream_s, stream_mb = _read_pass(path, "stream")
+        _, _hold_s, hold_mb = _read_pass(path, "hold")
+        row = {"k": k, "docs": n_docs, "mb": n_bytes / 2**20, "validate_s": stream_s, "validate_rss": stream_mb,
+               "hold_rss": hold_mb}
+        print(f"  {k:g}x: {n_docs} documents, {n_bytes / 2**20:.1f} MB; validation pass (streamed, SQLite "
+              f"duplicate check) {stream_s:.1f} s, peak RSS {stream_mb:.0f} MiB; holding it in memory "
+              f"(read_source, the old ingest's first step) peak RSS {hold_mb:.0f} MiB", flush=True)
+        if k in ingest_sizes:
+            with tempfile.TemporaryDirectory(prefix="bench-ingest-rss-") as tmp:
+                cmd = [str(Path(sys.executable).with_name("rag-pipeline")), "-v", "ingest", str(path), "--store",
+                       f"{tmp}/store", "--collection", "rss", "--no-progress"]
+                t0 = time.monotonic()
+                proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                sampler = _Sampler(proc.pid)
+                marks: dict[str, float] = {}
+
+                def read_err(stream=proc.stderr, marks=marks) -> None:
+                    for line in stream:
+                        if "rebuilding the BM25 index" in line:
+                            marks["bm25"] = time.monotonic()
+                        elif "validated" in line and "documents of" in line:
+                            marks["validated"] = time.monotonic()
+
+                reader = threading.Thread(target=read_err, daemon=True)
+                reader.start()
+                out, _ = proc.communicate()
+                reader.join(timeout=5)
+                sampler.stop()
+                wall = time.monotonic() - t0
+                assert proc.returncode == 0, f"ingest failed ({proc.returncode})"
+                summary = out.strip().splitlines()[-1]
+                chunks = int(summary.split("chunks added ")[1].split(",")[0])
+                bm25_s = float(summary.split("BM25 index rebuilt in ")[1].split(" s")[0]) if "BM25" in summary else 0
+                write_peak = sampler.peak(marks.get("bm25"))
+                total_peak = sampler.peak()
+                row.update(chunks=chunks, write_rss=write_peak, total_rss=total_peak, wall=wall, bm25_s=bm25_s,
+                           cps=chunks / wall)
+                print(f"      ingest: {chunks} chunks in {wall:.0f} s ({chunks / wall:.1f} chunks/s incl. model load "
+                      f"and BM25 {bm25_s:.1f} s); peak RSS through the write pass {write_peak:.0f} MiB, "
+                      f"with the BM25 rebuild {total_peak:.0f} MiB", flush=True)
+        rows.append(row)
+    print("\n  size   docs     MB    validate s  validate RSS  held RSS  | chunks  write-pass RSS  +BM25 RSS  chunks/s")
+    for r in rows:
+        extra = (f"| {r['chunks']:6d}  {r['write_rss']:12.0f}  {r['total_rss']:9.0f}  {r['cps']:8.1f}"
+                 if "chunks" in r else "| (not ingested: --ingest-sizes)")
+        print(f"  {r['k']:<5g} {r['docs']:6d}  {r['mb']:5.1f}  {r['validate_s']:10.1f}  {r['validate_rss']:12.0f}  "
+              f"{r['hold_rss']:8.0f}  {extra}")
+    ing = [r for r in rows if "chunks" in r]
+    if len(ing) >= 2:
+        a, b = ing[0], ing[-1]
+        print(f"  write-pass peak RSS {b['k']:g}x / {a['k']:g}x: {b['write_rss'] / a['write_rss']:.2f} for "
+              f"{b['docs'] / a['docs']:.1f}x the documents (goal: flat, within +100 MiB: "
+              f"{b['write_rss'] - a['write_rss']:+.0f} MiB)")
+        per = (b["total_rss"] - b["write_rss"]) * 1024 / b["chunks"]
+        print(f"  BM25 rebuild (in-memory bm25s build, inherent): ~{per:.1f} KiB per chunk above the write pass")
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        print(f"  validation pass peak RSS {b['k']:g}x / {a['k']:g}x: {b['validate_rss'] / a['validate_rss']:.2f}; "
+              f"held corpus {b['hold_rss'] / a['hold_rss']:.2f}")
+
+
+# --- (c) resume after SIGKILL ---------------------------------------------------------------------------------
+_KILLED = """
+import sys
+from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
+from workers.ingest import ingest_source
+ingest_source(sys.argv[1], StoreConfig(path=sys.argv[2], collection="resume"), IngestConfig(), EmbeddingConfig(),
+              progress=False)
+"""
+
+
+def part_resume(args: argparse.Namespace) -> None:
+    import sqlite3
+
+    from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
+    from workers.embedding import load_embedder, resolve_batch_size, resolve_device, resolve_write_batch
+    from workers.ingest import ingest_source
+
+    work = Path(tempfile.gettempdir()) / f"rag-bench-corpus-{os.getuid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    path, n_docs, _ = synthetic_corpus(Path(args.scifact), args.resume_docs / SCIFACT_DOCS, work)
+    device = resolve_device("auto")
+    write_batch = resolve_write_batch(0, resolve_batch_size(0, device))
+    print(f"\n(c) resume: {n_docs} documents, default settings (write batch {write_batch} chunks on {device}); "
+          "SIGKILL once 2 write batches are finished, then run again")
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-resume-") as tmp:
+        ledger = Path(tmp) / "store" / "ingest" / "resume.sqlite"
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(path), f"{tmp}/store"], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def finished() -> tuple[int, int]:
+            try:
+                with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=1) as con:
+                    docs, chunks = con.execute(
+                        "SELECT COUNT(*), COALESCE(SUM(n_chunks), 0) FROM docs WHERE doc_hash != ''").fetchone()
+                    return docs, chunks
+            except sqlite3.Error:
+                return 0, 0
+
+        while finished()[1] < 2 * write_batch:
+            if proc.poll() is not None:
+                print("  the ingest finished before it could be killed: use more --resume-docs")
+                return
+            time.sleep(0.05)
+        time.sleep(float(args.kill_delay_s))  # mid-way through the next batch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        docs_done, chunks_done = finished()
+        model = load_embedder("auto")
+        embedded = [0]
+        real_encode = model.encode
+
+        def counting(texts, **kw):
+            embedded[0] += len(texts)
+            return real_encode(texts, **kw)
+
+        model.encode = counting
+        s = ingest_source(path, StoreConfig(path=f"{tmp}/store", collection="resume"), IngestConfig(),
+                          EmbeddingConfig(), embedder=model, progress=False)
+    total = s.chunks_total
+    print(f"  killed with {docs_done} documents / {chunks_done} chunks finished (of {total} chunks)")
+    print(f"  resumed: {s.docs_unchanged} documents unchanged (not re-embedded), {embedded[0]} chunks embedded = "
+          f"total - finished ({total - chunks_done}): {'OK' if embedded[0] == total - chunks_done else 'MISMATCH'}; "
+          f"work redone = at most the batch in flight at the kill (<= {write_batch} chunks)")
+
+
 def part_throughput(args: argparse.Namespace) -> None:
     from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
     from workers.chunking import chunk_text
@@ -221,7 +442,9 @@ def main() -> None:
     ap.add_argument("--scifact", default=str(REPO.parent / "shared" / "data" / "scifact" / "corpus.jsonl.gz"))
     ap.add_argument("--collection-sizes", default="10000,50000,200000,500000", help="(workers) chunks")
     ap.add_argument("--queries", type=int, default=320, help="(workers) queries per probe")
-    ap.add_argument("--resume-docs", type=int, default=600, help="(resume) documents of the killed ingest")
+    ap.add_argument("--ingest-sizes", default="", help="(rss) sizes also ingested (default: all --sizes)")
+    ap.add_argument("--resume-docs", type=int, default=2000, help="(resume) documents of the killed ingest")
+    ap.add_argument("--kill-delay-s", type=float, default=5.0, help="(resume) seconds after batch 2 to SIGKILL")
     ap.add_argument("--probe-store", help=argparse.SUPPRESS)
     ap.add_argument("--probe-url", help=argparse.SUPPRESS)
     ap.add_argument("--probe-queries", type=int, default=0, help=argparse.SUPPRESS)

@@ -262,6 +262,7 @@ def ingest_source(
         bm25_built, bm25_seconds = False, 0.0
         if index_root(store_cfg, name) is not None and (writer.changed or stored_build(col, store_cfg, bm25) is None):
             tb = time.perf_counter()
+            log.info("rebuilding the BM25 index of %r from the collection (%d chunks)", name, total)
             rebuild(col, store_cfg, bm25)
             bm25_built, bm25_seconds = True, time.perf_counter() - tb
 
