@@ -439,7 +439,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sizes", default="1,3,10", help="(rss) corpus sizes in multiples of SciFact")
-    ap.add_argument("--scifact", default=str(REPO.parent / "shared" / "data" / "scifact" / "corpus.jsonl.gz"))
+    scifact = [p / "shared" / "data" / "scifact" / "corpus.jsonl.gz" for p in (REPO.parent, REPO.parent.parent)]
+    ap.add_argument("--scifact", default=str(next((p for p in scifact if p.exists()), scifact[0])),
+                    help="SciFact corpus.jsonl.gz (default: ../shared/data/scifact, beside the checkout)")
     ap.add_argument("--collection-sizes", default="10000,50000,200000,500000", help="(workers) chunks")
     ap.add_argument("--queries", type=int, default=320, help="(workers) queries per probe")
     ap.add_argument("--ingest-sizes", default="", help="(rss) sizes also ingested (default: all --sizes)")
