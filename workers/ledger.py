@@ -13,8 +13,8 @@ shrinks). ``seen_generation`` is the number of the last ingest that found the do
 write pass, rows with an older generation are the stale documents.
 
 Write protocol (:meth:`IngestLedger.intend` / :meth:`IngestLedger.finish`, one SQLite commit each): before a
-write batch is upserted, its documents' rows get ``max_chunks = max(old, new)`` (new documents a row with
-``doc_hash = ''``); after every chunk of the batch is in the collection, the rows get their hash and chunk
+write batch is upserted, its documents' rows get ``doc_hash = ''`` and ``max_chunks = max(old, new)`` (new
+documents a new row); after every chunk of the batch is in the collection, the rows get their hash and chunk
 count. So a killed ingest leaves finished documents with their final rows (not re-embedded next time) and the
 documents of the interrupted batch with an old or empty hash (rewritten next time), and every chunk id a write
 may have created is known.
@@ -142,7 +142,8 @@ class IngestLedger:
         self.con.execute("BEGIN")
 
     def close(self) -> None:
-        """Commit and close."""
+        """Empty the duplicate-id table (it would double the file), commit and close."""
+        self.seen.clear()
         self.commit()
         self.con.execute("COMMIT")
         self.con.close()
@@ -253,10 +254,11 @@ class IngestLedger:
             self._touch.clear()
 
     def intend(self, docs: Iterable[tuple[str, int]]) -> None:
-        """Before a write batch: ``(doc_id, chunks about to be written)``; committed at once."""
+        """Before a write batch: ``(doc_id, chunks about to be written)``; committed at once. The rows lose their
+        hash until :meth:`finish`: a document half-overwritten by a killed ingest is never taken as unchanged."""
         self.con.executemany(
             "INSERT INTO docs VALUES (?1, '', '', '', 0, ?2, ?3) ON CONFLICT(doc_id) DO UPDATE SET "
-            "max_chunks = MAX(max_chunks, ?2), seen_generation = ?3",
+            "doc_hash = '', max_chunks = MAX(max_chunks, ?2), seen_generation = ?3",
             [(d, n, self.generation) for d, n in docs],
         )
         self.commit()
