@@ -28,16 +28,17 @@ log = logging.getLogger(__name__)
 
 SHARED_CHOICES = ("auto", "on", "off")
 
-INDEX_BYTES_PER_CHUNK = 1700
-"""RSS a local client process gains per stored chunk once its collection is loaded (HNSW vectors float32 [384] =
-1,536 bytes + graph links + id maps): measured slope 1.63-1.70 KiB per chunk between 10k and 500k chunks
-(bench/ingest.py, part ``workers``; README "Corpus scale")."""
+INDEX_BYTES_PER_CHUNK = 2000
+"""RSS a local client process gains per stored chunk once its collection is loaded and queried (HNSW vectors
+float32 [384] = 1,536 bytes + graph links + id maps): measured 1,936 bytes per chunk from 10k to 200k chunks
+(146 -> 497 MiB above a bare process), 2,021 from 50k to 200k (bench/ingest.py, part ``workers``; README
+"Corpus scale")."""
 
 AUTO_MIN_DUPLICATE_BYTES = 1 << 30
 """``auto`` shares the index when the copies beyond the first would hold more than this (1 GiB). Below it the
 duplicated memory is small next to a GPU node's RAM while the shared server costs a fixed ~120 MB process and
-~6-11 % of retrieval queries/s (the HTTP hop, measured by the same bench); e.g. 8 RAG workers share from ~90k
-chunks, 2 workers from ~630k."""
+0-11 % of retrieval queries/s (the HTTP hop, measured by the same bench under load); 8 RAG workers share from
+~77k chunks, 2 workers from ~537k."""
 
 
 @dataclass(frozen=True)
