@@ -260,7 +260,7 @@ def part_rss(args: argparse.Namespace) -> None:
         row = {"k": k, "docs": n_docs, "mb": n_bytes / 2**20, "validate_s": stream_s, "validate_rss": stream_mb,
                "hold_rss": hold_mb}
         print(f"  {k:g}x: {n_docs} documents, {n_bytes / 2**20:.1f} MB; validation pass (streamed, SQLite "
-              f"duplicate check) {stream_s:.1f} s, peak RSS {stream_mb:.0f} MiB; holding it in memory "
+              f"duplicate check) {stream_s:.2f} s, peak RSS {stream_mb:.0f} MiB; holding it in memory "
               f"(read_source, the old ingest's first step) peak RSS {hold_mb:.0f} MiB", flush=True)
         if k in ingest_sizes:
             with tempfile.TemporaryDirectory(prefix="bench-ingest-rss-") as tmp:
