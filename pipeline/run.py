@@ -231,6 +231,7 @@ class _Run:
         self.deferred: collections.Counter[str] = collections.Counter()
         self.health = {"rag": _StageHealth("rag"), "gen": _StageHealth("gen")}  # urls set by _start_servers
         self.stop_reason: str | None = None  # the run stops for a reason of its own (not a signal)
+        self.store_server: Any = None  # pipeline.store_server.StoreServer with store.shared (one index per node)
         self.left_uncommitted = 0  # records dropped because the run is stopping (done again by the resume)
 
     @property
@@ -900,10 +901,12 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
     backend = "none"
     interrupted: str | None = None
     pool = None
+    store_mode = None
     run.signals.install()
     try:
         if n_pending > 0:
             pool, backend = _start_servers(cfg, run, out_dir)
+            store_mode = _share_store(cfg, run, pool, backend, out_dir)
             run.start_rank0()
             if pool is not None and backend == "sglang":
                 for spec in pool.poll_startup():  # servers that became ready while rank0 started
@@ -933,6 +936,8 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                 run.monitor.stop()
             if run.pool is not None:
                 run.pool.stop()
+            if run.store_server is not None:
+                run.store_server.stop()  # after the RAG workers, its only clients
             if run.left_uncommitted:
                 log.warning("%d in-flight records were left uncommitted by the stop (the resume does them)",
                             run.left_uncommitted)
@@ -942,6 +947,8 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                                       backend=backend)
             if run.pool is not None:
                 manifest["servers"] = _server_report(run.pool, run)
+            if store_mode is not None:
+                manifest["store"] = store_mode.as_dict()
             with _output_errors(out_dir, "write"):
                 od.write_manifest(manifest)
     result = RunResult(out_dir, total, n_done_before, run.processed, manifest["complete"], manifest)
@@ -1012,6 +1019,41 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
         run.monitor.freeze()
     run.monitor.start()
     return pool, backend
+
+
+def _share_store(cfg: Config, run: _Run, pool: Any, backend: str, out_dir: Path) -> Any:
+    """Decide ``store.shared`` (:mod:`pipeline.store_mode`) and, when shared, start the node's Chroma server over
+    the local store and point every RAG worker at it (``run.cfg.store.chroma_url``; BM25 indexes and the ingest
+    ledger stay in the store directory). Returns the :class:`pipeline.store_mode.StoreMode`.
+
+    Raises:
+        StoreError: the Chroma server could not start.
+    """
+    import dataclasses
+
+    from pipeline.store_mode import count_chunks, decide
+    from pipeline.store_server import StoreServer
+
+    if pool is not None and backend == "sglang":
+        n_rag = len(pool.specs)
+    else:
+        n_rag = max(1, len(run.endpoints))
+    chunks = None if cfg.store.chroma_url else count_chunks(
+        cfg.store.path, [cfg.store.collection, *cfg.retrieval.collections])
+    mode = decide(cfg.store.shared, n_rag, chunks, cfg.store.chroma_url)
+    log.info("vector store: %s (%s)", mode.mode, mode.reason)
+    if not mode.shared:
+        return mode
+    store_path = Path(cfg.store.path).resolve()
+    store_path.mkdir(parents=True, exist_ok=True)
+    server = StoreServer(store_path, "127.0.0.1", log_path=out_dir / "_logs" / "chroma-store.log",
+                         shutdown_timeout_s=cfg.servers.shutdown_timeout_s)
+    run.store_server = server
+    url = server.start(abort=lambda: run.signals.count > 0)
+    store = dataclasses.replace(cfg.store, chroma_url=url, bm25_path=cfg.store.bm25_path or str(store_path / "bm25"))
+    run.cfg = dataclasses.replace(run.cfg, store=store)
+    log.info("vector store shared: one Chroma server %s over %s for %d RAG workers", url, store_path, n_rag)
+    return dataclasses.replace(mode, url=url)
 
 
 def _rag_target(spec: Any) -> dict[str, Any]:

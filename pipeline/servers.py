@@ -196,10 +196,12 @@ def embedding_reserve_mb(batch_size: int) -> float:
     ``batch_size * 256`` tokens (BERT-style layers; sizes read from the model's config.json).
 
     Args:
-        batch_size: ``embedding.batch_size`` (texts per encode call).
+        batch_size: ``embedding.batch_size`` (texts per encode call; 0 = the CUDA default,
+            :data:`workers.embedding.CUDA_BATCH_SIZE`).
     """
-    from workers.embedding import model_path
+    from workers.embedding import model_path, resolve_batch_size
 
+    batch_size = resolve_batch_size(batch_size, "cuda")
     mdir = model_path()
     weights = sum(f.stat().st_size for f in mdir.glob("*.safetensors"))
     try:

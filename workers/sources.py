@@ -11,9 +11,13 @@ or its file name when SOURCE is that file. Indexed text: ``(title + " " + text).
 Bad input (``on_error="fail"``, the default) raises :class:`pipeline.errors.InputError` naming the file and,
 for JSONL, the 1-based line: missing SOURCE, unreadable or corrupt PDF, a line that is not valid JSON or not an
 object, a missing/invalid ``_id`` or ``text``, a duplicate ``_id``, non-UTF-8 bytes, a corrupt gzip stream.
-With ``on_error="skip"`` the bad file (or JSONL line) is skipped and listed in :attr:`SourceScan.skipped`.
+With ``on_error="skip"`` the bad file (or JSONL line) is skipped and listed in :attr:`SourceReport.skipped`.
 Documents with no text at all are always skipped (and listed), never an error.
-Everything is read into memory before anything is written (SciFact: 8 MB of text).
+
+Streaming: :func:`iter_source` yields documents one at a time (folders walked lazily in sorted path order,
+JSONL/JSONL.gz read line by line), so memory is one document plus what the duplicate-id check keeps
+(:class:`SeenIds`: a dict by default, an on-disk SQLite table for ingest, :class:`SqliteSeenIds`).
+:func:`read_source` collects everything into a list, for small callers and tests only.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ import gzip
 import json
 import logging
 import os
+import sqlite3
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Protocol
 
 from tqdm.auto import tqdm
 
@@ -83,6 +89,88 @@ class SkippedInput:
 
 
 @dataclass
+class SourceReport:
+    """What :func:`iter_source` saw, filled while it streams.
+
+    Attributes:
+        documents: valid documents yielded.
+        skipped: inputs not ingested (bad ones with ``on_error="skip"``, and empty documents).
+        files: supported files opened.
+    """
+
+    documents: int = 0
+    skipped: list[SkippedInput] = field(default_factory=list)
+    files: int = 0
+
+    @property
+    def skipped_sources(self) -> set[str]:
+        """Relative paths of files with at least one skipped bad input (their stored documents are kept)."""
+        return {s.source for s in self.skipped if not s.reason.startswith("empty document")}
+
+
+class SeenIds(Protocol):
+    """Duplicate-id detection for one pass over a SOURCE."""
+
+    def first_seen(self, doc_id: str, source: str, line: int | None) -> str | None:
+        """Record ``doc_id`` at ``source[:line]``; return where it was first seen if it was seen before, else None."""
+        ...
+
+
+class MemorySeenIds:
+    """:class:`SeenIds` in a dict (~150 bytes per id): for small sources."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def first_seen(self, doc_id: str, source: str, line: int | None) -> str | None:
+        where = self._seen.get(doc_id)
+        if where is None:
+            self._seen[doc_id] = f"{source}:{line}" if line is not None else source
+        return where
+
+
+class SqliteSeenIds:
+    """:class:`SeenIds` in an on-disk SQLite table (stdlib ``sqlite3``): memory bounded by SQLite's page cache
+    whatever the number of documents. Measured cost: a few microseconds per id (bench/ingest.py, rss part).
+
+    Args:
+        con: an open connection (the ingest ledger's, or a temporary database); the table ``seen_ids`` is
+            created if missing and emptied by :meth:`clear`.
+    """
+
+    COMMIT_EVERY = 10_000
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+        con.execute("CREATE TABLE IF NOT EXISTS seen_ids (doc_id TEXT PRIMARY KEY, source TEXT, line INTEGER)")
+        self._pending = 0
+
+    @classmethod
+    def temporary(cls, path: str | Path) -> SqliteSeenIds:
+        """A new database file at ``path`` (no journal, no fsync: it lives for one pass)."""
+        con = sqlite3.connect(str(path), isolation_level=None)
+        con.execute("PRAGMA journal_mode=OFF")
+        con.execute("PRAGMA synchronous=OFF")
+        con.execute("BEGIN")
+        return cls(con)
+
+    def clear(self) -> None:
+        """Forget every id (start of a new pass)."""
+        self.con.execute("DELETE FROM seen_ids")
+
+    def first_seen(self, doc_id: str, source: str, line: int | None) -> str | None:
+        cur = self.con.execute("INSERT OR IGNORE INTO seen_ids VALUES (?, ?, ?)", (doc_id, source, line))
+        if cur.rowcount == 1:
+            return None
+        src, ln = self.con.execute("SELECT source, line FROM seen_ids WHERE doc_id = ?", (doc_id,)).fetchone()
+        return f"{src}:{ln}" if ln is not None else src
+
+    def close(self) -> None:
+        """Close the connection (temporary databases)."""
+        self.con.close()
+
+
+@dataclass
 class SourceScan:
     """Everything read from a SOURCE.
 
@@ -121,35 +209,55 @@ def _suffix(path: Path) -> str | None:
     return None
 
 
-def list_source_files(source: str | Path) -> list[Path]:
-    """Supported files of SOURCE, sorted by relative path (a single file gives ``[source]``).
-
-    Raises:
-        pipeline.errors.InputError: SOURCE does not exist, is a file of an unsupported type, or is a folder
-            without any supported file.
-    """
-    root = Path(source)
+def _check_root(root: Path) -> None:
     if not root.exists():
         raise InputError(f"{root}: source not found (expected a folder or a .jsonl/.jsonl.gz file)")
+    if root.is_file() and _suffix(root) is None:
+        raise InputError(f"{root}: unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+
+
+def _walk_sorted(folder: Path) -> Iterator[Path]:
+    """Supported, non-hidden files under ``folder`` in sorted relative-path order, one directory listing held at a
+    time (a directory sorts as ``name + "/"``, which makes the depth-first order equal the full paths' order)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = [(e.name + "/" if e.is_dir() else e.name, e.is_dir()) for e in it if not e.name.startswith(".")]
+    except OSError as exc:
+        log.warning("cannot list %s: %s", folder, exc.strerror or exc)
+        return
+    entries.sort()
+    for key, is_dir in entries:
+        if is_dir:
+            yield from _walk_sorted(folder / key[:-1])
+        elif _suffix(p := folder / key) is not None:
+            yield p
+        else:
+            log.debug("ignoring %s (unsupported type)", folder / key)
+
+
+def iter_source_files(source: str | Path) -> Iterator[Path]:
+    """Supported files of SOURCE, lazily, sorted by relative path (a single file gives ``source``).
+
+    Raises:
+        pipeline.errors.InputError: SOURCE does not exist, is a file of an unsupported type, or (when the walk
+            ends) is a folder without any supported file.
+    """
+    root = Path(source)
+    _check_root(root)
     if root.is_file():
-        if _suffix(root) is None:
-            raise InputError(f"{root}: unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)})")
-        return [root]
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if name.startswith("."):
-                continue
-            if _suffix(p) is None:
-                log.debug("ignoring %s (unsupported type)", p)
-                continue
-            files.append(p)
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    if not files:
+        yield root
+        return
+    n = 0
+    for p in _walk_sorted(root):
+        n += 1
+        yield p
+    if not n:
         raise InputError(f"{root}: no supported files in folder (supported: {', '.join(SUPPORTED_SUFFIXES)})")
-    return files
+
+
+def list_source_files(source: str | Path) -> list[Path]:
+    """:func:`iter_source_files` as a list (small sources). Raises as it does."""
+    return list(iter_source_files(source))
 
 
 def _decode_utf8(data: bytes) -> str:
@@ -313,22 +421,37 @@ def _iter_jsonl(path: Path, rel: str, suffix: str, bad: list[_BadInput]) -> Iter
         raise _BadInput(f"cannot read file: {exc.strerror or exc}", whole_file=True) from None
 
 
-def read_source(source: str | Path, on_error: str = "fail", progress: bool = False) -> SourceScan:
-    """Read and validate every document of SOURCE before anything is written.
+def iter_source(
+    source: str | Path,
+    on_error: str = "fail",
+    progress: bool = False,
+    *,
+    seen: SeenIds | None = None,
+    report: SourceReport | None = None,
+) -> Iterator[Document]:
+    """Stream the documents of SOURCE, validated, in file order (files sorted by relative path).
+
+    Memory: one document (a whole .txt/.html/.pdf file, or one JSONL line) plus ``seen``; nothing else is kept
+    (``report.skipped`` grows with the number of skipped inputs only).
 
     Args:
-        source: a folder (read recursively) or a single supported file.
+        source: a folder (walked recursively and lazily) or a single supported file.
         on_error: ``"fail"``: the first bad file or line raises; ``"skip"``: it is skipped, listed in
-            ``SourceScan.skipped`` and logged as a warning.
+            ``report.skipped`` and logged as a warning. A bad file found part-way (a gzip stream corrupt after
+            N good lines) has its first documents yielded already.
         progress: show a tqdm bar over documents read.
+        seen: duplicate-id detection for this pass (default :class:`MemorySeenIds`; ingest passes
+            :class:`SqliteSeenIds` so that 21M ids do not live in memory). A duplicate ``_id`` is a bad input
+            (the first occurrence wins).
+        report: filled with counts and skipped inputs while streaming.
 
-    Returns:
-        The documents (unique ids) and the skipped inputs.
+    Yields:
+        :class:`Document` with unique ids.
 
     Raises:
         pipeline.errors.InputError: with ``on_error="fail"``, the first bad input (message
             ``<file>[:<line>]: <reason>``); in both modes a missing SOURCE, an unsupported single file, a folder
-            without supported files, or a SOURCE that yields no document at all.
+            without supported files, or (at the end) a SOURCE that yielded no document at all.
         pipeline.errors.ConfigError: ``on_error`` is not ``fail`` or ``skip``.
     """
     from pipeline.errors import ConfigError
@@ -336,9 +459,8 @@ def read_source(source: str | Path, on_error: str = "fail", progress: bool = Fal
     if on_error not in ON_ERROR_CHOICES:
         raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
     root = Path(source)
-    files = list_source_files(root)
-    scan = SourceScan(files=len(files))
-    seen: dict[str, Document] = {}
+    report = report if report is not None else SourceReport()
+    seen = seen if seen is not None else MemorySeenIds()
     bar = tqdm(desc="reading", unit="doc", disable=not progress, leave=False)
 
     def reject(path: Path, rel: str, exc: _BadInput) -> None:
@@ -347,20 +469,20 @@ def read_source(source: str | Path, on_error: str = "fail", progress: bool = Fal
         if on_error == "fail" and not empty:
             raise InputError(str(item))
         log.warning("skipped %s", item)
-        scan.skipped.append(item)
+        report.skipped.append(item)
 
-    def accept(path: Path, doc: Document) -> None:
-        first = seen.get(doc.doc_id)
+    def accept(path: Path, doc: Document) -> bool:
+        first = seen.first_seen(doc.doc_id, doc.source, doc.line)
         if first is not None:
-            where = f"{first.source}:{first.line}" if first.line is not None else first.source
-            reject(path, doc.source, _BadInput(f"duplicate _id {doc.doc_id!r} (first at {where})", line=doc.line))
-            return
-        seen[doc.doc_id] = doc
-        scan.documents.append(doc)
+            reject(path, doc.source, _BadInput(f"duplicate _id {doc.doc_id!r} (first at {first})", line=doc.line))
+            return False
+        report.documents += 1
         bar.update(1)
+        return True
 
     try:
-        for path in files:
+        for path in iter_source_files(root):
+            report.files += 1
             rel = path.name if path == root else path.relative_to(root).as_posix()
             suffix = _suffix(path)
             assert suffix is not None
@@ -370,18 +492,32 @@ def read_source(source: str | Path, on_error: str = "fail", progress: bool = Fal
                     for doc in _iter_jsonl(path, rel, suffix, bad):
                         if doc is None:
                             reject(path, rel, bad.pop())
-                        else:
-                            accept(path, doc)
+                        elif accept(path, doc):
+                            yield doc
                 else:
                     doc = _file_document(path, rel, suffix)
                     if doc is None:
                         reject(path, rel, _BadInput("empty document (no text)"))
-                    else:
-                        accept(path, doc)
+                    elif accept(path, doc):
+                        yield doc
             except _BadInput as exc:
                 reject(path, rel, exc)
     finally:
         bar.close()
-    if not scan.documents:
-        raise InputError(f"{root}: no document to ingest ({len(scan.skipped)} input(s) skipped)")
-    return scan
+    if not report.documents:
+        raise InputError(f"{root}: no document to ingest ({len(report.skipped)} input(s) skipped)")
+
+
+def read_source(source: str | Path, on_error: str = "fail", progress: bool = False) -> SourceScan:
+    """Read and validate every document of SOURCE into memory (:func:`iter_source` collected; small sources
+    and tests only: ingest streams).
+
+    Returns:
+        The documents (unique ids) and the skipped inputs.
+
+    Raises:
+        As :func:`iter_source`.
+    """
+    report = SourceReport()
+    docs = list(iter_source(source, on_error, progress, report=report))
+    return SourceScan(documents=docs, skipped=report.skipped, files=report.files)

@@ -21,8 +21,8 @@ def _store_options(fn):
 
 
 def _embedding_options(fn):
-    fn = config_option("--batch-size", key="embedding.batch_size", type=click.IntRange(min=1),
-                       help="Texts per embedding forward pass.")(fn)
+    fn = config_option("--batch-size", key="embedding.batch_size", type=click.IntRange(min=0),
+                       help="Texts per embedding forward pass; 0 = by device (64 CPU, 256 CUDA).")(fn)
     fn = config_option("--device", key="embedding.device",
                        help="Embedding device: auto (cuda if available), cpu, cuda, cuda:N.")(fn)
     return fn

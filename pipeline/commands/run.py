@@ -47,6 +47,9 @@ def summary_table(manifest: dict) -> str:
 @config_option("--collection", key="store.collection", help="Collection to retrieve from.")
 @config_option("--bm25-path", key="store.bm25_path", type=click.Path(file_okay=False),
                help="BM25 index directory (default <store>/bm25; with --chroma-url a shared path).")
+@config_option("--store-shared", key="store.shared", type=click.Choice(["auto", "on", "off"]),
+               help="One Chroma server over the local store for all RAG workers of the node (one index copy): "
+                    "on, off, or auto (when the copies would duplicate > 1 GiB).")
 @config_option("--ingest", key="run.ingest", type=click.Path(exists=False),
                help="Ingest this source (rank0, single writer) before the run.")
 @config_option("--reset-collection/--no-reset-collection", key="run.reset_collection",
