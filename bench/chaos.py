@@ -62,7 +62,7 @@ def _config(workdir: Path, bench_urls: list[str]) -> Path:
                 "breaker_cooldown_s": 3.0, "read_timeout_s": 30.0},
         "retrieval": {"top_k": 3, "query_batch_size": 4},
         "rag": {"max_tokens": 4, "context_chars": 400},
-        "generation": {"num_processes": 2, "concurrency": 2, "max_tokens": 8, "endpoints": bench_urls},
+        "generation": {"num_processes": 2, "max_tokens": 8, "endpoints": bench_urls},
         "run": {"part_rows": 10, "grace_s": 20.0, "heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 10.0,
                 "rag_deadline_s": 90.0, "gen_deadline_s": 60.0, "max_outage_s": 120.0, "queue_size": 32},
     })

@@ -18,8 +18,9 @@
 
 Usage: python bench/ingest.py [--parts throughput,rss,workers,resume] [--sizes 1,3,10]
                               [--collection-sizes 10000,50000,200000,500000] [--source data/example/corpus.jsonl]
-Default sizes take hours on 2 CPU cores (10x SciFact is ~114k chunks at ~25 chunks/s): pass smaller ``--sizes``
-(fractions allowed, e.g. 0.1,0.3,1) there.
+Default sizes take hours on 2 CPU cores (10x SciFact is ~114k chunks at ~25 chunks/s): there, pass
+``--doc-chars 200`` (10x = 51,830 one-chunk documents: the document count, the ledger and the collection grow
+10x, the embedding costs ~1/5) or smaller ``--sizes`` (fractions allowed, e.g. 0.1,0.3,1).
 """
 
 from __future__ import annotations
@@ -165,13 +166,15 @@ def part_workers(args: argparse.Namespace) -> None:
 SCIFACT_DOCS = 5183
 
 
-def synthetic_corpus(scifact: Path, factor: float, out: Path) -> tuple[Path, int, int]:
-    """``factor`` x SciFact as one JSONL: SciFact's documents repeated (copy k gets ids ``k-<_id>`` and its copy
-    number in the title, so texts and hashes differ). Returns (path, documents, bytes)."""
+def synthetic_corpus(scifact: Path, factor: float, out: Path, doc_chars: int = 0) -> tuple[Path, int, int]:
+    """``factor`` x SciFact's document count as one JSONL: SciFact's documents repeated (copy k gets ids
+    ``k-<_id>`` and its copy number in the title, so texts and hashes differ), each text cut to its first
+    ``doc_chars`` characters when > 0 (one chunk per document: the embedding, which is not what this measures,
+    then costs ~1/5 on CPU). Returns (path, documents, bytes)."""
     import gzip
 
     n = max(1, round(SCIFACT_DOCS * factor))
-    path = out / f"scifact-x{factor:g}.jsonl"
+    path = out / (f"scifact-x{factor:g}" + (f"-c{doc_chars}" if doc_chars else "") + ".jsonl")
     if path.exists():
         return path, n, path.stat().st_size
     with gzip.open(scifact, "rt", encoding="utf-8") as fh:
@@ -181,8 +184,9 @@ def synthetic_corpus(scifact: Path, factor: float, out: Path) -> tuple[Path, int
         for i in range(n):
             d = base[i % len(base)]
             k = i // len(base)
+            text = d["text"][:doc_chars] if doc_chars else d["text"]
             fh.write(json.dumps({"_id": f"{k}-{d['_id']}", "title": f"{d.get('title', '')} ({k})",
-                                 "text": d["text"]}) + "\n")
+                                 "text": text}) + "\n")
     tmp.rename(path)
     return path, n, path.stat().st_size
 
@@ -254,7 +258,7 @@ def part_rss(args: argparse.Namespace) -> None:
           f"(chunk_chars {IngestConfig().chunk_chars}, write batch 8 x encode batch), real model, 2 CPU cores")
     rows = []
     for k in sizes:
-        path, n_docs, n_bytes = synthetic_corpus(Path(args.scifact), k, work)
+        path, n_docs, n_bytes = synthetic_corpus(Path(args.scifact), k, work, args.doc_chars)
         n, stream_s, stream_mb = _read_pass(path, "stream")
         _, _hold_s, hold_mb = _read_pass(path, "hold")
         row = {"k": k, "docs": n_docs, "mb": n_bytes / 2**20, "validate_s": stream_s, "validate_rss": stream_mb,
@@ -439,6 +443,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sizes", default="1,3,10", help="(rss) corpus sizes in multiples of SciFact")
+    ap.add_argument("--doc-chars", type=int, default=0,
+                    help="(rss) cut each synthetic document to N characters (one chunk each; 0 = whole)")
     scifact = [p / "shared" / "data" / "scifact" / "corpus.jsonl.gz" for p in (REPO.parent, REPO.parent.parent)]
     ap.add_argument("--scifact", default=str(next((p for p in scifact if p.exists()), scifact[0])),
                     help="SciFact corpus.jsonl.gz (default: ../shared/data/scifact, beside the checkout)")
