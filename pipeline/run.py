@@ -338,7 +338,10 @@ class _Run:
         """Managed servers that became ready since the last call get their RAG worker (degrading startup)."""
         if self.pool is None or not self.pool.starting():
             return
+        joined = {t["server"] for t in self.rag_targets}
         for spec in self.pool.poll_startup():
+            if spec.index in joined:  # a server that was ready before (restarted): its RAG worker is there
+                continue
             self.rag_targets.append(_rag_target(spec))
             self.workers.append(self._spawn("rag", len(self.rag_targets) - 1))
             log.info("server %s joined the run (%d of %d ready)", spec.url, len(self.rag_targets), len(self.pool.specs))

@@ -636,8 +636,9 @@ class ServerState:
     """What happened to one managed server (``ServerPool.report`` puts it in the run manifest).
 
     Attributes:
-        status: ``"planned"``, ``"starting"``, ``"ready"`` or ``"failed"`` (gave up after
-            ``servers.startup_attempts`` starts; the run goes on without it).
+        status: ``"planned"``, ``"starting"``, ``"ready"``, ``"restarting"`` (a server that was ready, being
+            restarted by :meth:`ServerPool.restart`) or ``"failed"`` (gave up after ``servers.startup_attempts``
+            starts; the run goes on without it).
         attempts: starts so far (restarts after a crash included).
         started_at: ``time.monotonic()`` of the current attempt's launch.
         ready_after_s: seconds from the first launch to ready, None until ready.
@@ -807,7 +808,9 @@ class ServerPool:
             "(choose another --base-port)"
         )
 
-    def _launch(self, spec: ServerSpec, *, append: bool) -> None:
+    def _launch(self, spec: ServerSpec, *, append: bool, restart: bool = False) -> None:
+        """Start ``spec``'s process (status ``starting``; ``restarting`` for :meth:`restart` of a server that
+        was ready, so that :meth:`poll_startup` does not report it as a server joining the run)."""
         log.info("starting %s server on port %d: %s", spec.backend, spec.port, spec.shell_command())
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(spec.log_path, "ab" if append else "wb") as logf:
@@ -831,7 +834,7 @@ class ServerPool:
         st.started_at = time.monotonic()
         if st.status == "planned":
             st.first_started_at = st.started_at
-        st.status = "starting"
+        st.status = "restarting" if restart else "starting"
 
     def poll_startup(self) -> list[ServerSpec]:
         """Check the starting servers once, without blocking (one health request each).
@@ -1029,7 +1032,7 @@ class ServerPool:
         with self._lock:
             if self._closed:
                 raise ServerError(f"server pool stopped: not restarting port {port}")
-            self._launch(spec, append=True)
+            self._launch(spec, append=True, restart=True)
             proc = self._procs[port]
         try:
             self._wait_ready([spec], self.cfg.servers.startup_timeout_s, procs={port: proc}, cancel=cancel)
@@ -1037,6 +1040,7 @@ class ServerPool:
             with self._lock:
                 if self._procs.get(port) is proc:
                     del self._procs[port]
+                self.state[spec.index].status = "ready"  # crashed-after-ready again: check_alive reports it
             stop_processes([proc], self.cfg.servers.shutdown_timeout_s)
             raise
         self.state[spec.index].status = "ready"  # crashed-after-ready: check_alive keeps reporting it

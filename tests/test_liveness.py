@@ -146,8 +146,9 @@ def test_record_past_its_deadline_requeued_once_then_its_error_row(tmp_path, exa
 @requires_llama
 def test_server_not_answering_health_is_restarted_in_background(llama_server_factory):
     """A managed server alive but not answering (SIGSTOP) is declared down after servers.health_timeout_s and
-    restarted in the background: the pool's lock is free meanwhile (check_alive answers at once); a frozen
-    monitor (the run is stopping) restarts nothing."""
+    restarted in the background: the pool's lock is free meanwhile (check_alive answers at once); the restart
+    is never reported as a server joining the run (poll_startup, which the run polls for late SGLang servers
+    and which would start a second RAG worker for it); a frozen monitor (the run is stopping) restarts nothing."""
     pool = llama_server_factory(1, health_interval_s=0.3, health_timeout_s=3.0)
     old_pid = pool.pids[0]
     mon = EndpointMonitor(pool.endpoints, pool.cfg.servers, pool)
@@ -164,6 +165,8 @@ def test_server_not_answering_health_is_restarted_in_background(llama_server_fac
             pool.check_alive()
             pool.returncode(pool.specs[0].port)
             lock_waits.append(time.monotonic() - t0)
+            joined = pool.poll_startup() if pool.starting() else []
+            assert joined == [], "a restarted server was reported as joining the run"
             if RESTARTING in seen and mon.states()[pool.endpoints[0]] == UP:
                 break
             time.sleep(0.05)

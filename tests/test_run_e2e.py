@@ -244,6 +244,8 @@ def test_managed_server_killed_mid_run_is_restarted(tmp_path, example_store):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "restarting" in err
+    # the restarted server is the same server: not one joining the run (that would start a second RAG worker)
+    assert "joined the run" not in err and " died " not in err, err[-3000:]
     rows = read_rows(out)
     assert sorted(r["id"] for r in rows) == sorted(json.loads(x)["id"] for x in records.read_text().splitlines())
     ok = [r for r in rows if r["gen_status"] == "ok"]
