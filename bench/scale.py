@@ -25,11 +25,11 @@ Usage:
     .venv/bin/python bench/scale.py [--parts 1000] [--rows 1000] [--run-records 100000] [--skip-a] [--skip-b]
         [--workdir DIR] [--keep]
 (a) needs ~11 GB of free disk in --workdir (the parts and the merged copy) and ~10 minutes (measured 9-10 min at
-load average 10-25 on 2 cores); (b) is bound by the CPU embedding of the queries in the RAG workers: 20,000
-records took 23 minutes at load average 18-28 on 2 shared cores (~15 rows/s), so the default 100,000 needs a
-quiet machine or time. The "first tenth" is timed from the first commit (worker startup excluded); parts can be
-smaller than run.part_rows (a commit every 30 s), so tenths are found by committed rows. Everything written is
-removed at the end unless --keep.
+load average 10-25 on 2 cores); (b) is bound by the CPU embedding of the queries in the RAG workers: 100,000
+records took 18 minutes at load average 2-5 on 2 cores (~93 rows/s; 20,000 took 23 minutes at load 18-28).
+The "first tenth" is timed from the first commit (worker startup excluded); parts can be smaller than
+run.part_rows (a commit every 30 s), so tenths are found by committed rows. Everything written under --workdir
+is removed at the end unless --keep (so do not redirect the output into it).
 """
 
 from __future__ import annotations
