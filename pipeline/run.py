@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ MAX_WORKER_RESTARTS = 3
 COMMIT_INTERVAL_S = 30.0
 MAX_DEFERRALS = 50
 """A record sent back to the queue this many times for endpoint trouble gets its failure row (poison guard)."""
+STORE_RESTARTS = 3
+"""Failed restarts in a row of the run's shared Chroma server (store.shared) before the run stops (exit 4)."""
 TROUBLE_HOLD_S = 1.0
 """Dispatch pause after a record failed on every endpoint while the endpoints' breakers are not all open."""
 
@@ -123,6 +126,7 @@ class _Worker:
     stopping: bool = False
     last_error: str | None = None  # last line of the traceback it reported, if any
     hung: str | None = None  # why main declared it hung
+    store_wait: bool = False  # died while the run's Chroma server was down: replaced once it is back
 
 
 @dataclass(eq=False)
@@ -232,6 +236,10 @@ class _Run:
         self.health = {"rag": _StageHealth("rag"), "gen": _StageHealth("gen")}  # urls set by _start_servers
         self.stop_reason: str | None = None  # the run stops for a reason of its own (not a signal)
         self.store_server: Any = None  # pipeline.store_server.StoreServer with store.shared (one index per node)
+        self.store_restart: Any = None  # the one long-lived thread restarting it after it died
+        self.store_restarting = threading.Event()  # set while it is being restarted
+        self.store_restarted_at = 0.0  # time.monotonic() of its last successful restart
+        self.store_failed_restarts = 0  # consecutive
         self.left_uncommitted = 0  # records dropped because the run is stopping (done again by the resume)
 
     @property
@@ -377,6 +385,8 @@ class _Run:
                 in trouble.
         """
         h = self.health[stage]
+        if stage == "rag" and self._store_down():
+            return True  # the run's Chroma server is being restarted (_watch_store)
         if stage == "rag" and self.cfg.rag.mode != "retrieve+answer":
             return False
         now = time.monotonic()
@@ -591,6 +601,10 @@ class _Run:
             self.left_uncommitted += 1
             log.info("%s: %s failure while the run stops: left for the resume", res["id"], stage)
             return None
+        if cause == "store" and failed and stage == "rag" and self._store_trouble(item):
+            item.pop("rag", None)
+            self.rag_retry.append(item)
+            return None
         if cause == "llm" and failed and self._endpoint_trouble(item, res, h):
             if stage == "rag":
                 item.pop("rag", None)
@@ -711,6 +725,18 @@ class _Run:
             if w.process.is_alive():
                 w.process.kill()  # also ends a SIGSTOPped process
                 w.process.join(timeout=5)
+            if w.kind == "rag" and not self.stopping and self._store_down():
+                # the run's Chroma server is down: the records are not to blame (no requeue count) and a
+                # replacement would fail to open the store; it is started once the server is back
+                if not w.store_wait:
+                    log.warning("%s died (%s) while the run's Chroma server is down: %d records sent again, the "
+                                "worker is replaced when the server is back", w.name, reason, len(w.assigned))
+                    w.store_wait = True
+                for item in w.assigned.values():
+                    item.pop("rag", None)
+                    self.rag_retry.append(item)
+                w.assigned.clear()
+                continue
             w.stopping = True
             if self.stopping:
                 log.warning("%s died (%s) while the run stops: %d in-flight records left for the resume",
@@ -746,6 +772,61 @@ class _Run:
     def outstanding(self) -> int:
         return sum(len(w.assigned) for w in self.workers) + self.gen_waiting + len(self.rag_retry)
 
+    def _store_down(self) -> bool:
+        """The run's own Chroma server (store.shared) is dead or being restarted."""
+        s = self.store_server
+        return s is not None and (self.store_restarting.is_set() or not s.alive())
+
+    def _watch_store(self) -> None:
+        """The run's shared Chroma server died: have it started again on the same port by the store-restart
+        thread (RAG dispatch pauses meanwhile, see :meth:`_paused`); after STORE_RESTARTS failed restarts in a
+        row the run stops (StoreError, exit 4, resumable). Nothing while the run stops.
+
+        The restarts run in ONE long-lived thread: the server is started with PR_SET_PDEATHSIG, which Linux
+        delivers when the *thread* that started it exits (a thread per restart would kill the new server at
+        once)."""
+        from pipeline.errors import StoreError
+
+        s = self.store_server
+        if s is None or self.stopping or self.store_restarting.is_set() or s.alive():
+            return
+        if self.store_failed_restarts >= STORE_RESTARTS:
+            raise StoreError(f"the run's Chroma server {s.url} could not be restarted ({STORE_RESTARTS} attempts); "
+                             f"see {s.log_path}")
+        log.warning("the run's Chroma server %s exited (%s): restarting it; RAG dispatch paused", s.url,
+                    s.proc.returncode if s.proc is not None else "?")
+        self.store_restarting.set()
+        if self.store_restart is None:
+            self.store_restart = threading.Thread(target=self._store_restarter, name="store-restart", daemon=True)
+            self.store_restart.start()
+
+    def _store_restarter(self) -> None:
+        """Body of the store-restart thread: restart the server each time ``store_restarting`` is set."""
+        s = self.store_server
+        while True:
+            self.store_restarting.wait()
+            try:
+                s.start(abort=lambda: self.stopping)
+            except Exception as exc:  # noqa: BLE001 - logged; the main loop tries again or stops the run
+                self.store_failed_restarts += 1
+                log.error("restarting the run's Chroma server failed (%d of %d): %s", self.store_failed_restarts,
+                          STORE_RESTARTS, exc)
+            else:
+                self.store_failed_restarts = 0
+                self.store_restarted_at = time.monotonic()
+                log.warning("the run's Chroma server %s is back", s.url)
+            self.store_restarting.clear()
+
+    def _store_trouble(self, item: dict) -> bool:
+        """True if a record whose retrieval failed on a store error must go back to the queue: the run's own
+        Chroma server was down or restarted since the record was dispatched (bounded by MAX_DEFERRALS)."""
+        if self.store_server is None or self.deferred[item["id"]] >= MAX_DEFERRALS:
+            return False
+        if not (self._store_down() or self.store_restarted_at > item.get("t_dispatch", 0.0)):
+            return False
+        self.deferred[item["id"]] += 1
+        return True
+
     def loop(self) -> None:
         """Schedule until every record has a row, or a signal / fatal error / outage stops the run."""
         grace_deadline: float | None = None
@@ -770,6 +851,7 @@ class _Run:
                 got = self._get(0.0)
             self._check_workers()
             self._join_servers()
+            self._watch_store()
             if time.monotonic() - self.last_commit > COMMIT_INTERVAL_S:
                 self.commit()
 

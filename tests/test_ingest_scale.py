@@ -25,9 +25,11 @@ from tests.fixtures.llm import requires_llama
 from tests.fixtures.store import write_small_corpus
 from tests.runtools import (
     REPO,
+    processes_with_marker,
     read_rows,
     run_args,
     start_run,
+    wait_for_parts,
     wait_no_survivors,
     write_config,
     write_records,
@@ -272,3 +274,31 @@ def test_run_with_a_shared_store_retrieves_what_a_local_run_does(tmp_path, examp
     assert len(local) == 6 and all(local.values()) and shared == local
     port = int(m_shared["url"].rsplit(":", 1)[1])  # the server is gone: nothing listens on its port any more
     assert not any(c.laddr.port == port for c in psutil.net_connections() if c.status == psutil.CONN_LISTEN)
+
+
+@requires_llama
+@pytest.mark.slow
+def test_shared_store_server_killed_mid_run_is_restarted_without_failure_rows(tmp_path, example_store,
+                                                                              llama_endpoints):
+    """The run's own Chroma server (store.shared = on) killed with SIGKILL mid-run: RAG dispatch pauses, the run
+    starts it again on the same port, the records whose retrieval failed meanwhile are sent again; no row carries
+    a store error and the run completes."""
+    records = write_records(tmp_path, 12)
+    cfg = write_config(tmp_path, {"retrieval": {"query_batch_size": 2}, "run": {"queue_size": 2}})
+    store_copy = tmp_path / "store"
+    shutil.copytree(example_store.store_cfg.path, store_copy)
+    out = tmp_path / "out"
+    proc, marker = start_run(run_args(records, out, cfg, "--endpoints", ",".join(llama_endpoints), "--store",
+                                      str(store_copy), "--collection", "example", "--store-shared", "on"))
+    wait_for_parts(out, 1, proc)
+    chroma = [p for p in processes_with_marker(marker) if " run --path " in " ".join(p.cmdline())]
+    assert len(chroma) == 1, [p.cmdline() for p in processes_with_marker(marker)]
+    os.killpg(chroma[0].pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Chroma server" in err and "exited" in err and "is back" in err, err[-3000:]
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == sorted(json.loads(x)["id"] for x in records.read_text().splitlines())
+    assert not [r for r in rows if "StoreError" in (r["rag_error"] or "")], [r["rag_error"] for r in rows]
+    assert all(r["rag_status"] != "hard_fail" for r in rows)
+    assert wait_no_survivors(marker) == []
