@@ -27,6 +27,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
 XLLAMACPP_VERSION = "2026.10.11549"
 """The pinned xllamacpp release (pyproject.toml and scripts/setup.sh install exactly this one)."""
@@ -86,22 +87,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Start the server and block until SIGTERM/SIGINT end the process. Returns only on error.
-
-    SIGTERM and SIGINT keep (or get back) their default action, termination by the kernel: the embedded server
-    has no stop call and holds no state worth a clean exit, and a Python-level handler needs the main thread to
-    get the GIL back from the server's threads, which under load took longer than the callers' stop timeouts
-    (a SIGKILL after 5-10 s, a Ctrl-C of launch_servers.sh not ending within 30 s)."""
+    """Start the server and block until SIGTERM/SIGINT. Returns the exit status."""
     args = parse_args(argv)
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, lambda *_: stop.set())
     import xllamacpp
 
     server = xllamacpp.Server(build_params(args))  # serves on its own threads from here on
     sys.stderr.write(f"cpu_server: listening on {server.listening_address}\n")
     sys.stderr.flush()
-    while True:
-        signal.pause()
+    while not stop.wait(1.0):
+        pass
+    # The embedded server has no stop call; exiting the process ends its threads.
+    os._exit(0)
 
 
 if __name__ == "__main__":
