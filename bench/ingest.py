@@ -2,7 +2,7 @@
 
 ``throughput``: chunks/s of the full `ingest` path vs bare SentenceTransformer.encode on the same chunks.
     Same chunks, same process, same loaded model: the bare baseline encodes exactly the chunks the ingest
-    writes (one encode call, normalised, same batch size); the full path is `workers.ingest.ingest_source` into
+    writes (one encode call, normalised, same batch size); the full path is `pipeline.corpus.ingest.ingest_source` into
     a fresh temporary Chroma store (read + validate, chunk, hash, embed, upsert). Runs alternate (bare, full,
     full, bare, ...) to cancel drift; the median of each is reported. Goal: ratio >= 0.90.
 ``rss``: (a) peak RSS of a whole `rag-pipeline ingest` (fresh process, default settings, real model) of a
@@ -75,7 +75,7 @@ def synthetic_collection(n: int, root: Path = SHARED_ROOT) -> Path:
     import numpy as np
 
     from pipeline.config import StoreConfig
-    from workers.store import get_collection, open_client
+    from pipeline.store.client import get_collection, open_client
 
     shutil.rmtree(store, ignore_errors=True)
     t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def probe_main(args: argparse.Namespace) -> None:
     import numpy as np
 
     from pipeline.config import StoreConfig
-    from workers.store import get_collection, open_client
+    from pipeline.store.client import get_collection, open_client
 
     base = _rss_mb()[0]
     cfg = StoreConfig(path=args.probe_store or "", collection="bench", chroma_url=args.probe_url or "")
@@ -128,7 +128,7 @@ def _probe(extra: list[str], queries: int) -> dict:
 
 
 def part_workers(args: argparse.Namespace) -> None:
-    from pipeline.store_server import StoreServer
+    from pipeline.store.server import StoreServer
 
     sizes = [int(float(s)) for s in args.collection_sizes.split(",")]
     print(f"\n(b) RSS of one RAG-worker-like process vs collection size (random unit float32 [n, 384], cosine; "
@@ -225,7 +225,7 @@ class _Sampler:
 
 _READ_SNIPPET = """
 import sys, time, tempfile, pathlib
-from workers.sources import iter_source, read_source, SqliteSeenIds
+from pipeline.corpus.sources import iter_source, read_source, SqliteSeenIds
 t0 = time.perf_counter()
 if sys.argv[2] == "stream":
     with tempfile.TemporaryDirectory() as tmp:
@@ -324,7 +324,7 @@ def part_rss(args: argparse.Namespace) -> None:
 _KILLED = """
 import sys
 from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
-from workers.ingest import ingest_source
+from pipeline.corpus.ingest import ingest_source
 ingest_source(sys.argv[1], StoreConfig(path=sys.argv[2], collection="resume"), IngestConfig(), EmbeddingConfig(),
               progress=False)
 """
@@ -334,8 +334,13 @@ def part_resume(args: argparse.Namespace) -> None:
     import sqlite3
 
     from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
-    from workers.embedding import load_embedder, resolve_batch_size, resolve_device, resolve_write_batch
-    from workers.ingest import ingest_source
+    from pipeline.corpus.ingest import ingest_source
+    from pipeline.retrieval.embedding import (
+        load_embedder,
+        resolve_batch_size,
+        resolve_device,
+        resolve_write_batch,
+    )
 
     work = Path(tempfile.gettempdir()) / f"rag-bench-corpus-{os.getuid()}"
     work.mkdir(parents=True, exist_ok=True)
@@ -387,10 +392,10 @@ def part_resume(args: argparse.Namespace) -> None:
 
 def part_throughput(args: argparse.Namespace) -> None:
     from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
-    from workers.chunking import chunk_text
-    from workers.embedding import load_embedder, resolve_batch_size, resolve_device
-    from workers.ingest import ingest_source
-    from workers.sources import iter_source
+    from pipeline.corpus.chunking import chunk_text
+    from pipeline.corpus.ingest import ingest_source
+    from pipeline.corpus.sources import iter_source
+    from pipeline.retrieval.embedding import load_embedder, resolve_batch_size, resolve_device
 
     ingest_cfg = IngestConfig(chunk_chars=args.chunk_chars, chunk_overlap=args.chunk_overlap)
     embed_cfg = EmbeddingConfig(device=args.device, batch_size=args.batch_size)

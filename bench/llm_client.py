@@ -1,4 +1,4 @@
-"""Benchmark: generation tokens/s through workers.llm_client.LLMClient vs a minimal direct requests loop.
+"""Benchmark: generation tokens/s through pipeline.llm.client.LLMClient vs a minimal direct requests loop.
 
 Against one real llama.cpp server (SmolLM2-135M-Instruct, started here unless --endpoint is given), the
 same chat requests are sent (a) by a bare ``requests.Session.post`` loop and (b) through ``LLMClient`` at
@@ -26,8 +26,8 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config, with_overrides  # noqa: E402
-from pipeline.servers import ServerPool  # noqa: E402
-from workers.llm_client import LLMClient  # noqa: E402
+from pipeline.llm.client import LLMClient  # noqa: E402
+from pipeline.servers.pool import ServerPool  # noqa: E402
 
 TOPICS = [
     "the ocean",

@@ -153,7 +153,7 @@ def _label_kinds() -> dict[str, str]:
     """Bench-server request label (LAST 40 prompt characters: both prompts of a record share their start) ->
     "rag" (RAG answer) or "gen" (generation)."""
     from pipeline.config import Config
-    from workers.prompts import load_templates
+    from pipeline.llm.prompts import load_templates
 
     t = load_templates(Config())
     return {t["rag"][-40:]: "rag", t["generate"][-40:]: "gen", t["no_context"][-40:]: "gen"}

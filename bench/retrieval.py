@@ -47,11 +47,11 @@ def main() -> None:
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
     from pipeline.config import load_config
-    from pipeline.evaluate import evaluate_retriever, load_qrels, load_queries
-    from workers.bm25 import BM25Settings
-    from workers.embedding import load_embedder
-    from workers.ingest import ingest_source
-    from workers.retriever import Retriever, retriever_options
+    from pipeline.corpus.ingest import ingest_source
+    from pipeline.evaluation.retrieval import evaluate_retriever, load_qrels, load_queries
+    from pipeline.retrieval.bm25 import BM25Settings
+    from pipeline.retrieval.embedding import load_embedder
+    from pipeline.retrieval.retriever import Retriever, retriever_options
 
     data = Path(args.data)
     cfg = load_config()  # the defaults are the product

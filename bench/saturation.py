@@ -64,7 +64,7 @@ CALLS_PER_RECORD = 2
 def _kinds() -> dict[str, str]:
     """Bench-server label (last 40 prompt characters) -> "rag" or "gen"."""
     from pipeline.config import Config
-    from workers.prompts import load_templates
+    from pipeline.llm.prompts import load_templates
 
     t = load_templates(Config())
     return {t["rag"][-40:]: "rag", t["generate"][-40:]: "gen", t["no_context"][-40:]: "gen"}
@@ -99,7 +99,7 @@ def _statuses(out: Path) -> dict[str, int]:
 def measure(n: int, cap: int, service_s: float, args: argparse.Namespace, store: Path, collection: str,
             work: Path, reject_status: int = 0, retry_after_s: float | None = None) -> dict[str, Any]:
     from pipeline.config import LLMConfig
-    from workers.llm_client import inflight_per_endpoint
+    from pipeline.llm.client import inflight_per_endpoint
 
     ideal = n * cap / (CALLS_PER_RECORD * service_s)
     window = max(args.min_window_s, args.window_services * service_s)

@@ -9,7 +9,7 @@ directories: a sharded output of P shards. Measured:
 
 * commit time of the last 10 % of parts / the first 10 % (target <= 1.5);
 * ledger load for a resume (``OutputDir(out).ledger``: one streamed scan of the ``id`` column), time and RSS;
-* peak RSS (``VmHWM``) of the run's manifest (``pipeline.run.build_manifest``), of ``rag-pipeline status`` on the run
+* peak RSS (``VmHWM``) of the run's manifest (``pipeline.run.orchestrator.build_manifest``), of ``rag-pipeline status`` on the run
   directory and on the sharded root, and of ``rag-pipeline merge`` of the P shards (target <= 1 GB each), each in
   a fresh process (``ru_maxrss``), with its wall time.
 
@@ -88,7 +88,7 @@ def synthetic_run(
     """
     from pipeline.config import Config
     from pipeline.output import OutputDir, input_fingerprint
-    from pipeline.run import _Run
+    from pipeline.run.orchestrator import _Run
 
     cfg = _with_part_rows(Config(), rows)
     n = parts * rows
@@ -173,7 +173,7 @@ if what == "cli":
 elif what == "manifest":
     from pathlib import Path
     from pipeline.config import Config
-    from pipeline.run import build_manifest
+    from pipeline.run.orchestrator import build_manifest
     m = build_manifest(Config(), Path(sys.argv[2]), int(sys.argv[3]), endpoints=[], wall_s=1.0, processed=0,
                        interrupted=None, backend="none")
     result = {{"rows": m["rows"], "complete": m["complete"], "counts": m["counts"], "p50_generate":

@@ -9,7 +9,7 @@ then takes ONE record at a time and does everything for it in sequence:
 All RAG calls go to a single endpoint (``rag_endpoint``: server 0), as in the seed ("All RAG calls hit a
 single GPU endpoint"). The seed does not say where generation went; to be generous to the baseline its
 generation calls are spread over every endpoint (the LLM client's round-robin). The same components as the
-pipeline: :class:`workers.retriever.Retriever` and :class:`workers.llm_client.LLMClient` (one request at a time
+pipeline: :class:`pipeline.retrieval.retriever.Retriever` and :class:`pipeline.llm.client.LLMClient` (one request at a time
 per worker), the same prompt templates, the same failure rules in their simplest form (no hit above
 min_score -> generate without context; a failed RAG call -> no generation).
 
@@ -41,10 +41,10 @@ def _worker(idx: int, bcfg: BaselineConfig, tasks: Any, results: Any) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
     from pipeline.config import Config, LLMConfig, StoreConfig
-    from workers.embedding import load_embedder
-    from workers.llm_client import LLMClient, LLMError
-    from workers.prompts import generation_prompt, load_templates, rag_answer_prompt
-    from workers.retriever import Retriever
+    from pipeline.llm.client import LLMClient, LLMError
+    from pipeline.llm.prompts import generation_prompt, load_templates, rag_answer_prompt
+    from pipeline.retrieval.embedding import load_embedder
+    from pipeline.retrieval.retriever import Retriever
 
     retriever = Retriever(StoreConfig(path=bcfg.store_path, collection=bcfg.collection), load_embedder("cpu"))
     tpl = load_templates(Config())

@@ -48,7 +48,7 @@ class StoreConfig:
     )
     shared: str = _f(
         "auto", "run: 'on' = one Chroma server over the local store for all RAG workers of the node (one index copy), "
-        "'off' = each worker opens the store, 'auto' = on when the copies would duplicate > 1 GiB (pipeline/store_mode.py)."
+        "'off' = each worker opens the store, 'auto' = on when the copies would duplicate > 1 GiB (pipeline/store/mode.py)."
     )
 
 

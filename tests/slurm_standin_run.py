@@ -1,7 +1,7 @@
 """Stand-in for `rag-pipeline run --shard I/N` in the Slurm tests (no retrieval, no LLM).
 
 It exercises what Slurm interacts with, using the real pieces of the run: the input validation and the
-record partition (pipeline.records, pipeline.output.in_shard), the output directory and its commit protocol
+record partition (pipeline.dataset.records, pipeline.output.in_shard), the output directory and its commit protocol
 (pipeline.output.OutputDir), resuming from committed rows, and the run's signal contract: SIGTERM, SIGINT
 or SIGUSR1 stop after the current record, commit, write the manifest and exit 130 (Interrupted).
 Each record takes ``--delay-s`` seconds, so that a test can requeue or signal a task while it runs.
@@ -24,9 +24,9 @@ import time
 import pyarrow as pa
 
 from pipeline.config import Config
+from pipeline.dataset.records import iter_records, scan_input
 from pipeline.errors import OutageError
 from pipeline.output import OutputDir, in_shard, input_fingerprint, parse_shard, shard_dir
-from pipeline.records import iter_records, scan_input
 
 
 def main() -> int:

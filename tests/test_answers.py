@@ -6,7 +6,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from pipeline.answers import (
+from pipeline.cli import main
+from pipeline.config import Config
+from pipeline.errors import InputError
+from pipeline.evaluation.answers import (
     ReferenceFields,
     evaluate_answers,
     exact_match,
@@ -15,9 +18,6 @@ from pipeline.answers import (
     parse_label,
     token_f1,
 )
-from pipeline.cli import main
-from pipeline.config import Config
-from pipeline.errors import InputError
 from pipeline.output import OutputDir, input_fingerprint, row_schema
 
 

@@ -129,7 +129,7 @@ def test_second_run_into_a_locked_output_is_refused_at_once(tmp_path: Path, prob
 
 
 def test_bom_and_big_integers_are_accepted(tmp_path: Path) -> None:
-    from pipeline.records import iter_records, scan_input
+    from pipeline.dataset.records import iter_records, scan_input
 
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "a", "query": "q", "n": 2**70}).encode() + b"\n"
@@ -143,8 +143,8 @@ def test_parquet_cells_that_are_not_utf8_are_rejected_with_row_and_field(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.dataset.records import iter_records, scan_input
     from pipeline.errors import InputError
-    from pipeline.records import iter_records, scan_input
 
     raw = pa.array([b"fine", b"caf\xe9"], pa.binary())
     note = pa.Array.from_buffers(pa.string(), 2, raw.buffers())  # a writer that did not check UTF-8
@@ -191,8 +191,8 @@ def test_disk_full_mid_run_is_one_line_keeps_committed_rows_and_resumes(tmp_path
 def test_resume_with_a_changed_identity_flag_is_refused_naming_the_key(tmp_path: Path, flag, value, key) -> None:
     """The issue's cases: a changed --id-field used to exit 0 with the old ids, a lower --limit ended in "bug"."""
     from pipeline.config import load_config
-    from pipeline.identity import result_settings, run_identity
     from pipeline.output import OutputDir, input_fingerprint
+    from pipeline.run.identity import result_settings, run_identity
 
     records = tmp_path / "in.jsonl"
     records.write_text("".join(json.dumps({"id": str(i), "doc_id": f"d{i}", "query": f"q{i}"}) + "\n"

@@ -11,7 +11,7 @@ import requests
 
 from bench.bench_server import launch, serve
 from pipeline.config import LLMConfig
-from workers.llm_client import LLMClient
+from pipeline.llm.client import LLMClient
 
 
 @pytest.fixture()

@@ -14,7 +14,7 @@ import random
 import signal
 import time
 
-from pipeline.channels import ChannelReader, open_channel
+from pipeline.run.channels import ChannelReader, open_channel
 from workers.protocol import ResultChannel, start_heartbeat
 
 PAYLOAD = 256 * 1024

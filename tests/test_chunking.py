@@ -1,9 +1,9 @@
-"""Character chunking with overlap at paragraph/sentence/word boundaries (workers/chunking.py)."""
+"""Character chunking with overlap at paragraph/sentence/word boundaries (pipeline/corpus/chunking.py)."""
 
 import pytest
 
+from pipeline.corpus.chunking import chunk_text
 from pipeline.errors import ConfigError
-from workers.chunking import chunk_text
 
 SENTENCES = [f"Sentence number {i} talks about topic {i % 7} in some detail." for i in range(60)]
 

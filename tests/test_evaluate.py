@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.evaluate import (
+from pipeline.evaluation.retrieval import (
     evaluate_retriever,
     evaluate_run,
     load_qrels,
@@ -20,8 +20,8 @@ from pipeline.evaluate import (
     recall_at_k,
     reciprocal_rank_at_k,
 )
+from pipeline.retrieval.retriever import Retriever
 from tests.fixtures.store import EXAMPLE_DIR
-from workers.retriever import Retriever
 
 L3 = math.log2(3)  # discount of rank 2
 
@@ -155,7 +155,7 @@ def test_eval_retrieval_cli_matches_the_library(example_store, embedder, tmp_pat
 @pytest.mark.parametrize("case", ["missing-qrels", "missing-store", "empty-collection"])
 def test_eval_retrieval_cli_errors_are_one_line(tmp_path, case):
     from pipeline.config import StoreConfig
-    from workers.store import open_collection
+    from pipeline.store.client import open_collection
 
     store = tmp_path / "store"
     qrels = EXAMPLE_DIR / "qrels.tsv"

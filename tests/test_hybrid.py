@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig, load_config
+from pipeline.corpus.ingest import ingest_source
 from pipeline.errors import ConfigError
-from tests.fixtures.store import EXAMPLE_DIR, SMALL_QUERIES, write_small_corpus
-from workers.bm25 import (
+from pipeline.retrieval.bm25 import (
     BUILD_KEY,
     BM25Index,
     BM25Settings,
@@ -27,9 +27,9 @@ from workers.bm25 import (
     open_index,
     tokenize,
 )
-from workers.ingest import ingest_source
-from workers.retriever import Retriever, rrf_scores
-from workers.store import open_collection
+from pipeline.retrieval.retriever import Retriever, rrf_scores
+from pipeline.store.client import open_collection
+from tests.fixtures.store import EXAMPLE_DIR, SMALL_QUERIES, write_small_corpus
 
 EMBED = EmbeddingConfig(device="cpu")
 CHUNKED = IngestConfig(chunk_chars=200, chunk_overlap=50)
@@ -119,7 +119,7 @@ def test_readers_never_use_a_stale_or_missing_build(tmp_path, embedder, caplog):
 
     # a crash between the collection write and the index rebuild leaves the marker cleared
     col.modify(metadata={BUILD_KEY: ""})
-    with caplog.at_level(logging.WARNING, logger="workers.bm25"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.retrieval.bm25"):
         index = open_index(open_collection(store_cfg, create=False), store_cfg, BM25Settings())
     assert index.build_id == "" and set(index.chunk_ids) == set(col.get()["ids"])
     assert "built it in memory" in caplog.text

@@ -18,6 +18,8 @@ import requests
 
 from bench.bench_server import serve
 from pipeline.config import LLMConfig, load_config
+from pipeline.llm.client import LLMClient, inflight_per_endpoint, probe_batch
+from pipeline.llm.prompts import generation_prompt, load_templates, rag_answer_prompt, shared_prefix
 from tests.runtools import (
     EXAMPLE,
     read_rows,
@@ -28,8 +30,6 @@ from tests.runtools import (
     write_config,
     write_records,
 )
-from workers.llm_client import LLMClient, inflight_per_endpoint, probe_batch
-from workers.prompts import generation_prompt, load_templates, rag_answer_prompt, shared_prefix
 
 
 def _contexts(n: int = 3) -> list[dict]:

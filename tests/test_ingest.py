@@ -1,4 +1,4 @@
-"""Ingestion into a real ChromaDB with the real packaged embedding model (workers/ingest.py, `ingest` CLI)."""
+"""Ingestion into a real ChromaDB with the real packaged embedding model (pipeline/corpus/ingest.py, `ingest` CLI)."""
 
 import hashlib
 import json
@@ -16,11 +16,11 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
+from pipeline.corpus.ingest import ingest_source
 from pipeline.errors import InputError, StoreError
+from pipeline.retrieval.retriever import Retriever
+from pipeline.store.client import open_collection, writer_lock
 from tests.fixtures.store import SMALL_QUERIES, make_pdf, write_small_corpus
-from workers.ingest import ingest_source, writer_lock
-from workers.retriever import Retriever
-from workers.store import open_collection
 
 EMBED = EmbeddingConfig(device="cpu")
 CHUNKED = IngestConfig(chunk_chars=200, chunk_overlap=50)

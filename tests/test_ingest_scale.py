@@ -19,8 +19,18 @@ import psutil
 import pytest
 
 from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
+from pipeline.corpus.ingest import ingest_source
+from pipeline.corpus.ledger import ledger_path
+from pipeline.corpus.sources import SourceReport, SqliteSeenIds, iter_source, read_source
 from pipeline.errors import ConfigError, InputError
-from pipeline.store_mode import AUTO_MIN_DUPLICATE_BYTES, INDEX_BYTES_PER_CHUNK, count_chunks, decide
+from pipeline.retrieval.embedding import (
+    CPU_BATCH_SIZE,
+    CUDA_BATCH_SIZE,
+    resolve_batch_size,
+    resolve_write_batch,
+)
+from pipeline.store.client import open_collection
+from pipeline.store.mode import AUTO_MIN_DUPLICATE_BYTES, INDEX_BYTES_PER_CHUNK, count_chunks, decide
 from tests.fixtures.llm import requires_llama
 from tests.fixtures.store import write_small_corpus
 from tests.runtools import (
@@ -34,11 +44,6 @@ from tests.runtools import (
     write_config,
     write_records,
 )
-from workers.embedding import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, resolve_batch_size, resolve_write_batch
-from workers.ingest import ingest_source
-from workers.ledger import ledger_path
-from workers.sources import SourceReport, SqliteSeenIds, iter_source, read_source
-from workers.store import open_collection
 
 EMBED = EmbeddingConfig(device="cpu")
 CHUNKED = IngestConfig(chunk_chars=200, chunk_overlap=50)
@@ -166,7 +171,7 @@ def test_stale_documents_are_removed_through_the_ledger(tmp_path, embedder):
 _KILL_SCRIPT = """
 import sys
 from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
-from workers.ingest import ingest_source
+from pipeline.corpus.ingest import ingest_source
 ingest_source(sys.argv[1], StoreConfig(path=sys.argv[2], collection="resume"),
               IngestConfig(chunk_chars=0, write_batch_chunks=16), EmbeddingConfig(device="cpu"), progress=False)
 """

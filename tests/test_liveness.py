@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from bench.bench_server import launch
-from pipeline.health import DOWN, RESTARTING, UP, EndpointMonitor
+from pipeline.servers.health import DOWN, RESTARTING, UP, EndpointMonitor
 from tests.fixtures.llm import free_port_block, requires_llama
 from tests.runtools import (
     processes_with_marker,
@@ -279,7 +279,7 @@ def test_sigterm_with_managed_server_killed_no_restart_no_failure_rows(tmp_path,
                                       *store_args(example_store)))
     err = _Stderr(proc)
     wait_for_parts(out, 1, proc)
-    servers = [p for p in processes_with_marker(marker) if "pipeline.cpu_server" in " ".join(p.cmdline())]
+    servers = [p for p in processes_with_marker(marker) if "pipeline.servers.cpu_server" in " ".join(p.cmdline())]
     assert len(servers) == 1
     proc.send_signal(signal.SIGTERM)
     servers[0].kill()

@@ -1,4 +1,4 @@
-"""workers/llm_client.py against real llama.cpp servers (SmolLM2-135M-Instruct, CPU).
+"""pipeline/llm/client.py against real llama.cpp servers (SmolLM2-135M-Instruct, CPU).
 
 Failures are real: a server killed with SIGKILL, a port where nothing listens (a crashed server),
 llama.cpp's own HTTP 400 (context length exceeded) and HTTP 500 (request validation error), real read
@@ -23,8 +23,8 @@ import requests
 
 from bench.bench_server import launch
 from pipeline.config import LLMConfig
+from pipeline.llm.client import Attempt, LLMClient, NoEndpointAvailable, RequestFailed
 from tests.fixtures.llm import dead_endpoint, requires_llama
-from workers.llm_client import Attempt, LLMClient, NoEndpointAvailable, RequestFailed
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = LLMConfig(backoff_initial_s=0.05, backoff_max_s=0.2, read_timeout_s=60.0)
@@ -178,8 +178,8 @@ def test_errors_survive_pickling_with_their_attempts():
 
 def test_client_module_imports_no_heavy_library():
     code = (
-        "import sys, workers.llm_client\n"
-        "print([m for m in ('torch', 'chromadb', 'sentence_transformers', 'pipeline.servers') if m in sys.modules])"
+        "import sys, pipeline.llm.client\n"
+        "print([m for m in ('torch', 'chromadb', 'sentence_transformers', 'pipeline.servers.pool') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"

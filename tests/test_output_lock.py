@@ -17,9 +17,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.identity import result_settings, run_identity
 from pipeline.output import OutputDir, input_fingerprint
 from pipeline.output.lock import LOCK_FILE, DirLock, LockHeld
+from pipeline.run.identity import result_settings, run_identity
 from tests.runtools import REPO
 
 HOLDER = textwrap.dedent("""
@@ -203,7 +203,7 @@ def test_interrupted_overwrite_never_leaves_adoptable_parts(tmp_path: Path, inp:
 OVERWRITER = textwrap.dedent("""
     import sys
     from pipeline.config import load_config
-    from pipeline.identity import result_settings, run_identity
+    from pipeline.run.identity import result_settings, run_identity
     from pipeline.output import OutputDir, input_fingerprint
     out, inp = sys.argv[1], sys.argv[2]
     cfg = load_config(None, {})

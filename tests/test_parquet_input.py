@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.dataset.records import PARQUET_BATCH_ROWS, iter_records, scan_input
 from pipeline.errors import InputError
 from pipeline.output import input_fingerprint, read_rows
-from pipeline.records import PARQUET_BATCH_ROWS, iter_records, scan_input
 from tests.fixtures.llm import requires_llama
 from tests.runtools import EXAMPLE, run_args, start_run, store_args, write_config
 
@@ -154,8 +154,8 @@ def test_run_on_a_parquet_directory_keeps_types_and_resumes(tmp_path, example_st
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_shards_share_one_scan_of_the_input(tmp_path, fmt, monkeypatch):
-    from pipeline import records as records_mod
-    from pipeline.records import scan_input_cached
+    from pipeline.dataset import records as records_mod
+    from pipeline.dataset.records import scan_input_cached
 
     rows = [{"id": f"r{i}", "query": ("" if i == 3 else f"q{i}"), "k": i} for i in range(10)]
     if fmt == "jsonl":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pipeline.progress import RunProgress
+from pipeline.run.progress import RunProgress
 
 
 class _Tty(io.StringIO):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from pipeline.dataset.records import iter_records, scan_input
 from pipeline.errors import InputError
-from pipeline.records import iter_records, scan_input
 
 
 def write(tmp_path, lines, name="in.jsonl"):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import EmbeddingConfig, IngestConfig, StoreConfig
+from pipeline.corpus.ingest import ingest_source
 from pipeline.errors import StoreError
+from pipeline.retrieval.retriever import Hit, QueryResult, Retriever
+from pipeline.store.client import get_collection, open_client, reset_collection
 from tests.fixtures.store import EXAMPLE_DIR, SMALL_DOCS, SMALL_QUERIES, write_small_corpus
-from workers.ingest import ingest_source
-from workers.retriever import Hit, QueryResult, Retriever
-from workers.store import get_collection, open_client, reset_collection
 
 EMBED = EmbeddingConfig(device="cpu")
 CHUNKED = IngestConfig(chunk_chars=200, chunk_overlap=50)

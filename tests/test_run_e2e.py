@@ -194,8 +194,8 @@ def test_generation_pool_never_imports_heavy_libraries(llama_endpoints):
 import sys, json
 from pipeline.config import load_config
 from workers.generation import generate_one
-from workers.llm_client import LLMClient
-from workers.prompts import load_templates
+from pipeline.llm.client import LLMClient
+from pipeline.llm.prompts import load_templates
 cfg = load_config()
 client = LLMClient({llama_endpoints!r}, cfg.llm)
 tpl = load_templates(cfg)
@@ -237,7 +237,7 @@ def test_managed_server_killed_mid_run_is_restarted(tmp_path, example_store):
     proc, marker = start_run(run_args(records, out, cfg, "--base-port", str(free_port_block(1)), *store_args(example_store)))
     wait_for_parts(out, 1, proc)
     before = len(read_ids(out))
-    servers = [p for p in processes_with_marker(marker) if "pipeline.cpu_server" in " ".join(p.cmdline())]
+    servers = [p for p in processes_with_marker(marker) if "pipeline.servers.cpu_server" in " ".join(p.cmdline())]
     assert len(servers) == 1
     servers[0].kill()
     psutil.wait_procs(servers, timeout=10)

@@ -1,4 +1,4 @@
-"""The server pool (pipeline/servers.py) and `rag-pipeline serve`, with real llama.cpp servers.
+"""The server pool (pipeline/servers/pool.py) and `rag-pipeline serve`, with real llama.cpp servers.
 
 No GPU exists here: SGLang plans are checked with the GPU detection overridden (RAG_PIPELINE_GPU_COUNT);
 the managed SGLang path runs end to end with a stand-in in tests/test_sglang_managed.py.
@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, ServerError
-from pipeline.servers import (
+from pipeline.servers.pool import (
     ServerPool,
     ServerSpec,
     api_key_from_env,
@@ -60,7 +60,7 @@ def test_plan_llamacpp_uses_packaged_gguf_and_sequential_ports(tmp_path):
     assert gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(gguf).is_file()
     for s in specs:
         assert s.backend == "llamacpp" and s.health_path == "/health" and s.nccl_port is None
-        assert s.argv[:3] == (sys.executable, "-m", "pipeline.cpu_server")
+        assert s.argv[:3] == (sys.executable, "-m", "pipeline.servers.cpu_server")
         argv = list(s.argv)
         assert argv[argv.index("--model") + 1] == gguf
         assert argv[argv.index("--n_threads") + 1] == "2"
@@ -266,7 +266,7 @@ def test_ctrl_c_without_context_manager_is_cleaned_up_by_atexit(tmp_path):
         f"""
         import os, signal, time
         from tests.fixtures.llm import llama_config
-        from pipeline.servers import ServerPool
+        from pipeline.servers.pool import ServerPool
         pool = ServerPool(llama_config({port}, 1), {str(tmp_path)!r})
         pool.start()
         print("PID", pool.pids[0], flush=True)
@@ -337,7 +337,7 @@ def test_resolve_endpoints_normalises_attach_urls_and_rejects_bad_ones():
 
 @requires_llama
 def test_api_key_from_env_is_used_and_never_shown(llama_server_factory, monkeypatch, caplog):
-    from workers.llm_client import LLMClient
+    from pipeline.llm.client import LLMClient
 
     key = "s3cret-key-123"
     pool = llama_server_factory(1, extra_args=("--api_key", key))  # ready although /v1/models answers 401

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.servers import (
+from pipeline.servers.pool import (
     ServerPool,
     embedding_reserve_mb,
     job_port_slot,

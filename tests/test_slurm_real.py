@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.output import part_paths, read_rows, run_status, shard_dir
-from pipeline.slurm import SubmitOptions, submit
+from pipeline.slurm.submit import SubmitOptions, submit
 from tests.fixtures.slurm import SlurmCluster
 from tests.test_serve_store import free_port, start_serve_store
 
@@ -201,12 +201,12 @@ def llama_server(tmp_path: Path):
     """One real llama.cpp server (SmolLM2-135M) shared by both array tasks (attach mode: --endpoints)."""
     import urllib.request
 
-    from pipeline.servers import default_llamacpp_model
+    from pipeline.servers.pool import default_llamacpp_model
 
     port = free_port()
     log = (tmp_path / "llama.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cpu_server", "--model", default_llamacpp_model(), "--host", "127.0.0.1",
+        [sys.executable, "-m", "pipeline.servers.cpu_server", "--model", default_llamacpp_model(), "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.errors import InputError, RunError
 from pipeline.output import OutputDir, input_fingerprint, shard_dir
-from pipeline.slurm import SubmitOptions, array_script, merge_script, submit
+from pipeline.slurm.submit import SubmitOptions, array_script, merge_script, submit
 
 PY = str(Path(sys.executable).absolute())
 HOSTILE = "a b $(touch PWNED) `touch PWNED2` it's \"q\" ;x"

@@ -1,13 +1,13 @@
-"""Reading SOURCE folders and files, and the error for each class of bad input (workers/sources.py)."""
+"""Reading SOURCE folders and files, and the error for each class of bad input (pipeline/corpus/sources.py)."""
 
 import gzip
 import json
 
 import pytest
 
+from pipeline.corpus.sources import html_to_text, read_source
 from pipeline.errors import InputError
 from tests.fixtures.store import make_pdf, write_small_corpus
-from workers.sources import html_to_text, read_source
 
 
 def test_folder_reads_every_supported_type_recursively(tmp_path):

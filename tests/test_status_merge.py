@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import Config, RunConfig
+from pipeline.dataset.records import iter_records, scan_input
 from pipeline.errors import InputError, RunError
 from pipeline.output import (
     OutputDir,
@@ -23,7 +24,6 @@ from pipeline.output import (
     run_status,
     shard_dir,
 )
-from pipeline.records import iter_records, scan_input
 
 N_RECORDS = 12
 

@@ -14,11 +14,11 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.llm.client import LLMClient
+from pipeline.llm.structured import StructuredOutput, load_schema
 from tests.fixtures.llm import dead_endpoint, requires_llama
 from tests.runtools import REPO, read_rows, run_args, start_run, store_args, write_config, write_records
 from workers.generation import generate_one
-from workers.llm_client import LLMClient
-from workers.structured import StructuredOutput, load_schema
 
 SCHEMA = {
     "title": "claim verdict",

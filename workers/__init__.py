@@ -1,1 +1,1 @@
-"""Code that runs inside the RAG-worker and generation processes."""
+"""Entry points and loops of the worker processes (RAG workers, generation processes)."""

@@ -1,13 +1,13 @@
 """The generation pool process: CPU only. It never imports torch, chromadb or sentence_transformers.
 
 Each process takes items (the record + its RAG result + ``target``, the endpoint main routed it to: the one that
-produced the record's RAG answer while it is healthy), builds the prompt (workers.prompts: the shared prefix of
+produced the record's RAG answer while it is healthy), builds the prompt (pipeline.llm.prompts: the shared prefix of
 instructions + context + query, then the generation part, after rag_status "ok"; the query alone after
 "soft_fail"), calls the target endpoint first through the LLM client (failover, retries, circuit breaker,
 adaptive concurrency on 429/503) and returns one result per item:
     id: str; generation: str | None; generation_json: str | None (the parsed reply as compact JSON when
     generation.response_format is set and the reply validates); gen_status: "ok" | "failed" | "invalid_output"
-    (the reply never matched generation.response_format, see workers.structured); gen_error: str | None;
+    (the reply never matched generation.response_format, see pipeline.llm.structured); gen_error: str | None;
     generate_ms: float; attempts: int; endpoint: str | None; model: str | None;
     bad_endpoints: list[str] (endpoints that failed an attempt: connection error, timeout, 5xx; main routes
     around them for a while); unavailable / overloaded: bool (no endpoint reachable / overload outlasted
@@ -41,11 +41,11 @@ def bad_endpoints(attempts: list[Any]) -> list[str]:
 def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict, structured: Any = None) -> dict:
     """Generate for one record; never raises for a per-record failure (it is recorded).
 
-    ``structured``: a :class:`workers.structured.StructuredOutput` (``generation.response_format``) or None.
+    ``structured``: a :class:`pipeline.llm.structured.StructuredOutput` (``generation.response_format``) or None.
     """
-    from workers.llm_client import NoEndpointAvailable, Overloaded, RequestFailed
-    from workers.prompts import generation_prompt
-    from workers.structured import REASK, dumps
+    from pipeline.llm.client import NoEndpointAvailable, Overloaded, RequestFailed
+    from pipeline.llm.prompts import generation_prompt
+    from pipeline.llm.structured import REASK, dumps
 
     prompt = generation_prompt(templates, query=item["query"], rag=item["rag"], context_chars=cfg.rag.context_chars,
                                extra=item.get("extra"))
@@ -104,8 +104,8 @@ def generation_worker_main(
     outbox = ResultChannel(outbox)
     start_heartbeat(outbox, name, cfg.run.heartbeat_interval_s, parent_pid)
     try:
-        from workers.llm_client import LLMClient
-        from workers.prompts import load_templates
+        from pipeline.llm.client import LLMClient
+        from pipeline.llm.prompts import load_templates
 
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
         api_key = os.environ.get(key_env) if key_env else None
@@ -114,7 +114,7 @@ def generation_worker_main(
         templates = load_templates(cfg)
         structured = None
         if cfg.generation.response_format:
-            from workers.structured import StructuredOutput
+            from pipeline.llm.structured import StructuredOutput
 
             structured = StructuredOutput.from_file(cfg.generation.response_format)
     except BaseException:  # noqa: BLE001 - reported to main

@@ -1,7 +1,7 @@
 """Messages between the main process and its workers (plain tuples and dicts: cheap to pickle).
 
 Main -> worker inbox: a list of work items, or ``None`` (the sentinel: finish in-flight work, then exit).
-Worker -> main: the worker's own result pipe (:class:`ResultChannel`; pipeline.channels reads it):
+Worker -> main: the worker's own result pipe (:class:`ResultChannel`; pipeline.run.channels reads it):
     ("HB", worker_name, None)            heartbeat every ``run.heartbeat_interval_s`` (not forwarded)
     ("READY", worker_name, detail)       startup finished (rank0: the store is ready)
     ("ERROR", worker_name, traceback)    fatal error in the worker; traceback as formatted text
@@ -26,7 +26,7 @@ from typing import Any
 POLL_S = 0.5
 RETRYABLE_OUTCOMES = frozenset({"timeout", "connect_error", "connection_error", "http_408", "http_429", "http_500",
                                 "http_502", "http_503", "http_504"})
-"""Attempt outcomes (workers.llm_client.Attempt.outcome) that say the endpoint, not the request, failed."""
+"""Attempt outcomes (pipeline.llm.client.Attempt.outcome) that say the endpoint, not the request, failed."""
 
 
 class ResultChannel:
@@ -72,7 +72,7 @@ def retry_cause(exc: BaseException) -> str | None:
     """``"llm"`` if an LLM client error failed with retryable outcomes only (or found no endpoint), else None.
 
     Args:
-        exc: a ``workers.llm_client.RequestFailed`` / ``NoEndpointAvailable`` (anything with ``attempts``).
+        exc: a ``pipeline.llm.client.RequestFailed`` / ``NoEndpointAvailable`` (anything with ``attempts``).
     """
     attempts = getattr(exc, "attempts", None) or []
     if type(exc).__name__ in ("NoEndpointAvailable", "Overloaded"):

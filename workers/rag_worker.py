@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: dict, result: dict,
                   prefer: str | None) -> dict:
     """Ask for a grounded answer; set the status by the failure rules of seed 001."""
+    from pipeline.llm.client import NoEndpointAvailable, Overloaded, RequestFailed
+    from pipeline.llm.prompts import rag_answer_prompt
     from workers.generation import bad_endpoints
-    from workers.llm_client import NoEndpointAvailable, Overloaded, RequestFailed
-    from workers.prompts import rag_answer_prompt
 
     prompt = rag_answer_prompt(templates, query=item["query"], contexts=result["contexts"],
                                context_chars=cfg.rag.context_chars, extra=item.get("extra"))
@@ -131,9 +131,9 @@ def rag_worker_main(
 def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any]:
     """Rank0 only: reset the collection if asked, ingest run.ingest, or the bundled example corpus
     (run.ingest_if_empty) when the collection is empty or absent. Returns what it did for the READY message."""
-    from workers.ingest import ingest_source
-    from workers.prompts import resolve_template_path
-    from workers.store import collection_exists, get_collection, open_client, reset_collection
+    from pipeline.corpus.ingest import ingest_source
+    from pipeline.llm.prompts import resolve_template_path
+    from pipeline.store.client import collection_exists, get_collection, open_client, reset_collection
 
     done: dict[str, Any] = {}
     source = cfg.run.ingest
@@ -146,7 +146,7 @@ def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any
         if not collection_exists(client, cfg.store.collection) or get_collection(client, cfg.store.collection).count() == 0:
             source = str(resolve_template_path(cfg.run.ingest_if_empty))
             log.warning("%s: collection %r is empty: ingesting %s", name, cfg.store.collection, cfg.run.ingest_if_empty)
-    from workers.bm25 import BM25Settings, ensure_index
+    from pipeline.retrieval.bm25 import BM25Settings, ensure_index
 
     bm25 = BM25Settings.from_config(cfg.retrieval)
     if source:
@@ -163,8 +163,8 @@ def _startup(
     llm_concurrency: int,
 ) -> dict:
     from pipeline.errors import StoreError
-    from workers.embedding import load_embedder
-    from workers.retriever import Retriever, retriever_options
+    from pipeline.retrieval.embedding import load_embedder
+    from pipeline.retrieval.retriever import Retriever, retriever_options
 
     embedder = load_embedder(device)
     detail: dict[str, Any] = {"device": device, "endpoint": endpoint}
@@ -186,8 +186,8 @@ def _startup(
     detail["collection_count"] = n
     state: dict[str, Any] = {"retriever": retriever, "detail": detail, "client": None}
     if cfg.rag.mode == "retrieve+answer":
-        from workers.llm_client import LLMClient
-        from workers.prompts import load_templates
+        from pipeline.llm.client import LLMClient
+        from pipeline.llm.prompts import load_templates
 
         order = ([endpoint] if endpoint else []) + [e for e in endpoints if e != endpoint]
         api_key = os.environ.get(cfg.servers.api_key_env) if cfg.servers.api_key_env else None

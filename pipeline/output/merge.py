@@ -116,7 +116,7 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
     """Combine the shards of ``root`` into ``output`` (default ``root/merged``) after verifying exactly-once.
 
     Reads the input named in the shards' ``_run.json`` (which must agree and be unchanged since), validates
-    it like the run does (:func:`pipeline.records.scan_input`, bad records rejected, with the shards'
+    it like the run does (:func:`pipeline.dataset.records.scan_input`, bad records rejected, with the shards'
     ``config["run"]`` id_field / query_field / max_query_chars / limit) and checks, by sorted id digests
     (module docstring), that every valid record has exactly one row across the shards. A root that is itself
     a run directory is treated as one shard. Rows are copied part by part (shard order, then part order),
@@ -173,8 +173,8 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
     if input_fingerprint(input_path) != first.get("fingerprint"):
         raise InputError(f"{input_path}: changed since the shards were run (fingerprint differs)")
 
-    # expected records: the run's own validation and partition (pipeline.records), bad records rejected
-    from pipeline.records import iter_records, scan_input
+    # expected records: the run's own validation and partition (pipeline.dataset.records), bad records rejected
+    from pipeline.dataset.records import iter_records, scan_input
 
     fields = {
         "id_field": id_field,
@@ -267,7 +267,7 @@ def _raise_mismatch(
     fields: dict[str, Any], limit: int, expected: tuple[np.ndarray, ...], got: tuple[np.ndarray, ...],
 ) -> None:
     """Name a few duplicate, missing and unknown ids (a second streamed pass over the ids), then raise."""
-    from pipeline.records import iter_records
+    from pipeline.dataset.records import iter_records
 
     eh, el, e_index, e_line = expected
     sh, sl, s_shard = got

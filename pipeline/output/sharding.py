@@ -1,5 +1,5 @@
 """Sharding: record ``index`` is the 0-based position of a record among the valid records of the input
-(:func:`pipeline.records.iter_records`: blank and rejected lines/rows are not records; ``--limit`` keeps
+(:func:`pipeline.dataset.records.iter_records`: blank and rejected lines/rows are not records; ``--limit`` keeps
 ``index < limit``); shard ``I/N`` owns the records with ``index % N == I``."""
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""`rag-pipeline run`: the main job."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.options import build_config, config_file_option, config_option, handle_errors
+
+
+def summary_table(manifest: dict) -> str:
+    """Counts per status, p50/p95/p99 per stage (ms) and records/s as a small text table."""
+    lines = [f"rows {manifest['rows']} / {manifest['total_records']}  complete: {manifest['complete']}"]
+    for col, counts in manifest["counts"].items():
+        lines.append(f"  {col:<11} " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    lines.append(f"  {'stage':<11} {'p50 ms':>10} {'p95 ms':>10} {'p99 ms':>10} {'n':>7}")
+    for stage, p in manifest["latency_ms"].items():
+        fmt = [("-" if p[k] is None else f"{p[k]:.1f}") for k in ("p50", "p95", "p99")]
+        lines.append(f"  {stage:<11} {fmt[0]:>10} {fmt[1]:>10} {fmt[2]:>10} {p['n']:>7}")
+    inv = manifest["this_invocation"]
+    lines.append(f"  this run: {inv['processed']} records in {inv['wall_s']:.1f} s ({inv['records_per_s'] or 0:.2f} records/s)")
+    for err in manifest["errors"][:5]:
+        lines.append(f"  error x{err['count']}: {err['error']}")
+    return "\n".join(lines)
+
+
+@click.command("run")
+@config_option("--input", "-i", "input_", key="run.input", type=click.Path(),
+               help="Input: JSONL (one record a line), a .parquet file or a directory of .parquet parts.")
+@config_option("--output", "-o", key="run.output", type=click.Path(file_okay=False),
+               help="Output directory (Parquet parts + _manifest.json). Re-running resumes.")
+@config_option("--num_processes", "--num-processes", "num_processes", key="generation.num_processes", type=int,
+               help="Generation processes (CPU).")
+@config_file_option
+@config_option("--max-concurrency", key="llm.max_concurrency", type=int,
+               help="In-flight LLM requests per endpoint, all processes together (0: sized from the backend).")
+@config_option("--endpoints", key="servers.endpoints",
+               help="Attach to these OpenAI-compatible endpoints (comma-separated) instead of starting servers.")
+@config_option("--backend", key="servers.backend", type=click.Choice(["auto", "sglang", "llamacpp"]),
+               help="Managed server backend.")
+@config_option("--model", key="servers.model", help="Model for managed servers (default: SmolLM2 GGUF on CPU).")
+@config_option("--gpus", key="servers.gpus", type=int, help="GPUs to use (-1: all visible).")
+@config_option("--tp-size", key="servers.tp_size", type=int, help="SGLang: GPUs per server (tensor parallel).")
+@config_option("--cpu-servers", key="servers.cpu_servers", type=int, help="llama.cpp servers without GPU.")
+@config_option("--base-port", key="servers.base_port", type=int, help="Port of server 0 (server i: base+i).")
+@config_option("--store", key="store.path", type=click.Path(file_okay=False), help="ChromaDB directory.")
+@config_option("--chroma-url", key="store.chroma_url", help="Chroma server URL (multi-node) instead of --store.")
+@config_option("--collection", key="store.collection", help="Collection to retrieve from.")
+@config_option("--bm25-path", key="store.bm25_path", type=click.Path(file_okay=False),
+               help="BM25 index directory (default <store>/bm25; with --chroma-url a shared path).")
+@config_option("--store-shared", key="store.shared", type=click.Choice(["auto", "on", "off"]),
+               help="One Chroma server over the local store for all RAG workers of the node (one index copy): "
+                    "on, off, or auto (when the copies would duplicate > 1 GiB).")
+@config_option("--ingest", key="run.ingest", type=click.Path(exists=False),
+               help="Ingest this source (rank0, single writer) before the run.")
+@config_option("--reset-collection/--no-reset-collection", key="run.reset_collection",
+               help="Delete and recreate the collection first (rank0).")
+@config_option("--rag-mode", key="rag.mode", type=click.Choice(["retrieve+answer", "retrieve"]),
+               help="retrieve+answer: grounded answer from the RAG worker's endpoint; retrieve: passages only.")
+@config_option("--top-k", key="retrieval.top_k", type=int, help="Passages retrieved per record.")
+@config_option("--min-score", key="retrieval.min_score", type=float, help="Cosine similarity threshold.")
+@config_option("--retrieval-mode", key="retrieval.mode", type=click.Choice(["dense", "bm25", "hybrid"]),
+               help="dense (embeddings), bm25 (lexical) or hybrid (reciprocal rank fusion of both).")
+@config_option("--response-format", key="generation.response_format", type=click.Path(dir_okay=False),
+               help="JSON Schema file: generations are JSON matching it (column generation_json).")
+@config_option("--query-field", key="run.query_field", help="Record field with the query.")
+@config_option("--id-field", key="run.id_field", help="Record field with the unique id.")
+@config_option("--limit", key="run.limit", type=int, help="Only the first N records (0: all).")
+@config_option("--on-bad-record", key="run.on_bad_record", type=click.Choice(["fail", "skip"]),
+               help="fail: stop before any server starts; skip: write bad lines to _rejected.jsonl.")
+@config_option("--overwrite/--resume", key="run.overwrite", help="Start afresh instead of resuming.")
+@config_option("--shard", key="run.shard", help="I/N: process partition I of N of the input.")
+@config_option("--retry-failed", key="run.retry_failed", is_flag=True, default=None,
+               help="Also re-process committed rows with rag_status hard_fail or gen_status failed (replaced once).")
+@config_option("--allow-config-change", key="run.allow_config_change", is_flag=True, default=None,
+               help="Resume although prompts, model, retrieval or generation settings changed.")
+@config_option("--grace-s", key="run.grace_s", type=float, help="Seconds in-flight records get after SIGTERM.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@handle_errors
+def run_cmd(config_file: str | None, progress: bool, **params) -> None:
+    """Run (or resume) retrieval + generation: one Parquet row per input record.
+
+    Example: rag-pipeline run --input data.jsonl --output out/ --num_processes 16
+    """
+    import dataclasses
+
+    cfg = build_config(config_file, params)
+    if (params.get("store") or params.get("collection") or params.get("chroma_url")) and not params.get("ingest"):
+        # the bundled example corpus is only auto-ingested into the default example store
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, ingest_if_empty=""))
+    from pipeline.run.orchestrator import run_pipeline
+
+    result = run_pipeline(cfg, progress=progress)
+    click.echo(summary_table(result.manifest), err=True)
+    click.echo(str(result.output_dir))

@@ -1,0 +1,151 @@
+"""`rag-pipeline submit` (Slurm array + merge job) and `rag-pipeline serve-store` (shared Chroma server)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.cli.options import handle_errors
+
+
+@click.command(
+    "submit",
+    context_settings={"ignore_unknown_options": False},
+)
+@click.option("--input", "-i", "input_", required=True, type=click.Path(),
+              help="Input: JSONL, a .parquet file or a directory of .parquet parts.")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output root: task I writes OUTPUT/shard-I-of-N, the merge job OUTPUT/merged.",
+)
+@click.option(
+    "--nodes", "-N", default=0, type=int,
+    help="Nodes used at once, one per array task; without --shards also the number of shards.",
+)
+@click.option(
+    "--shards", "-S", default=0, type=int,
+    help="Shards of the input = array tasks (default --nodes); more shards than nodes balance the load.",
+)
+@click.option(
+    "--max-concurrent", "-K", default=0, type=int,
+    help="Array tasks running at once (Slurm --array=...%K); default --nodes when --shards exceeds it.",
+)
+@click.option(
+    "--outage-requeues", default=3, show_default=True, type=int,
+    help="Times a task stopped by an endpoint outage (exit 75) requeues itself; 0 = never.",
+)
+@click.option(
+    "--gpus-per-node", "-G", default=0, show_default=True, type=int, help="GPUs per task (--gres=gpu:G)."
+)
+@click.option("--partition", "-p", default="", help="Slurm partition (array and merge job).")
+@click.option(
+    "--time", "-t", "time_limit", default="", help="Time limit per task, e.g. 12:00:00 (and merge job)."
+)
+@click.option("--account", "-A", default="", help="Slurm account (array and merge job).")
+@click.option(
+    "--sbatch-arg",
+    "sbatch_args",
+    multiple=True,
+    help="Extra sbatch option for the array tasks, repeatable, e.g. --sbatch-arg=--mem=64G "
+    "--sbatch-arg=--exclusive.",
+)
+@click.option("--chroma-url", default="", help="Shared Chroma server (see serve-store) passed to every task.")
+@click.option("--job-name", default="rag-pipeline", show_default=True, help="Slurm job name of the array.")
+@click.option("--dry-run", is_flag=True, help="Print both batch scripts; write and submit nothing.")
+@click.argument("run_options", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def submit_cmd(
+    input_: str,
+    output: str,
+    nodes: int,
+    shards: int,
+    max_concurrent: int,
+    outage_requeues: int,
+    gpus_per_node: int,
+    partition: str,
+    time_limit: str,
+    account: str,
+    sbatch_args: tuple[str, ...],
+    chroma_url: str,
+    job_name: str,
+    dry_run: bool,
+    run_options: tuple[str, ...],
+) -> None:
+    """Submit a Slurm array of N `run --shard I/N` tasks and a merge job that runs after all succeed.
+
+    Options after `--` are passed to every task's `rag-pipeline run` (e.g. `-- --limit 1000 --config
+    cfg.toml`). Tasks are requeueable: a requeued or preempted task resumes from its committed rows, and
+    two minutes before the time limit a task stops cleanly and requeues itself. Prints both job ids.
+
+    Example: rag-pipeline submit --input data.jsonl --output out/ --nodes 4 --gpus-per-node 8 -t 24:00:00
+
+    More shards than nodes: --shards 64 --nodes 4 runs 64 small tasks, 4 at a time (array throttle %4), so a
+    slow or preempted node delays one small shard instead of a quarter of the job.
+    """
+    from pipeline.slurm.submit import SubmitOptions, submit
+
+    opts = SubmitOptions(
+        input_path=Path(input_),
+        output_dir=Path(output),
+        nodes=nodes,
+        shards=shards,
+        max_concurrent=max_concurrent,
+        outage_requeues=outage_requeues,
+        gpus_per_node=gpus_per_node,
+        partition=partition,
+        time_limit=time_limit,
+        account=account,
+        sbatch_args=tuple(sbatch_args),
+        chroma_url=chroma_url,
+        run_options=tuple(run_options),
+        job_name=job_name,
+    )
+    res = submit(opts, dry_run=dry_run)
+    if dry_run:
+        click.echo(f"# ---- {opts.slurm_dir / 'array.sbatch'}  (sbatch --parsable array.sbatch)")
+        click.echo(res.array_script)
+        click.echo(
+            f"# ---- {opts.slurm_dir / 'merge.sbatch'}  "
+            "(sbatch --parsable --dependency=afterok:<array job id> merge.sbatch)"
+        )
+        click.echo(res.merge_script)
+        return
+    out = Path(output).absolute()
+    s = opts.n_shards
+    at_once = f", at most {opts.throttle} at a time" if opts.throttle else ""
+    click.echo(
+        f"Submitted array job {res.array_job_id} ({s} task(s){at_once}: shard I/{s} -> {out}/shard-I-of-{s}); "
+        f"logs in {opts.slurm_dir / 'logs'}"
+    )
+    click.echo(f"Submitted merge job {res.merge_job_id} (afterok:{res.array_job_id}) -> {out / 'merged'}")
+    click.echo(f"Follow with: rag-pipeline status {out}")
+
+
+@click.command("serve-store")
+@click.option("--path", required=True, type=click.Path(file_okay=False), help="Chroma persistence directory.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Interface (0.0.0.0: reachable by other nodes)."
+)
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
+@click.option(
+    "--ready-timeout-s", default=60.0, show_default=True, type=float, help="Seconds to wait for readiness."
+)
+@handle_errors
+def serve_store_cmd(path: str, host: str, port: int, ready_timeout_s: float) -> None:
+    """Run a Chroma server (`chroma run`) in the foreground for multi-node runs; Ctrl-C stops it.
+
+    Pass the printed URL to `run --chroma-url` / `submit --chroma-url`. Signals are forwarded to the server.
+    """
+    from pipeline.store.server import serve_store
+
+    def ready(url: str) -> None:
+        click.echo(f"Chroma server ready: {url}  (use --chroma-url {url})", err=False)
+        sys.stdout.flush()
+
+    rc = serve_store(path, host, port, on_ready=ready, ready_timeout_s=ready_timeout_s)
+    sys.exit(rc)

@@ -1,0 +1,1 @@
+"""Corpus ingestion: document sources, chunking, the ingest ledger and the store writer."""

@@ -1,0 +1,1 @@
+"""Input datasets: reading, validating and sharding the records of a run."""

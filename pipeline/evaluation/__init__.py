@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics (nDCG@10, Recall, MRR) and answer scores."""

@@ -1,0 +1,1 @@
+"""LLM requests: the OpenAI-compatible client, prompt templates, structured output."""

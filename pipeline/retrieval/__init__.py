@@ -1,0 +1,1 @@
+"""Retrieval: query embedding, dense search in Chroma, BM25, hybrid fusion."""

@@ -1,0 +1,1 @@
+"""Run orchestration in the main process: scheduling, the worker set, rows and commits, progress."""

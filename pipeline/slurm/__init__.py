@@ -1,0 +1,1 @@
+"""Slurm: array submission, the job script, requeue and merge jobs."""
