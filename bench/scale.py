@@ -2,14 +2,14 @@
 
 **(a) The output layer at 1,000,000 rows** (``--parts 1000 --rows 1000``; 5 contexts of 1,000 characters per
 row, ~5 GB of Parquet), through the code paths a run uses: every row goes through the scheduler's
-``_Run._finish`` and every part through ``_Run.commit`` (``pa.Table.from_pylist`` with the row schema, then
+``RowWriter.finish`` and every part through ``RowWriter.commit`` (``pa.Table.from_pylist`` with the row schema, then
 ``OutputDir.commit_part``: tmp + fsync + rename + ledger update). Part ``k`` holds the records with
 ``index % parts == k``, so the same files are afterwards moved (renamed, not copied) into ``shard-k-of-P/``
 directories: a sharded output of P shards. Measured:
 
 * commit time of the last 10 % of parts / the first 10 % (target <= 1.5);
 * ledger load for a resume (``OutputDir(out).ledger``: one streamed scan of the ``id`` column), time and RSS;
-* peak RSS (``VmHWM``) of the run's manifest (``pipeline.run.orchestrator.build_manifest``), of ``rag-pipeline status`` on the run
+* peak RSS (``VmHWM``) of the run's manifest (``pipeline.run.manifest.build_manifest``), of ``rag-pipeline status`` on the run
   directory and on the sharded root, and of ``rag-pipeline merge`` of the P shards (target <= 1 GB each), each in
   a fresh process (``ru_maxrss``), with its wall time.
 
@@ -82,20 +82,20 @@ def synthetic_run(
     input_path: Path, out: Path, parts: int, rows: int, *, contexts: int = 5, context_chars: int = 1000,
     on_commit: Any = None,
 ) -> list[float]:
-    """Commit ``parts`` parts of ``rows`` rows through ``_Run._finish`` / ``_Run.commit`` (the run's path).
+    """Commit ``parts`` parts of ``rows`` rows through ``RowWriter.finish`` / ``RowWriter.commit`` (the run's path).
 
     Part k holds the records with ``index % parts == k``. Returns the wall time of each commit (seconds).
     """
     from pipeline.config import Config
     from pipeline.output import OutputDir, input_fingerprint
-    from pipeline.run.orchestrator import _Run
+    from pipeline.run.rows import RowWriter
 
     cfg = _with_part_rows(Config(), rows)
     n = parts * rows
     od = OutputDir(out)
     od.prepare(input_path=input_path, fingerprint=input_fingerprint(input_path), shard=None, total_records=n,
                config=cfg.to_dict(), overwrite=True)
-    run = _Run(cfg, od, iter(()), {"topic": "int64"}, progress=False)
+    run = RowWriter(od, {"topic": "int64"}, part_rows=cfg.run.part_rows)
     commit_s: list[float] = []
     real_commit = run.commit
 
@@ -120,7 +120,7 @@ def synthetic_run(
                    "endpoint": "http://127.0.0.1:1", "model": "bench-model"}
             gen = {"generation": text(300), "gen_status": "ok", "gen_error": None, "generate_ms": 950.0 + idx % 97,
                    "attempts": 1, "endpoint": "http://127.0.0.1:1", "model": "bench-model"}
-            run._finish({"id": rid, "query": f"question {idx}", "extra": {"topic": idx % 7}}, rag, gen)
+            run.finish({"id": rid, "query": f"question {idx}", "extra": {"topic": idx % 7}}, rag, gen)
     run.commit()
     return commit_s[: parts]
 
@@ -173,7 +173,7 @@ if what == "cli":
 elif what == "manifest":
     from pathlib import Path
     from pipeline.config import Config
-    from pipeline.run.orchestrator import build_manifest
+    from pipeline.run.manifest import build_manifest
     m = build_manifest(Config(), Path(sys.argv[2]), int(sys.argv[3]), endpoints=[], wall_s=1.0, processed=0,
                        interrupted=None, backend="none")
     result = {{"rows": m["rows"], "complete": m["complete"], "counts": m["counts"], "p50_generate":

