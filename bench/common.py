@@ -28,7 +28,7 @@ RAG_PIPELINE = str(Path(sys.executable).with_name("rag-pipeline"))
 DEFAULT_STORE = Path(tempfile.gettempdir()) / f"rag-bench-store-{os.getuid()}"
 COLLECTION = "bench"
 
-_LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO pipeline\.run: (?:rank0|(\S+)) READY")
+_LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO pipeline\.run\.worker_set: (?:rank0|(\S+)) READY")
 
 
 def ensure_store(store: Path = DEFAULT_STORE, corpus: Path = EXAMPLE / "corpus.jsonl") -> tuple[Path, str]:
@@ -140,7 +140,7 @@ class PipelineRun:
         """pid -> worker name ("rag-0", "gen-3", ...) from main's "started NAME (pid N)" log lines."""
         out: dict[int, str] = {}
         for ln in self.log_path.read_text(errors="replace").splitlines():
-            m = re.search(r"INFO pipeline\.run: started (\S+) \(pid (\d+)\)", ln)
+            m = re.search(r"INFO pipeline\.run\.worker_set: started (\S+) \(pid (\d+)\)", ln)
             if m:
                 out[int(m.group(2))] = m.group(1)
         return out

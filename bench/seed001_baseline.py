@@ -43,6 +43,7 @@ def _worker(idx: int, bcfg: BaselineConfig, tasks: Any, results: Any) -> None:
     from pipeline.config import Config, LLMConfig, StoreConfig
     from pipeline.llm.client import LLMClient, LLMError
     from pipeline.llm.prompts import generation_prompt, load_templates, rag_answer_prompt
+    from pipeline.messages import RagResult
     from pipeline.retrieval.embedding import load_embedder
     from pipeline.retrieval.retriever import Retriever
 
@@ -66,12 +67,12 @@ def _worker(idx: int, bcfg: BaselineConfig, tasks: Any, results: Any) -> None:
         try:
             hits = [h for h in retriever.search([query], bcfg.top_k)[0].hits if h.score >= bcfg.min_score]
             ctx = [{"text": h.text} for h in hits]
-            rag: dict[str, Any] = {"rag_status": "soft_fail"}
+            rag = RagResult(rid, rag_status="soft_fail")
             if hits:
                 answer = client((rag_ep,)).chat(rag_answer_prompt(tpl, query=query, contexts=ctx,
                                                                   context_chars=bcfg.context_chars),
                                                 bcfg.rag_max_tokens).text
-                rag = {"rag_status": "ok", "contexts": ctx, "rag_answer": answer}
+                rag = RagResult(rid, contexts=ctx, rag_answer=answer)
             else:
                 status = "soft_fail"
             prompt = generation_prompt(tpl, query=query, rag=rag, context_chars=bcfg.context_chars)

@@ -20,6 +20,7 @@ from bench.bench_server import serve
 from pipeline.config import LLMConfig, load_config
 from pipeline.llm.client import LLMClient, inflight_per_endpoint, probe_batch
 from pipeline.llm.prompts import generation_prompt, load_templates, rag_answer_prompt, shared_prefix
+from pipeline.messages import RagResult
 from tests.runtools import (
     EXAMPLE,
     read_rows,
@@ -44,7 +45,7 @@ def test_both_llm_calls_of_a_record_start_with_the_same_bytes():
     contexts = _contexts()
     rag_p = rag_answer_prompt(tpl, query=query, contexts=contexts, context_chars=cfg.rag.context_chars)
     gen_p = generation_prompt(tpl, query=query, context_chars=cfg.rag.context_chars,
-                              rag={"rag_status": "ok", "contexts": contexts, "rag_answer": "Yes, it does."})
+                              rag=RagResult("r1", contexts=contexts, rag_answer="Yes, it does."))
     prefix = shared_prefix(tpl, query=query, contexts=contexts, context_chars=cfg.rag.context_chars)
     assert rag_p.startswith(prefix) and gen_p.startswith(prefix)
     # the shared part holds the instructions, then the context, then the query; the prompts differ only after it
@@ -53,7 +54,7 @@ def test_both_llm_calls_of_a_record_start_with_the_same_bytes():
     assert rag_p[len(prefix):] != gen_p[len(prefix):] and "Yes, it does." in gen_p[len(prefix):]
     # after a soft failure the generation has no context (seed 001's rule)
     soft = generation_prompt(tpl, query=query, context_chars=cfg.rag.context_chars,
-                             rag={"rag_status": "soft_fail", "contexts": contexts})
+                             rag=RagResult("r1", rag_status="soft_fail", contexts=contexts))
     assert contexts[0]["text"][:100] not in soft and query in soft
 
 

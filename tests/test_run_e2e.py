@@ -199,12 +199,13 @@ from pipeline.llm.prompts import load_templates
 cfg = load_config()
 client = LLMClient({llama_endpoints!r}, cfg.llm)
 tpl = load_templates(cfg)
-item = {{"id": "1", "query": "What is aspirin?", "extra": {{}}, "rag": {{"rag_status": "ok", "rag_answer": "a drug",
-        "contexts": [{{"doc_id": "d", "chunk_id": "d#0", "text": "Aspirin is a drug.", "score": 0.9}}]}}}}
+from pipeline.messages import RagResult, WorkItem
+item = WorkItem("1", "What is aspirin?", rag=RagResult("1", rag_answer="a drug",
+        contexts=[{{"doc_id": "d", "chunk_id": "d#0", "text": "Aspirin is a drug.", "score": 0.9}}]))
 import dataclasses
 cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, max_tokens=4))
 out = generate_one(client, cfg, tpl, item)
-print(json.dumps({{"status": out["gen_status"], "heavy": [m for m in ("torch", "chromadb", "sentence_transformers") if m in sys.modules]}}))
+print(json.dumps({{"status": out.gen_status, "heavy": [m for m in ("torch", "chromadb", "sentence_transformers") if m in sys.modules]}}))
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

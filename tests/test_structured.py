@@ -16,6 +16,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.llm.client import LLMClient
 from pipeline.llm.structured import StructuredOutput, load_schema
+from pipeline.messages import RagResult, WorkItem
 from tests.fixtures.llm import dead_endpoint, requires_llama
 from tests.runtools import REPO, read_rows, run_args, start_run, store_args, write_config, write_records
 from workers.generation import generate_one
@@ -65,25 +66,25 @@ def test_request_field_and_validation(tmp_path):
 def test_real_server_returns_schema_json_or_invalid_output_after_reask(tmp_path, llama_endpoints):
     so = StructuredOutput.from_file(_schema_file(tmp_path))
     cfg = Config()
-    item = {"id": "c1", "query": "Aspirin reduces the risk of heart attacks.", "rag": {"rag_status": "soft_fail"}}
+    item = WorkItem("c1", "Aspirin reduces the risk of heart attacks.", rag=RagResult("c1", rag_status="soft_fail"))
     with LLMClient(llama_endpoints[:1], cfg.llm) as client:
         ok_cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, max_tokens=96))
         r = generate_one(client, ok_cfg, TEMPLATES, item, so)
-        assert r["gen_status"] == "ok", r
-        value = json.loads(r["generation_json"])
+        assert r.gen_status == "ok", r
+        value = json.loads(r.generation_json)
         jsonschema.validate(value, SCHEMA)  # constrained decoding honoured the schema
-        assert json.loads(r["generation"]) == value and r["attempts"] == 1
+        assert json.loads(r.generation) == value and r.attempts == 1
 
         # 6 tokens cannot hold the object: the reply is cut off, re-asked once, then recorded as invalid
         short = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, max_tokens=6,
                                                                         response_format_attempts=2))
         r = generate_one(client, short, TEMPLATES, item, so)
-        assert r["gen_status"] == "invalid_output" and r["generation_json"] is None, r
-        assert r["attempts"] == 2 and "after 2 request(s): not JSON" in r["gen_error"]
-        assert r["generation"].lstrip().startswith("{")
+        assert r.gen_status == "invalid_output" and r.generation_json is None, r
+        assert r.attempts == 2 and "after 2 request(s): not JSON" in r.gen_error
+        assert r.generation.lstrip().startswith("{")
 
         plain = generate_one(client, ok_cfg, TEMPLATES, item)  # no schema: text, no generation_json
-        assert plain["gen_status"] == "ok" and plain["generation_json"] is None
+        assert plain.gen_status == "ok" and plain.generation_json is None
 
 
 @requires_llama

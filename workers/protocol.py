@@ -1,17 +1,6 @@
-"""Messages between the main process and its workers (plain tuples and dicts: cheap to pickle).
+"""The worker side of the protocol with main: the result channel, heartbeats, signals, the inbox.
 
-Main -> worker inbox: a list of work items, or ``None`` (the sentinel: finish in-flight work, then exit).
-Worker -> main: the worker's own result pipe (:class:`ResultChannel`; pipeline.run.channels reads it):
-    ("HB", worker_name, None)            heartbeat every ``run.heartbeat_interval_s`` (not forwarded)
-    ("READY", worker_name, detail)       startup finished (rank0: the store is ready)
-    ("ERROR", worker_name, traceback)    fatal error in the worker; traceback as formatted text
-    ("RAG", worker_name, [rag_result])   one dict per record (see workers.rag_worker)
-    ("GEN", worker_name, [gen_result])   one dict per record (see workers.generation)
-
-A failed result carries ``retry_cause``: ``"llm"`` when its LLM request failed only with retryable errors
-(timeouts, refused or dropped connections, HTTP 408/429/5xx: the endpoints were in trouble, not the record),
-``"store"`` for a vector-store error, None otherwise. Main decides from it whether the failure is the record's
-(a failure row) or the run's (the record goes back to the queue, or stays uncommitted while the run stops).
+The messages themselves are the dataclasses of :mod:`pipeline.messages`.
 """
 
 from __future__ import annotations
@@ -22,6 +11,8 @@ import signal
 import threading
 import time
 from typing import Any
+
+from pipeline.messages import Heartbeat
 
 POLL_S = 0.5
 RETRYABLE_OUTCOMES = frozenset({"timeout", "connect_error", "connection_error", "http_408", "http_429", "http_500",
@@ -50,7 +41,7 @@ class ResultChannel:
 
 
 def start_heartbeat(chan: ResultChannel, name: str, interval_s: float, parent_pid: int) -> threading.Thread:
-    """Send ``("HB", name, None)`` every ``interval_s`` seconds from a daemon thread; exit if main died.
+    """Send a :class:`pipeline.messages.Heartbeat` every ``interval_s`` seconds from a daemon thread; exit if main died.
 
     A worker that is alive but stopped (SIGSTOP) or frozen with the GIL held sends no heartbeat: main declares
     it hung after ``run.heartbeat_timeout_s`` and replaces it.
@@ -60,7 +51,7 @@ def start_heartbeat(chan: ResultChannel, name: str, interval_s: float, parent_pi
         while True:
             if os.getppid() != parent_pid:
                 os._exit(0)
-            chan.put(("HB", name, None))
+            chan.put(Heartbeat(name))
             time.sleep(interval_s)
 
     t = threading.Thread(target=beat, name=f"{name}-heartbeat", daemon=True)

@@ -8,14 +8,8 @@ Per micro-batch of records it embeds all queries in one call, searches top-k, an
 "retrieve+answer"``) asks ITS OWN endpoint for a grounded answer, keeping several requests in flight with a
 thread pool so a batching server (SGLang) stays busy.
 
-Result dict per record (sent as ("RAG", name, [result, ...])):
-    id: str; contexts: list of {doc_id, chunk_id, text, score (float: the retrieval mode's score),
-    dense_rank, bm25_rank (int | None: rank in each source ranking)};
-    rag_answer: str | None; rag_status: "ok" | "soft_fail" | "hard_fail"; rag_error: str | None;
-    retrieve_ms: float (the micro-batch's retrieval wall time); rag_llm_ms: float | None;
-    attempts: int (LLM request attempts); endpoint: str | None (the endpoint that produced the RAG answer: main
-    sends the record's generation there, whose prompt starts with the same bytes); model: str | None;
-    bad_endpoints: list[str]; unavailable / overloaded: bool (see workers.generation).
+It sends one :class:`pipeline.messages.RagResult` per record (:class:`pipeline.messages.RagResults`): a
+micro-batch's retrieval failures and soft failures at once, each grounded answer as it comes back.
 """
 
 from __future__ import annotations
@@ -29,56 +23,50 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.messages import Fatal, RagResult, RagResults, Ready, WorkItem
 from workers.protocol import ResultChannel, get_work, ignore_sigint, retry_cause, start_heartbeat
 
 log = logging.getLogger(__name__)
 
 
-def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: dict, result: dict,
-                  prefer: str | None) -> dict:
+def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: WorkItem, result: RagResult,
+                  prefer: str | None) -> RagResult:
     """Ask for a grounded answer; set the status by the failure rules of seed 001."""
     from pipeline.llm.client import NoEndpointAvailable, Overloaded, RequestFailed
     from pipeline.llm.prompts import rag_answer_prompt
     from workers.generation import bad_endpoints
 
-    prompt = rag_answer_prompt(templates, query=item["query"], contexts=result["contexts"],
-                               context_chars=cfg.rag.context_chars, extra=item.get("extra"))
+    prompt = rag_answer_prompt(templates, query=item.query, contexts=result.contexts,
+                               context_chars=cfg.rag.context_chars, extra=item.extra)
     t0 = time.perf_counter()
     try:
         comp = client.chat(prompt, cfg.rag.max_tokens, prefer=prefer)
     except (RequestFailed, NoEndpointAvailable, Overloaded) as exc:
         attempts = getattr(exc, "attempts", []) or []
-        result.update(
-            rag_status="hard_fail",
-            rag_error=f"{type(exc).__name__}: {exc}",
-            rag_llm_ms=(time.perf_counter() - t0) * 1000,
-            attempts=len(attempts),
-            unavailable=isinstance(exc, NoEndpointAvailable),
-            overloaded=isinstance(exc, Overloaded),
-            bad_endpoints=bad_endpoints(attempts),
-            retry_cause=retry_cause(exc),
-        )
+        result.rag_status = "hard_fail"
+        result.rag_error = f"{type(exc).__name__}: {exc}"
+        result.rag_llm_ms = (time.perf_counter() - t0) * 1000
+        result.attempts = len(attempts)
+        result.unavailable = isinstance(exc, NoEndpointAvailable)
+        result.overloaded = isinstance(exc, Overloaded)
+        result.bad_endpoints = bad_endpoints(attempts)
+        result.retry_cause = retry_cause(exc)
         return result
     answer = (comp.text or "").strip()
-    result.update(
-        rag_answer=answer,
-        rag_llm_ms=comp.latency_ms,
-        attempts=len(comp.attempts),
-        endpoint=comp.endpoint,
-        model=comp.model,
-        bad_endpoints=bad_endpoints(comp.attempts),
-    )
+    result.rag_answer, result.rag_llm_ms, result.attempts = answer, comp.latency_ms, len(comp.attempts)
+    result.endpoint, result.model, result.bad_endpoints = comp.endpoint, comp.model, bad_endpoints(comp.attempts)
     if len(answer) < cfg.rag.min_answer_chars:
-        result.update(rag_status="soft_fail", rag_error=f"RAG answer shorter than {cfg.rag.min_answer_chars} chars")
+        result.rag_status = "soft_fail"
+        result.rag_error = f"RAG answer shorter than {cfg.rag.min_answer_chars} chars"
     return result
 
 
-def _deliver(fut: Any, result: dict, send: Any) -> None:
+def _deliver(fut: Any, result: RagResult, send: Any) -> None:
     """Send a finished RAG-answer future; an unexpected exception becomes a hard failure of that record."""
     try:
         send(fut.result())
     except Exception as exc:  # noqa: BLE001 - one bad record never fails the run
-        result.update(rag_status="hard_fail", rag_error=f"internal error: {type(exc).__name__}: {exc}")
+        result.rag_status, result.rag_error = "hard_fail", f"internal error: {type(exc).__name__}: {exc}"
         send(result)
 
 
@@ -95,7 +83,7 @@ def rag_worker_main(
     outbox: Any,
     parent_pid: int,
 ) -> None:
-    """Process entry point (spawned). Never raises: a fatal error is sent as ("ERROR", name, traceback).
+    """Process entry point (spawned). Never raises: a fatal error is sent as :class:`pipeline.messages.Fatal`.
 
     Args:
         name: worker name used in messages ("rag-0", ...).
@@ -106,7 +94,7 @@ def rag_worker_main(
         cpu_threads: torch threads of this process (on CPU and on GPU).
         llm_concurrency: most RAG-answer requests in flight (threads): the endpoint's in-flight total (main sends
             no more records than the endpoint has room for, generations of earlier records included).
-        inbox: multiprocessing queue of work lists (dicts with id, query, extra) or None (sentinel).
+        inbox: multiprocessing queue of ``list[WorkItem]`` or None (sentinel).
         outbox: the write end of this worker's own result pipe (see workers.protocol).
         parent_pid: the main process; the worker exits if it disappears.
     """
@@ -119,13 +107,13 @@ def rag_worker_main(
     try:
         state = _startup(name, rank0, cfg, endpoint, endpoints, device, cpu_threads, llm_concurrency)
     except BaseException:  # noqa: BLE001 - every startup failure is reported to main as text
-        outbox.put(("ERROR", name, traceback.format_exc()))
+        outbox.put(Fatal(name, traceback.format_exc()))
         return
-    outbox.put(("READY", name, state["detail"]))
+    outbox.put(Ready(name, state["detail"]))
     try:
         _loop(name, cfg, state, endpoint, inbox, outbox, parent_pid)
     except BaseException:  # noqa: BLE001 - reported to main, which decides (requeue/stop)
-        outbox.put(("ERROR", name, traceback.format_exc()))
+        outbox.put(Fatal(name, traceback.format_exc()))
 
 
 def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any]:
@@ -204,9 +192,9 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
     pool = ThreadPoolExecutor(max_workers=max(1, state.get("threads", 1)), thread_name_prefix=f"{name}-llm")
     lock = threading.Lock()
 
-    def send(result: dict) -> None:
+    def send(result: RagResult) -> None:
         with lock:
-            outbox.put(("RAG", name, [result]))
+            outbox.put(RagResults(name, [result]))
 
     try:
         while True:
@@ -216,41 +204,37 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
             t0 = time.perf_counter()
             error: str | None = None
             try:
-                found = retriever.search([it["query"] for it in items], cfg.retrieval.top_k)
+                found = retriever.search([it.query for it in items], cfg.retrieval.top_k)
             except StoreError as exc:
                 found, error = None, f"StoreError: {exc}"
             retrieve_ms = (time.perf_counter() - t0) * 1000
-            ready: list[dict] = []
+            ready: list[RagResult] = []
             for i, item in enumerate(items):
-                result: dict[str, Any] = {
-                    "id": item["id"], "contexts": [], "rag_answer": None, "rag_status": "ok", "rag_error": None,
-                    "retrieve_ms": retrieve_ms, "rag_llm_ms": None, "attempts": 0, "endpoint": None, "model": None,
-                }
+                result = RagResult(item.id, retrieve_ms=retrieve_ms)
                 if found is None:
-                    result.update(rag_status="hard_fail", rag_error=error, retry_cause="store")
+                    result.rag_status, result.rag_error, result.retry_cause = "hard_fail", error, "store"
                     ready.append(result)
                     continue
                 qr = found[i]
                 hits = [h for h in qr.hits if h.is_hit(cfg.retrieval.min_score, cfg.retrieval.min_bm25_score)]
-                result["contexts"] = [
+                result.contexts = [
                     {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "text": h.text, "score": float(h.score),
                      "dense_rank": h.dense_rank, "bm25_rank": h.bm25_rank} for h in hits
                 ]
                 if qr.source_errors:
                     errs = "; ".join(f"{k}: {v}" for k, v in sorted(qr.source_errors.items()))
-                    result.update(rag_status="soft_fail", rag_error=f"retrieval source error: {errs}", retry_cause="store")
+                    result.rag_status, result.rag_error = "soft_fail", f"retrieval source error: {errs}"
+                    result.retry_cause = "store"
                 elif not hits:
-                    result.update(
-                        rag_status="soft_fail",
-                        rag_error=f"no passage with score >= retrieval.min_score={cfg.retrieval.min_score}",
-                    )
-                if client is not None and result["rag_status"] == "ok":
+                    result.rag_status = "soft_fail"
+                    result.rag_error = f"no passage with score >= retrieval.min_score={cfg.retrieval.min_score}"
+                if client is not None and result.rag_status == "ok":
                     fut = pool.submit(_rag_llm_call, client, cfg, state["templates"], item, result, endpoint)
                     fut.add_done_callback(lambda f, r=result: _deliver(f, r, send))
                 else:
                     ready.append(result)
             if ready:
                 with lock:
-                    outbox.put(("RAG", name, ready))
+                    outbox.put(RagResults(name, ready))
     finally:
         pool.shutdown(wait=True)

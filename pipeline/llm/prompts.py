@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
 from pipeline.resources import resolve_bundled
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.messages import RagResult
 
 KNOWN_FIELDS = {"query", "context", "rag_answer"}
 
@@ -89,19 +92,18 @@ def rag_answer_prompt(templates: dict[str, str], *, query: str, contexts: list[d
     return prefix + render(templates["rag"], query=query, extra=extra)
 
 
-def generation_prompt(templates: dict[str, str], *, query: str, rag: dict[str, Any], context_chars: int,
+def generation_prompt(templates: dict[str, str], *, query: str, rag: RagResult, context_chars: int,
                       extra: dict[str, Any] | None = None) -> str:
-    """Prompt of the generation.
+    """Prompt of the generation, from the record's :class:`pipeline.messages.RagResult`.
 
     After ``rag_status`` "ok": the shared prefix (the same bytes as the RAG-answer prompt's start), then
     ``generation.prompt_file`` with the RAG answer. Otherwise (soft failure): ``generation.fallback_prompt_file``
     with the query alone, no context (seed 001's rule).
     """
-    if rag.get("rag_status") != "ok":
+    if rag.rag_status != "ok":
         return render(templates["no_context"], query=query, extra=extra)
-    prefix = shared_prefix(templates, query=query, contexts=rag.get("contexts") or [], context_chars=context_chars,
-                           extra=extra)
-    return prefix + render(templates["generate"], query=query, rag_answer=rag.get("rag_answer") or "", extra=extra)
+    prefix = shared_prefix(templates, query=query, contexts=rag.contexts, context_chars=context_chars, extra=extra)
+    return prefix + render(templates["generate"], query=query, rag_answer=rag.rag_answer or "", extra=extra)
 
 
 def format_context(contexts: list[dict[str, Any]], max_chars: int) -> str:

@@ -27,10 +27,10 @@ import threading
 import time
 from typing import Any
 
+from pipeline.messages import Heartbeat
+
 log = logging.getLogger(__name__)
 
-HEARTBEAT = "HB"
-"""Kind of the heartbeat message ``("HB", worker_name, None)``: it updates ``last_seen`` and is not forwarded."""
 
 
 class ChannelReader:
@@ -67,7 +67,7 @@ class ChannelReader:
                               getattr(self.tag, "name", self.tag), exc)
                     return
                 self.last_seen = time.monotonic()
-                if isinstance(msg, tuple) and msg and msg[0] == HEARTBEAT:
+                if isinstance(msg, Heartbeat):  # a sign of life only: not forwarded
                     continue
                 self.merged.put((self.tag, msg))
         finally:
@@ -86,4 +86,4 @@ def open_channel(ctx: Any) -> tuple[Any, Any]:
     return ctx.Pipe(duplex=False)
 
 
-__all__ = ["HEARTBEAT", "ChannelReader", "open_channel"]
+__all__ = ["ChannelReader", "open_channel"]

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from pipeline.errors import OutputError, RunError
+from pipeline.messages import GenResult, RagResult, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,12 @@ class RowWriter:
         self.processed = 0
         self.last_commit = time.monotonic()
 
-    def finish(self, item: dict, rag: dict, gen: dict | None) -> dict:
+    def finish(self, item: WorkItem, rag: RagResult, gen: GenResult | None) -> dict:
         """Build the row of a finished record and buffer it; commits a part when ``part_rows`` are waiting.
 
         Args:
-            item: the work item (``id``, ``query``, ``extra``).
-            rag: the RAG result (``rag_status`` at least); ``gen``: the generation result, or None when
-                generation was skipped after a RAG hard failure.
+            item: the record; ``rag``: its RAG result; ``gen``: its generation result, or None when generation
+                was skipped after a RAG hard failure.
 
         Returns:
             the row (column name -> value, as in :func:`pipeline.output.row_schema`).
@@ -62,32 +62,23 @@ class RowWriter:
         Raises:
             RunError: the record already has a row (a scheduling bug).
         """
-        rid = item["id"]
+        rid = item.id
         if rid in self._pending_ids or (rid in self.od.ledger and rid not in self.retry_ids):
             raise RunError(f"bug: record {rid!r} finished twice")
         self._pending_ids.add(rid)
-        row: dict[str, Any] = {"id": rid, "query": item["query"]}
+        row: dict[str, Any] = {"id": rid, "query": item.query}
         for k, t in self.extra_types.items():
-            v = item["extra"].get(k)
+            v = item.extra.get(k)
             row[k] = json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
-        row.update(
-            contexts=rag.get("contexts") or [],
-            rag_answer=rag.get("rag_answer"),
-            rag_status=rag["rag_status"],
-            rag_error=rag.get("rag_error"),
-            retrieve_ms=rag.get("retrieve_ms"),
-            rag_llm_ms=rag.get("rag_llm_ms"),
-        )
+        row.update(contexts=rag.contexts, rag_answer=rag.rag_answer, rag_status=rag.rag_status, rag_error=rag.rag_error,
+                   retrieve_ms=rag.retrieve_ms, rag_llm_ms=rag.rag_llm_ms)
         if gen is None:
-            row.update(generation=None, gen_status="skipped", gen_error=rag.get("rag_error") or "RAG hard failure",
-                       generate_ms=None, attempts=int(rag.get("attempts") or 0), endpoint=rag.get("endpoint"),
-                       model=rag.get("model"))
+            row.update(generation=None, gen_status="skipped", gen_error=rag.rag_error or "RAG hard failure",
+                       generate_ms=None, attempts=rag.attempts, endpoint=rag.endpoint, model=rag.model)
         else:
-            row.update(generation=gen["generation"], generation_json=gen.get("generation_json"),
-                       gen_status=gen["gen_status"], gen_error=gen["gen_error"],
-                       generate_ms=gen["generate_ms"],
-                       attempts=int(rag.get("attempts") or 0) + int(gen.get("attempts") or 0),
-                       endpoint=gen.get("endpoint") or rag.get("endpoint"), model=gen.get("model") or rag.get("model"))
+            row.update(generation=gen.generation, generation_json=gen.generation_json, gen_status=gen.gen_status,
+                       gen_error=gen.gen_error, generate_ms=gen.generate_ms, attempts=rag.attempts + gen.attempts,
+                       endpoint=gen.endpoint or rag.endpoint, model=gen.model or rag.model)
         if self.on_row is not None:
             self.on_row(row)
         self.pending.append(row)

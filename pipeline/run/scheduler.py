@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import OutageError, RunError
+from pipeline.messages import GenResult, RagResult, WorkItem
 from pipeline.run.endpoints import EndpointHealth
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,10 @@ GEN = "gen"
 
 @dataclass
 class Send:
-    """Put ``items`` (work-item dicts) into the inbox of worker ``worker`` (its slot name)."""
+    """Put ``items`` into the inbox of worker ``worker`` (its slot name)."""
 
     worker: str
-    items: list[dict]
+    items: list[WorkItem]
 
 
 @dataclass
@@ -67,9 +68,9 @@ class Finish:
     """Record ``item`` is done: its row is made from the RAG result ``rag`` and the generation result ``gen``
     (None: generation skipped after a RAG hard failure)."""
 
-    item: dict
-    rag: dict
-    gen: dict | None
+    item: WorkItem
+    rag: RagResult
+    gen: GenResult | None
 
 
 @dataclass
@@ -100,7 +101,7 @@ class WorkerSlot:
     incarnation: int
     endpoint: str | None
     credit: int
-    assigned: dict[str, dict] = field(default_factory=dict)
+    assigned: dict[str, WorkItem] = field(default_factory=dict)
     accepting: bool = True
 
 
@@ -146,8 +147,8 @@ class Scheduler:
         self.workers: dict[str, WorkerSlot] = {}
         self.exhausted = False
         self.stopping = False
-        self.rag_retry: collections.deque[dict] = collections.deque()
-        self.gen_queues: dict[str, collections.deque[dict]] = {}
+        self.rag_retry: collections.deque[WorkItem] = collections.deque()
+        self.gen_queues: dict[str, collections.deque[WorkItem]] = {}
         self.gen_waiting = 0
         self.gen_inflight: collections.Counter[str] = collections.Counter()
         self.requeued: collections.Counter[str] = collections.Counter()
@@ -188,10 +189,10 @@ class Scheduler:
             if not w.accepting or not w.assigned:
                 continue
             oldest = next(iter(w.assigned.values()))
-            age_s = now - oldest.get("t_dispatch", now)
+            age_s = now - oldest.t_dispatch
             deadline_s = self.cfg.run.rag_deadline_s if w.kind == RAG else self.cfg.run.gen_deadline_s
             if age_s > deadline_s:
-                out.append((w.name, f"hung: record {oldest['id']!r} held {age_s:.0f} s "
+                out.append((w.name, f"hung: record {oldest.id!r} held {age_s:.0f} s "
                                     f"(run.{w.kind}_deadline_s = {deadline_s:g})"))
         return out
 
@@ -211,7 +212,7 @@ class Scheduler:
                 log.warning("%s died (%s) while the run's Chroma server is down: %d records sent again, the "
                             "worker is replaced when the server is back", name, reason, len(w.assigned))
             for item in w.assigned.values():
-                item.pop("rag", None)
+                item.rag = None
                 self.rag_retry.append(item)
             w.assigned.clear()
             return Lost(replace=False)
@@ -232,13 +233,11 @@ class Scheduler:
             if self.requeued[rid] > 1:
                 err = f"worker {name} died twice while processing this record ({reason})"
                 if w.kind == GEN:
-                    lost.finishes.append(Finish(item, item["rag"], {
-                        "generation": None, "gen_status": "failed", "gen_error": err, "generate_ms": None,
-                        "attempts": 0}))
+                    lost.finishes.append(Finish(item, item.rag, GenResult(rid, gen_status="failed", gen_error=err)))
                 else:
-                    lost.finishes.append(Finish(item, {"rag_status": "hard_fail", "rag_error": err}, None))
+                    lost.finishes.append(Finish(item, RagResult(rid, rag_status="hard_fail", rag_error=err), None))
             elif w.kind == RAG:
-                item.pop("rag", None)
+                item.rag = None
                 self.rag_retry.append(item)
             else:
                 self._queue_gen(item, now, front=True)
@@ -312,14 +311,14 @@ class Scheduler:
                 if not items:
                     break
                 for it in items:
-                    it["t_dispatch"] = now
-                    w.assigned[it["id"]] = it
+                    it.t_dispatch = now
+                    w.assigned[it.id] = it
                 if w.endpoint:
                     load[w.endpoint] += len(items)
                 sends.append(Send(w.name, items))
         return sends
 
-    def _next_record(self) -> dict | None:
+    def _next_record(self) -> WorkItem | None:
         if self.rag_retry:
             return self.rag_retry.popleft()
         if self.exhausted or self.stopping:
@@ -329,7 +328,7 @@ class Scheduler:
         except StopIteration:
             self.exhausted = True
             return None
-        return {"id": rec.id, "query": rec.query, "extra": rec.extra}
+        return WorkItem(rec.id, rec.query, rec.extra)
 
     def _dispatch_gen(self, load: collections.Counter[str], now: float, sends: list[Send]) -> None:
         gen = [w for w in self.workers.values() if w.kind == GEN and w.accepting]
@@ -352,8 +351,8 @@ class Scheduler:
                     return
                 item = q.popleft()
                 self.gen_waiting -= 1
-                item["t_dispatch"] = now
-                w.assigned[item["id"]] = item
+                item.t_dispatch = now
+                w.assigned[item.id] = item
                 self.gen_inflight[e] += 1
                 load[e] += 1
                 free -= 1
@@ -395,32 +394,32 @@ class Scheduler:
                     load[w.endpoint] += len(w.assigned)
         return load
 
-    def route(self, item: dict, now: float) -> str:
+    def route(self, item: WorkItem, now: float) -> str:
         """The generation endpoint of a record: the endpoint of its RAG answer while healthy, else the least
         loaded healthy one (all of them when none is healthy)."""
-        rag_ep = (item.get("rag") or {}).get("endpoint")
+        rag_ep = item.rag.endpoint if item.rag is not None else None
         if rag_ep in self.inflight and rag_ep in self.gen_urls and self.health.healthy(rag_ep, now):
             return rag_ep
         healthy = [e for e in self.gen_urls if self.health.healthy(e, now)] or self.gen_urls
         load = self._loads()
         return min(healthy, key=lambda e: (load[e] + len(self.gen_queues.get(e, ()))) / self.inflight.get(e, 1))
 
-    def _queue_gen(self, item: dict, now: float, front: bool = False) -> None:
-        item["target"] = self.route(item, now)
-        q = self.gen_queues.setdefault(item["target"], collections.deque())
+    def _queue_gen(self, item: WorkItem, now: float, front: bool = False) -> None:
+        item.target = self.route(item, now)
+        q = self.gen_queues.setdefault(item.target, collections.deque())
         if front:
             q.appendleft(item)
         else:
             q.append(item)
         self.gen_waiting += 1
 
-    def _gen_done(self, item: dict) -> None:
-        target = item.get("target")
-        if target:
-            self.gen_inflight[target] -= 1
+    def _gen_done(self, item: WorkItem) -> None:
+        if item.target:
+            self.gen_inflight[item.target] -= 1
 
     # ------------------------------------------------------------------ results
-    def on_results(self, name: str, incarnation: int, stage: str, results: list[dict], now: float) -> list[Finish]:
+    def on_results(self, name: str, incarnation: int, stage: str, results: list[RagResult] | list[GenResult],
+                   now: float) -> list[Finish]:
         """Results of stage ``stage`` from worker ``name`` (process ``incarnation``).
 
         Returns:
@@ -430,85 +429,83 @@ class Scheduler:
         current = w is not None and w.incarnation == incarnation
         finishes: list[Finish] = []
         for res in results:
-            self.health.report(res.get("endpoint"), res.get("bad_endpoints") or (), now)
+            self.health.report(res.endpoint, res.bad_endpoints, now)
             item = self._claim(w if current else None, res, stage, now)
             if item is None:
                 continue
             if stage == RAG:
                 self.retrieved += 1
-                if res["rag_status"] == "hard_fail":
+                if res.failed:
                     finishes.append(Finish(item, res, None))
                 else:
-                    item["rag"] = res
+                    item.rag = res
                     self._queue_gen(item, now)
             else:
-                finishes.append(Finish(item, item["rag"], res))
+                finishes.append(Finish(item, item.rag, res))
         return finishes
 
-    def _claim(self, w: WorkerSlot | None, res: dict, stage: str, now: float) -> dict | None:
+    def _claim(self, w: WorkerSlot | None, res: RagResult | GenResult, stage: str, now: float) -> WorkItem | None:
         """The in-flight record a result belongs to, or None when the result is not to be used now (a late
         duplicate; a retryable failure while stopping; a failure caused by the endpoints or the store)."""
-        item = w.assigned.pop(res["id"], None) if w is not None else None
+        item = w.assigned.pop(res.id, None) if w is not None else None
         if item is None:
-            log.warning("dropping a late %s result for %s from %s", stage, res["id"], w.name if w else "a lost worker")
+            log.warning("dropping a late %s result for %s from %s", stage, res.id, w.name if w else "a lost worker")
             return None
         self.deaths[w.name] = 0
         if stage == GEN:
             self._gen_done(item)
-        if res.get("overloaded"):  # the server is up but full: never a failure row, send the record again
+        if res.overloaded:  # the server is up but full: never a failure row, send the record again
             if stage == RAG:
                 self.rag_retry.append(item)
             else:
                 self._queue_gen(item, now)
             return None
         h = self.stages[stage]
-        failed = res.get("rag_status" if stage == RAG else "gen_status") in ("hard_fail", "failed")
-        if not failed and res.get("endpoint"):
+        failed = res.failed
+        if not failed and res.endpoint:
             h.last_ok = now
             h.outage_since = None
-        cause = res.get("retry_cause")
+        cause = res.retry_cause
         if cause and self.stopping:
             self.left_uncommitted += 1
-            log.info("%s: %s failure while the run stops: left for the resume", res["id"], stage)
+            log.info("%s: %s failure while the run stops: left for the resume", res.id, stage)
             return None
         if cause == "store" and failed and stage == RAG and self._store_trouble(item):
-            item.pop("rag", None)
+            item.rag = None
             self.rag_retry.append(item)
             return None
         if cause == "llm" and failed and self._endpoint_trouble(item, res, h, now):
             if stage == RAG:
-                item.pop("rag", None)
+                item.rag = None
                 self.rag_retry.append(item)
             else:
                 self._queue_gen(item, now, front=True)
             return None
         return item
 
-    def _endpoint_trouble(self, item: dict, res: dict, h: StageHealth, now: float) -> bool:
+    def _endpoint_trouble(self, item: WorkItem, res: RagResult | GenResult, h: StageHealth, now: float) -> bool:
         """True if a record whose LLM request failed for retryable reasons goes back to the queue: the endpoints
         were not healthy (not all up by probe, or no other request of the stage succeeded after its dispatch).
         Dispatch of the stage then holds (``llm.breaker_cooldown_s`` when every breaker was open, else
         TROUBLE_HOLD_S) and the outage clock starts if it is not running."""
-        t_dispatch = item.get("t_dispatch", 0.0)
-        healthy = not res.get("unavailable") and h.last_ok > t_dispatch and self.health.all_up(h.urls)
-        if healthy or self.deferred[item["id"]] >= MAX_DEFERRALS:
+        t_dispatch = item.t_dispatch
+        healthy = not res.unavailable and h.last_ok > t_dispatch and self.health.all_up(h.urls)
+        if healthy or self.deferred[item.id] >= MAX_DEFERRALS:
             return False
-        self.deferred[item["id"]] += 1
+        self.deferred[item.id] += 1
         if h.outage_since is None and h.last_ok < t_dispatch:
             h.outage_since = now
-        hold = self.cfg.llm.breaker_cooldown_s if res.get("unavailable") else TROUBLE_HOLD_S
+        hold = self.cfg.llm.breaker_cooldown_s if res.unavailable else TROUBLE_HOLD_S
         h.hold_until = max(h.hold_until, now + hold)
         return True
 
-    def _store_trouble(self, item: dict) -> bool:
+    def _store_trouble(self, item: WorkItem) -> bool:
         """True if a record whose retrieval failed on a store error goes back to the queue: the run's own Chroma
         server was down or restarted since the record was dispatched (bounded by MAX_DEFERRALS)."""
-        if not self.store_shared or self.deferred[item["id"]] >= MAX_DEFERRALS:
+        if not self.store_shared or self.deferred[item.id] >= MAX_DEFERRALS:
             return False
-        if not (self.store_down or self.store_restarted_at > item.get("t_dispatch", 0.0)):
+        if not (self.store_down or self.store_restarted_at > item.t_dispatch):
             return False
-        self.deferred[item["id"]] += 1
+        self.deferred[item.id] += 1
         return True
 
-
-RecordSource = Callable[[], Iterator[Any]]

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import Interrupted, RunError
+from pipeline.messages import Fatal, GenResult, GenResults, RagResult, RagResults, Ready, WorkerMessage
 from pipeline.run.scheduler import RAG, Finish, Scheduler, Send
 
 log = logging.getLogger(__name__)
@@ -158,18 +159,16 @@ class WorkerSet:
         while True:
             got = self.get(0.2)
             msg = got[1] if got is not None and got[0] is w else None
-            if msg is not None:
-                kind, _name, payload = msg
-                if kind == "READY":
-                    log.info("rank0 READY: %s", payload)
-                    return
-                if kind == "ERROR":
-                    raise RunError(self._rank0_error(payload))
+            if isinstance(msg, Ready):
+                log.info("rank0 READY: %s", msg.detail)
+                return
+            if isinstance(msg, Fatal):
+                raise RunError(self._rank0_error(msg.traceback))
             if not w.process.is_alive() and msg is None:
-                w.reader.closed.wait(2.0)  # an ERROR message may still be in the pipe
+                w.reader.closed.wait(2.0)  # a Fatal message may still be in the pipe
                 while (got := self.get(0.0)) is not None:
-                    if got[0] is w and got[1] is not None and got[1][0] == "ERROR":
-                        raise RunError(self._rank0_error(got[1][2]))
+                    if got[0] is w and isinstance(got[1], Fatal):
+                        raise RunError(self._rank0_error(got[1].traceback))
                 raise RunError(f"RAG worker 0 (rank0) exited with code {w.process.exitcode} during startup")
             if name := interrupted():
                 raise Interrupted(f"{name} received while waiting for rank0")
@@ -213,7 +212,7 @@ class WorkerSet:
             log.info("server %s joined the run (%d of %d ready)", spec.url, len(self.rag_targets), len(pool.specs))
 
     # ------------------------------------------------------------------ messages
-    def get(self, timeout_s: float) -> tuple[WorkerProcess, tuple | None] | None:
+    def get(self, timeout_s: float) -> tuple[WorkerProcess, WorkerMessage | None] | None:
         """The next ``(worker, message)`` from any result pipe (message None: that pipe ended), or None."""
         try:
             if timeout_s <= 0:
@@ -226,21 +225,23 @@ class WorkerSet:
         """Put a scheduler's :class:`Send` into its worker's inbox."""
         self.procs[send.worker].inbox.put(send.items)
 
-    def note(self, w: WorkerProcess, msg: tuple | None) -> tuple[str, list[dict]] | None:
-        """Take a control message (READY, ERROR, end of pipe) into account; return ``(stage, results)`` for a
-        RAG or GEN message."""
+    def note(self, w: WorkerProcess, msg: WorkerMessage | None
+             ) -> tuple[str, list[RagResult] | list[GenResult]] | None:
+        """Take a control message (Ready, Fatal, the end of the pipe) into account; return ``(stage, results)``
+        for results."""
         if msg is None:  # its result pipe ended: the worker exited, died, or sent something unreadable
             if not w.stopping and w.process.is_alive() and not w.last_error:
                 w.last_error = "its result channel closed"
             return None
-        kind, name, payload = msg
-        if kind == "READY":
-            log.info("%s READY", name)
-        elif kind == "ERROR":
-            log.error("%s failed:\n%s", name, payload)
-            w.last_error = last_line(payload)
-        elif kind in ("RAG", "GEN"):
-            return kind.lower(), payload
+        if isinstance(msg, Ready):
+            log.info("%s READY", msg.worker)
+        elif isinstance(msg, Fatal):
+            log.error("%s failed:\n%s", msg.worker, msg.traceback)
+            w.last_error = last_line(msg.traceback)
+        elif isinstance(msg, RagResults):
+            return RAG, msg.results
+        elif isinstance(msg, GenResults):
+            return "gen", msg.results
         return None
 
     # ------------------------------------------------------------------ liveness

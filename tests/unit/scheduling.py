@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import Config
 from pipeline.errors import OutageError, RunError
+from pipeline.messages import GenResult, RagResult, WorkItem
 from pipeline.run.endpoints import EndpointHealth
 from pipeline.run.scheduler import GEN, RAG, Finish, Scheduler
 
@@ -48,28 +49,26 @@ def make(n: int = 10, *, endpoints=(A,), inflight: int = 8, cfg: Config | None =
     return s
 
 
-def rag_ok(item: dict, endpoint: str = A, **kw) -> dict:
-    return {"id": item["id"], "rag_status": "ok", "contexts": [], "rag_answer": "answer", "endpoint": endpoint,
-            "attempts": 1, **kw}
+def rag_ok(item: WorkItem, endpoint: str = A, **kw) -> RagResult:
+    return RagResult(item.id, rag_answer="answer", endpoint=endpoint, attempts=1, **kw)
 
 
-def rag_fail(item: dict, endpoint: str | None = None, cause: str | None = "llm", **kw) -> dict:
-    return {"id": item["id"], "rag_status": "hard_fail", "rag_error": "boom", "endpoint": endpoint,
-            "retry_cause": cause, "bad_endpoints": [A] if cause == "llm" else [], **kw}
+def rag_fail(item: WorkItem, endpoint: str | None = None, cause: str | None = "llm", **kw) -> RagResult:
+    kw.setdefault("bad_endpoints", [A] if cause == "llm" else [])
+    return RagResult(item.id, rag_status="hard_fail", rag_error="boom", endpoint=endpoint, retry_cause=cause, **kw)
 
 
-def gen_ok(item: dict, endpoint: str = A, **kw) -> dict:
-    return {"id": item["id"], "generation": "text", "gen_status": "ok", "gen_error": None, "generate_ms": 1.0,
-            "attempts": 1, "endpoint": endpoint, **kw}
+def gen_ok(item: WorkItem, endpoint: str = A, **kw) -> GenResult:
+    return GenResult(item.id, generation="text", generate_ms=1.0, attempts=1, endpoint=endpoint, **kw)
 
 
-def gen_fail(item: dict, cause: str | None = "llm", **kw) -> dict:
-    return {"id": item["id"], "generation": None, "gen_status": "failed", "gen_error": "boom",
-            "generate_ms": 1.0, "attempts": 3, "endpoint": None, "retry_cause": cause,
-            "bad_endpoints": [A] if cause == "llm" else [], **kw}
+def gen_fail(item: WorkItem, cause: str | None = "llm", **kw) -> GenResult:
+    kw.setdefault("bad_endpoints", [A] if cause == "llm" else [])
+    return GenResult(item.id, gen_status="failed", gen_error="boom", generate_ms=1.0, attempts=3, retry_cause=cause,
+                     **kw)
 
 
-def held(s: Scheduler, name: str) -> list[dict]:
+def held(s: Scheduler, name: str) -> list[WorkItem]:
     return list(s.workers[name].assigned.values())
 
 
@@ -127,11 +126,10 @@ def simulate(seed: int, *, n: int = 40, endpoints=(A, B), p_death: float = 0.02,
 
     def take(fs: list[Finish]) -> None:
         for f in fs:
-            finishes.setdefault(f.item["id"], []).append(f)
-            failing = f.gen if f.gen is not None and f.gen["gen_status"] == "failed" else f.rag
-            if failing.get("retry_cause") == "llm" and failing.get("gen_status", failing.get("rag_status")) in (
-                    "failed", "hard_fail"):
-                llm_failures.append(f.item["id"])
+            finishes.setdefault(f.item.id, []).append(f)
+            failing = f.gen if f.gen is not None and f.gen.failed else f.rag
+            if failing.retry_cause == "llm" and failing.failed:
+                llm_failures.append(f.item.id)
 
     try:
         for step in range(max_steps):  # noqa: B007 - reported
@@ -165,14 +163,14 @@ def simulate(seed: int, *, n: int = 40, endpoints=(A, B), p_death: float = 0.02,
                 for item in list(w.assigned.values()):
                     if rng.random() < 0.5:
                         continue
-                    ep = w.endpoint if w.kind == RAG else item.get("target")
+                    ep = w.endpoint if w.kind == RAG else item.target
                     if rng.random() < p_overload:
                         res = (rag_ok(item, ep) if w.kind == RAG else gen_ok(item, ep))
-                        res["overloaded"] = True
+                        res.overloaded = True
                     elif ep in down:
                         res = rag_fail(item, cause="llm") if w.kind == RAG else gen_fail(item, cause="llm")
-                        res["bad_endpoints"] = [ep]
-                    elif item["id"] in bad:
+                        res.bad_endpoints = [ep]
+                    elif item.id in bad:
                         res = rag_fail(item, ep, cause=None) if w.kind == RAG else gen_fail(item, cause=None)
                     else:
                         res = rag_ok(item, ep) if w.kind == RAG else gen_ok(item, ep)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import OutageError, RunError
+from pipeline.messages import RagResult, WorkItem
 from pipeline.run.endpoints import EndpointHealth
 from pipeline.run.scheduler import GEN, MAX_DEFERRALS, MAX_WORKER_RESTARTS, RAG, TROUBLE_HOLD_S
 from tests.unit.scheduling import A, B, config, gen_fail, gen_ok, held, inc, make, rag_fail, rag_ok
@@ -75,7 +76,7 @@ def test_done_after_every_record_finished():
     _rag_round(s, 0.0)
     s.dispatch(0.1)
     fins = s.on_results("gen-0", inc(s, "gen-0"), GEN, [gen_ok(it) for it in held(s, "gen-0")], 0.2)
-    assert sorted(f.item["id"] for f in fins) == ["r0", "r1", "r2"]
+    assert sorted(f.item.id for f in fins) == ["r0", "r1", "r2"]
     s.dispatch(0.3)
     assert s.done() and s.outstanding() == 0
 
@@ -109,7 +110,7 @@ def test_generation_avoids_an_endpoint_whose_breaker_is_open():
     for _ in range(s.cfg.llm.breaker_failures):
         s.health.report(None, [B], 0.0)
     assert not s.health.healthy(B, 1.0)
-    assert s.route({"rag": {"endpoint": B}}, 1.0) == A
+    assert s.route(WorkItem("x", "q", rag=RagResult("x", endpoint=B)), 1.0) == A
 
 
 def test_waiting_generations_are_rerouted_when_their_endpoint_fails():
@@ -120,7 +121,7 @@ def test_waiting_generations_are_rerouted_when_their_endpoint_fails():
         s.health.report(None, [B], 0.2)
     s.add_worker("gen-0", GEN)
     sends = s.dispatch(0.3)
-    assert all(it["target"] == A for it in _items(sends, "gen-0"))
+    assert all(it.target == A for it in _items(sends, "gen-0"))
 
 
 def test_breaker_reset_by_a_success_on_the_endpoint():
@@ -138,7 +139,7 @@ def test_breaker_reset_by_a_success_on_the_endpoint():
 def test_least_loaded_healthy_endpoint_without_affinity():
     s = make(10, endpoints=(A, B), inflight=8)
     s.gen_inflight[A] = 5
-    assert s.route({"rag": {}}, 0.0) == B
+    assert s.route(WorkItem("x", "q"), 0.0) == B
 
 
 # ---------------------------------------------------------------- claims
@@ -156,7 +157,7 @@ def test_late_result_of_a_replaced_worker_is_dropped():
 def test_overload_is_never_a_failure_row():
     s = make(2, inflight=4)
     s.dispatch(0.0)
-    res = [dict(rag_fail(it), overloaded=True) for it in held(s, "rag-0")]
+    res = [rag_fail(it, overloaded=True) for it in held(s, "rag-0")]
     assert s.on_results("rag-0", inc(s, "rag-0"), RAG, res, 0.1) == []
     assert len(s.rag_retry) == 2
 
@@ -166,7 +167,7 @@ def test_record_own_rag_failure_is_a_row_with_generation_skipped():
     s.dispatch(0.0)
     (item,) = held(s, "rag-0")
     (f,) = s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_fail(item, A, cause=None)], 0.1)
-    assert f.gen is None and f.rag["rag_status"] == "hard_fail"
+    assert f.gen is None and f.rag.rag_status == "hard_fail"
 
 
 def test_endpoint_failure_while_an_endpoint_is_down_goes_back():
@@ -176,7 +177,7 @@ def test_endpoint_failure_while_an_endpoint_is_down_goes_back():
     item = held(s, "rag-0")[0]
     s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_ok(held(s, "rag-0")[1])], 0.5)  # a success after dispatch
     assert s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_fail(item)], 1.0) == []
-    assert s.deferred[item["id"]] == 1 and list(s.rag_retry) == [item]
+    assert s.deferred[item.id] == 1 and list(s.rag_retry) == [item]
 
 
 def test_endpoint_failure_while_healthy_is_the_records_row():
@@ -185,7 +186,7 @@ def test_endpoint_failure_while_healthy_is_the_records_row():
     a, b = held(s, "rag-0")
     s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_ok(a)], 0.5)
     (f,) = s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_fail(b)], 1.0)
-    assert f.item["id"] == b["id"] and f.gen is None
+    assert f.item.id == b.id and f.gen is None
 
 
 def test_endpoint_failure_without_a_success_since_dispatch_holds_dispatch():
@@ -218,7 +219,7 @@ def test_a_record_deferred_too_often_gets_its_failure_row():
     s.dispatch(10.0 * MAX_DEFERRALS)
     (item,) = held(s, "rag-0")
     (f,) = s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_fail(item)], 10.0 * MAX_DEFERRALS + 1)
-    assert f.item["id"] == "r0"
+    assert f.item.id == "r0"
 
 
 def test_retryable_failure_while_stopping_is_left_for_the_resume():
@@ -235,7 +236,7 @@ def test_store_failure_goes_back_only_for_the_runs_own_store():
     s.dispatch(0.0)
     a, b = held(s, "rag-0")
     (f,) = s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_fail(a, cause="store")], 0.5)  # not shared: a row
-    assert f.item["id"] == a["id"]
+    assert f.item.id == a.id
     s.observe_store(down=True, restarted_at=float("-inf"))
     assert s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_fail(b, cause="store")], 0.6) == []
     assert list(s.rag_retry) == [b]
@@ -263,10 +264,10 @@ def test_lost_generation_records_go_to_the_front_of_their_queue():
     s = make(3, inflight=8)
     _rag_round(s, 0.0)
     s.dispatch(0.1)
-    ids = [it["id"] for it in held(s, "gen-0")]
+    ids = [it.id for it in held(s, "gen-0")]
     s.on_worker_lost("gen-0", "exit code -9", 0.2)
-    assert [it["id"] for it in s.gen_queues[A]][: len(ids)] == ids[::-1] or \
-        sorted(it["id"] for it in s.gen_queues[A]) == sorted(ids)
+    assert [it.id for it in s.gen_queues[A]][: len(ids)] == ids[::-1] or \
+        sorted(it.id for it in s.gen_queues[A]) == sorted(ids)
     assert s.gen_inflight[A] == 0
 
 
@@ -278,7 +279,7 @@ def test_a_record_whose_worker_died_twice_gets_a_failure_row():
     s.dispatch(0.2)
     lost = s.on_worker_lost("rag-0", "exit code -11", 0.3)
     (f,) = lost.finishes
-    assert f.rag["rag_status"] == "hard_fail" and "died twice" in f.rag["rag_error"] and f.gen is None
+    assert f.rag.rag_status == "hard_fail" and "died twice" in f.rag.rag_error and f.gen is None
 
 
 def test_generation_record_dying_twice_keeps_its_rag_result():
@@ -289,7 +290,7 @@ def test_generation_record_dying_twice_keeps_its_rag_result():
         lost = s.on_worker_lost("gen-0", "exit code -9", t + 0.1)
         s.add_worker("gen-0", GEN)
     (f,) = lost.finishes
-    assert f.rag["rag_status"] == "ok" and f.gen["gen_status"] == "failed"
+    assert f.rag.rag_status == "ok" and f.gen.gen_status == "failed"
 
 
 def test_a_slot_dying_in_a_row_stops_the_run():
@@ -393,7 +394,7 @@ def test_generation_failure_for_the_endpoints_goes_back_to_the_front():
     s.dispatch(0.1)
     a = held(s, "gen-0")[0]
     assert s.on_results("gen-0", inc(s, "gen-0"), GEN, [gen_fail(a)], 0.5) == []
-    assert s.gen_queues[A][0]["id"] == a["id"]
+    assert s.gen_queues[A][0].id == a.id
 
 
 # ---------------------------------------------------------------- endpoint health

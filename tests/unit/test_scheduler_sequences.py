@@ -26,7 +26,7 @@ def _check(rep, n: int) -> None:
     for rid in rep.llm_failure_rows:
         assert s.deferred[rid] >= MAX_DEFERRALS, f"{rid}: failure row for endpoint trouble while unhealthy"
     for rid, (f,) in rep.finishes.items():
-        text = (f.rag.get("rag_error") or "") + ((f.gen or {}).get("gen_error") or "")
+        text = (f.rag.rag_error or "") + ((f.gen.gen_error if f.gen else None) or "")
         if "died twice" in text:
             assert s.requeued[rid] >= 2, f"{rid}: 'died twice' after {s.requeued[rid]} requeues"
     if rep.stopped_by is None and not s.stopping:
@@ -69,6 +69,6 @@ def test_no_faults_finishes_everything_ok(seed):
     rep = simulate(4000 + seed, p_death=0, p_hang=0, p_outage=0, p_bad=0, p_overload=0)
     _check(rep, 40)
     assert len(rep.finishes) == 40
-    assert all(f.rag["rag_status"] == "ok" and f.gen["gen_status"] == "ok"
+    assert all(f.rag.rag_status == "ok" and f.gen.gen_status == "ok"
                for (f,) in rep.finishes.values())
     assert sum(rep.scheduler.requeued.values()) == 0

@@ -1,0 +1,161 @@
+"""Every message that crosses a process boundary in a run, as a typed dataclass (pickled by multiprocessing).
+
+Main -> worker inbox: a ``list[WorkItem]``, or ``None`` (the sentinel: finish in-flight work, then exit).
+
+Worker -> main, on the worker's own result pipe (:mod:`workers.protocol` writes, :mod:`pipeline.run.channels`
+reads):
+
+==================  ==============================================================================
+:class:`Heartbeat`  every ``run.heartbeat_interval_s`` (a sign of life; not forwarded to the scheduler)
+:class:`Ready`      start-up finished (rank0: the store is ready), with a detail dict for the log
+:class:`Fatal`      the worker failed as a whole; the traceback crosses the process as text
+:class:`RagResults` one :class:`RagResult` per record of a micro-batch (or one, when its LLM answer came back)
+:class:`GenResults` one :class:`GenResult` per record
+==================  ==============================================================================
+
+A failed result carries ``retry_cause``: ``"llm"`` when its LLM request failed with retryable errors only
+(the endpoints were in trouble, not the record), ``"store"`` for a vector-store error, None otherwise. Main
+decides from it whether the failure is the record's (a failure row) or the run's (the record is sent again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RagResult:
+    """What a RAG worker made of one record.
+
+    Attributes:
+        id: the record id.
+        contexts: retrieved chunks, best first: ``{doc_id, chunk_id, text, score (float), dense_rank,
+            bm25_rank (int | None)}`` (the ``contexts`` column of the row).
+        rag_answer: the grounded answer (``rag.mode = "retrieve+answer"``), or None.
+        rag_status: ``ok`` | ``soft_fail`` | ``hard_fail``; ``rag_error``: why, for failures.
+        retrieve_ms: wall time of the record's retrieval micro-batch; ``rag_llm_ms``: the answer request's
+            latency (retries included), milliseconds.
+        attempts: LLM request attempts.
+        endpoint: the endpoint that produced the answer (the record's generation goes there); ``model``: the
+            model id it reported.
+        bad_endpoints: endpoints on which an attempt failed with a connection error, timeout or 5xx.
+        unavailable: no endpoint was reachable; ``overloaded``: overload outlasted ``llm.overload_timeout_s``.
+        retry_cause: ``"llm"``, ``"store"`` or None (see the module docstring).
+    """
+
+    id: str
+    contexts: list[dict[str, Any]] = field(default_factory=list)
+    rag_answer: str | None = None
+    rag_status: str = "ok"
+    rag_error: str | None = None
+    retrieve_ms: float | None = None
+    rag_llm_ms: float | None = None
+    attempts: int = 0
+    endpoint: str | None = None
+    model: str | None = None
+    bad_endpoints: list[str] = field(default_factory=list)
+    unavailable: bool = False
+    overloaded: bool = False
+    retry_cause: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The record's RAG stage failed hard (its generation is skipped unless the failure is retried)."""
+        return self.rag_status == "hard_fail"
+
+
+@dataclass
+class GenResult:
+    """What a generation process made of one record.
+
+    Attributes:
+        id: the record id.
+        generation: the generated text (the raw reply for ``invalid_output``), or None.
+        generation_json: with ``generation.response_format``: the validated reply as compact JSON, else None.
+        gen_status: ``ok`` | ``failed`` | ``invalid_output`` (``skipped`` is decided by main, never sent).
+        gen_error: why, for failures.
+        generate_ms: the request's latency (retries and re-asks included), milliseconds.
+        attempts, endpoint, model, bad_endpoints, unavailable, overloaded, retry_cause: as in :class:`RagResult`.
+    """
+
+    id: str
+    generation: str | None = None
+    generation_json: str | None = None
+    gen_status: str = "ok"
+    gen_error: str | None = None
+    generate_ms: float | None = None
+    attempts: int = 0
+    endpoint: str | None = None
+    model: str | None = None
+    bad_endpoints: list[str] = field(default_factory=list)
+    unavailable: bool = False
+    overloaded: bool = False
+    retry_cause: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """The generation failed after retries and failover."""
+        return self.gen_status == "failed"
+
+
+@dataclass
+class WorkItem:
+    """One record on its way through the run.
+
+    Attributes:
+        id: the record id (str); ``query``: its query; ``extra``: its other input fields (passed through).
+        t_dispatch: when main last sent it to a worker (monotonic seconds; deadlines and health run from it).
+        rag: its RAG result, once it has one (a generation item carries it: the prompt is built from it).
+        target: the endpoint its generation is routed to.
+    """
+
+    id: str
+    query: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    t_dispatch: float = 0.0
+    rag: RagResult | None = None
+    target: str | None = None
+
+
+@dataclass
+class Heartbeat:
+    """A worker is alive and scheduled."""
+
+    worker: str
+
+
+@dataclass
+class Ready:
+    """A worker finished its start-up (rank0: the store is ready; ``detail`` for the log)."""
+
+    worker: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Fatal:
+    """A worker failed as a whole; ``traceback`` is the formatted text of the exception."""
+
+    worker: str
+    traceback: str
+
+
+@dataclass
+class RagResults:
+    """Results of the RAG stage from worker ``worker``."""
+
+    worker: str
+    results: list[RagResult]
+
+
+@dataclass
+class GenResults:
+    """Results of the generation stage from worker ``worker``."""
+
+    worker: str
+    results: list[GenResult]
+
+
+WorkerMessage = Heartbeat | Ready | Fatal | RagResults | GenResults
+"""Anything a worker sends to main."""
