@@ -1,8 +1,8 @@
 """The RAG worker process: one per GPU (or per endpoint in attach/CPU mode).
 
-It loads the embedding model once on its device and opens its own vector-store client (seed 000: load heavy
-resources once per process role). Rank0 alone may write: it resets/ingests the collection before any other
-worker starts (DESIGN.md: Chroma is not multi-process safe), then reports READY.
+It loads the embedding model once on its device and opens its own vector-store client (heavy resources are loaded
+once per process role, never per record). Rank0 alone may write: it resets/ingests the collection before any other
+worker starts (a local Chroma store is not multi-process safe), then reports READY.
 
 Per micro-batch of records it embeds all queries in one call, searches top-k, and (``rag.mode =
 "retrieve+answer"``) asks ITS OWN endpoint for a grounded answer, keeping several requests in flight with a
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: WorkItem, result: RagResult,
                   prefer: str | None) -> RagResult:
-    """Ask for a grounded answer; set the status by the failure rules of seed 001."""
+    """Ask for a grounded answer; set the status by the failure rules (soft failure: answer too short; hard
+    failure: the request failed after retries and failover)."""
     from pipeline.llm.client import NoEndpointAvailable, Overloaded, RequestFailed
     from pipeline.llm.prompts import rag_answer_prompt
     from workers.generation import bad_endpoints

@@ -98,7 +98,7 @@ def generation_prompt(templates: dict[str, str], *, query: str, rag: RagResult, 
 
     After ``rag_status`` "ok": the shared prefix (the same bytes as the RAG-answer prompt's start), then
     ``generation.prompt_file`` with the RAG answer. Otherwise (soft failure): ``generation.fallback_prompt_file``
-    with the query alone, no context (seed 001's rule).
+    with the query alone, no context.
     """
     if rag.rag_status != "ok":
         return render(templates["no_context"], query=query, extra=extra)

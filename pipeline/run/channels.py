@@ -1,4 +1,4 @@
-"""Isolated result channels: one pipe per worker, read by one thread each in the main process (issue 9 item 6).
+"""Isolated result channels: one pipe per worker, read by one thread each in the main process.
 
 Why not one shared ``multiprocessing.Queue``: its writers share one pipe and one lock. A worker killed (OOM
 killer, segfault in native code, kill -9) while its queue feeder thread holds that lock or is half-way through

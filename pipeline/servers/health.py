@@ -1,4 +1,4 @@
-"""Endpoint health during a run: probes, a state per endpoint, background restarts of managed servers (issue 9).
+"""Endpoint health during a run: probes, a state per endpoint, background restarts of managed servers.
 
 One :class:`EndpointMonitor` per run, owned by the main process. Its thread probes every LLM endpoint each
 ``servers.health_interval_s`` seconds (in parallel, each probe with its own timeout) and keeps one state per
@@ -152,7 +152,7 @@ class EndpointMonitor:
             for e in self.eps.values():
                 if self._startup_status(e) == "failed" and e.state != FAILED:
                     e.state, e.reason = FAILED, "the server failed to start (servers.startup_attempts)"
-            # a managed server still starting is the pool's (degrading startup, issue 12): not probed yet
+            # a managed server still starting is the pool's (degrading startup): not probed yet
             todo = [e.url for e in self.eps.values()
                     if e.state in (UP, DOWN) and self._startup_status(e) not in ("planned", "starting")]
         results = dict(zip(todo, self._probe_pool.map(self._probe, todo), strict=True))

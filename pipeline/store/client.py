@@ -4,7 +4,7 @@ We always pass our own embeddings (all-MiniLM-L6-v2, :mod:`pipeline.retrieval.em
 and fetched with ``embedding_function=None``: chromadb never instantiates or downloads its default ONNX model
 and nothing model-specific is recorded in the collection.
 
-Facts (DESIGN.md): PersistentClient is not multi-process safe (one writer; readers open their client after
+Facts measured with chromadb 1.x: PersistentClient is not multi-process safe (one writer; readers open their client after
 the writer is done); a deleted and recreated collection makes old handles raise
 ``NotFoundError: Collection [uuid] does not exist.``, fixed by ``get_or_create_collection(name)``.
 For several writers or several nodes use a Chroma server (``chroma run``) and ``store.chroma_url``.
@@ -176,7 +176,7 @@ def writer_lock(store_cfg: StoreConfig) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreError(
-                f"{path}: another ingest is writing to this store (one writer only; see DESIGN.md)"
+                f"{path}: another ingest is writing to this store (one writer only: a local Chroma store is not multi-process safe)"
             ) from None
         try:
             yield
