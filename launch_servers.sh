@@ -23,7 +23,7 @@
 #
 # Ports: server i's nominal HTTP port is BASE + 10*SLOT + i and NCCL port NCCL_BASE + 100*SLOT + 10*i, with
 # SLOT = SLURM_JOB_ID % 100 inside a Slurm job (else 0; PORT_SLOT overrides); a port taken by another process
-# is skipped (logged) and the next free one used (not in --dry-run). Same rules as pipeline/servers/pool.py.
+# is skipped (logged) and the next free one used (not in --dry-run). Same rules as pipeline/servers/plan.py.
 # Unlike `rag-pipeline run`, this script is all or nothing: a server that fails to start stops all of them.
 #
 # Each server runs in its own session/process group (setsid) with one log file (DIR/<backend>-<port>.log);
@@ -33,7 +33,7 @@
 # reports it and exits 1. Endpoints go to stdout as one comma-separated line (for
 # `rag-pipeline run --endpoints`); everything else goes to stderr.
 #
-# The same commands are built in Python by pipeline/servers/pool.py (plan_servers; `rag-pipeline serve`);
+# The same commands are built in Python by pipeline/servers/plan.py (plan_servers; `rag-pipeline serve`);
 # tests/test_launch_servers.py checks that both agree.
 #
 # Environment: PYTHON (interpreter; default: the repo's .venv if present, else python3),

@@ -57,7 +57,9 @@ def serve_cmd(config_file: str | None, dry_run: bool, **params: Any) -> None:
     Example: rag-pipeline serve --cpu-servers 2 --base-port 11434
     """
     from pipeline.errors import ServerError
-    from pipeline.servers.pool import ServerPool, log_tail, plan_servers
+    from pipeline.servers.plan import plan_servers
+    from pipeline.servers.pool import ServerPool
+    from pipeline.servers.process import log_tail
 
     cfg = build_config(config_file, params)
     if dry_run:

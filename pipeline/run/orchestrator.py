@@ -1061,18 +1061,25 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
         ServerError / ConfigError: a server could not start, an attached endpoint does not answer /v1/models,
             or the API-key environment variable is missing.
     """
-    from pipeline.servers import pool as servers
+    from pipeline.servers.attach import (
+        api_key_from_env,
+        normalize_endpoint,
+        resolve_endpoints,
+        verify_endpoints,
+    )
+    from pipeline.servers.gpus import detect_gpus
+    from pipeline.servers.pool import ServerPool
 
-    run.n_gpus = servers.detect_gpus(cfg.servers.gpus)
+    run.n_gpus = detect_gpus(cfg.servers.gpus)
     pool = None
     if cfg.servers.endpoints:
-        endpoints = servers.resolve_endpoints(cfg)
-        servers.verify_endpoints(endpoints, servers.api_key_from_env(cfg.servers.api_key_env),
-                                 cfg.llm.connect_timeout_s + 10)
+        endpoints = resolve_endpoints(cfg)
+        verify_endpoints(endpoints, api_key_from_env(cfg.servers.api_key_env),
+                         cfg.llm.connect_timeout_s + 10)
         backend = "attached"
     else:
         log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else out_dir / "_logs"
-        pool = servers.ServerPool(cfg, log_dir)
+        pool = ServerPool(cfg, log_dir)
         run.pool = pool  # stopped by run_pipeline's finally, whatever happens next
         pool.launch()
         if pool.backend == "sglang":
@@ -1088,9 +1095,9 @@ def _start_servers(cfg: Config, run: _Run, out_dir: Path) -> tuple[Any, str]:
     run.endpoints = endpoints
     run.pool = pool
     if cfg.generation.endpoints:
-        run.gen_endpoints = [servers.normalize_endpoint(u) for u in cfg.generation.endpoints]
+        run.gen_endpoints = [normalize_endpoint(u) for u in cfg.generation.endpoints]
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
-        servers.verify_endpoints(run.gen_endpoints, servers.api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
+        verify_endpoints(run.gen_endpoints, api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
     else:
         run.gen_endpoints = endpoints
     _size_inflight(cfg, run, backend)
@@ -1167,10 +1174,10 @@ def _size_inflight(cfg: Config, run: _Run, backend: str) -> None:
     import math
 
     from pipeline.llm.client import inflight_per_endpoint, probe_batch
-    from pipeline.servers import pool as servers
+    from pipeline.servers.attach import api_key_from_env
 
-    keys = {e: servers.api_key_from_env(cfg.servers.api_key_env) for e in run.endpoints}
-    gen_key = servers.api_key_from_env(cfg.generation.api_key_env or cfg.servers.api_key_env)
+    keys = {e: api_key_from_env(cfg.servers.api_key_env) for e in run.endpoints}
+    gen_key = api_key_from_env(cfg.generation.api_key_env or cfg.servers.api_key_env)
     for e in run.gen_endpoints:
         keys.setdefault(e, gen_key)
     for e, key in keys.items():
