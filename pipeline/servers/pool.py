@@ -139,6 +139,11 @@ class ServerPool:
         with self._lock:
             return [self._procs[s.port].pid for s in self.specs if s.port in self._procs]
 
+    def running(self) -> list[tuple[int, int]]:
+        """``(pid, port)`` of each running server process, in port order (the PID is its process group id)."""
+        with self._lock:
+            return [(self._procs[s.port].pid, s.port) for s in self.specs if s.port in self._procs]
+
     def _spec(self, port: int) -> ServerSpec:
         for s in self.specs:
             if s.port == port:
@@ -253,13 +258,13 @@ class ServerPool:
             st.first_started_at = st.started_at
         st.status = "restarting" if restart else "starting"
 
-    def poll_startup(self) -> list[ServerSpec]:
+    def poll_startup(self, *, log_failed: bool = True) -> list[ServerSpec]:
         """Check the starting servers once, without blocking (one health request each).
 
         A server that answers its health path becomes ``"ready"``. One that exited, or is not ready
         ``servers.startup_timeout_s`` after its launch (it is stopped), is started again on the same ports
         while it has attempts left (``servers.startup_attempts``), else ``"failed"`` (error logged with
-        the tail of its log).
+        the tail of its log unless ``log_failed`` is False: the caller reports it).
 
         Returns:
             The servers that became ready during this call.
@@ -299,30 +304,37 @@ class ServerPool:
                     except ServerError as exc:
                         st.error = str(exc)
                 st.status = "failed"
-                log.error("%s; giving up after %d attempt(s), the run goes on without it; last log lines (%s):\n%s",
-                          st.error, st.attempts, s.log_path, tail)
+                if log_failed:
+                    log.error("%s; giving up after %d attempt(s), the run goes on without it; last log lines (%s):\n%s",
+                              st.error, st.attempts, s.log_path, tail)
         return ready
 
-    def wait_ready(self, first_only: bool = False, abort: Callable[[], bool] | None = None) -> list[str]:
+    def wait_ready(self, first_only: bool = False, abort: Callable[[], bool] | None = None, *,
+                   all_required: bool = False) -> list[str]:
         """Poll until one server is ready (``first_only``) or every server is ready or failed.
 
         Args:
             first_only: return as soon as one server is ready.
             abort: polled between checks; True stops the wait with :class:`Interrupted` (a signal).
+            all_required: fail as soon as one server has failed (``servers.startup_attempts`` used up)
+                instead of going on with the others.
 
         Returns:
             The ready endpoints so far, in port order.
 
         Raises:
             ServerError: every server failed (the message gives each one's last error and the log tail
-                of the first).
+                of the first); with ``all_required``, one server failed (its last error and log tail).
             Interrupted: ``abort()`` returned True.
         """
         while True:
             if abort is not None and abort():
                 raise Interrupted("signal received while the servers were starting")
-            self.poll_startup()
+            self.poll_startup(log_failed=not all_required)
             statuses = [self.state[s.index].status for s in self.specs]
+            if all_required and "failed" in statuses:
+                s = self.specs[statuses.index("failed")]
+                raise ServerError(f"{self.state[s.index].error}; last log lines ({s.log_path}):\n{log_tail(s.log_path)}")
             if (first_only and "ready" in statuses) or "starting" not in statuses:
                 break
             time.sleep(POLL_INTERVAL_S)
