@@ -1,4 +1,4 @@
-"""launch_servers.sh: shellcheck, --dry-run (same commands as pipeline.servers.pool), real llama.cpp servers.
+"""launch_servers.sh: shellcheck, --dry-run (same commands as pipeline.servers.plan), real llama.cpp servers.
 
 No GPU exists here: for SGLang only --dry-run is tested, with the GPU detection overridden by
 RAG_PIPELINE_GPU_COUNT (1, 2, 8) as documented; the Python pool runs SGLang's path with a stand-in
@@ -23,7 +23,8 @@ import pytest
 import requests
 
 from pipeline.config import load_config
-from pipeline.servers.pool import default_llamacpp_model, plan_servers
+from pipeline.servers.llamacpp import default_llamacpp_model
+from pipeline.servers.plan import plan_servers
 from tests.fixtures.llm import free_port_block, requires_llama, server_processes
 
 REPO = Path(__file__).resolve().parents[1]

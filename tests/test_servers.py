@@ -1,4 +1,4 @@
-"""The server pool (pipeline/servers/pool.py) and `rag-pipeline serve`, with real llama.cpp servers.
+"""The server pool (pipeline/servers/: plan, pool, attach) and `rag-pipeline serve`, with real llama.cpp servers.
 
 No GPU exists here: SGLang plans are checked with the GPU detection overridden (RAG_PIPELINE_GPU_COUNT);
 the managed SGLang path runs end to end with a stand-in in tests/test_sglang_managed.py.
@@ -24,17 +24,13 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, ServerError
-from pipeline.servers.pool import (
-    ServerPool,
-    ServerSpec,
-    api_key_from_env,
-    default_llamacpp_model,
-    detect_gpus,
-    plan_servers,
-    port_in_use,
-    resolve_endpoints,
-    verify_endpoints,
-)
+from pipeline.servers.attach import api_key_from_env, resolve_endpoints, verify_endpoints
+from pipeline.servers.base import ServerSpec
+from pipeline.servers.gpus import detect_gpus
+from pipeline.servers.llamacpp import default_llamacpp_model
+from pipeline.servers.plan import plan_servers
+from pipeline.servers.pool import ServerPool
+from pipeline.servers.process import port_in_use
 from tests.fixtures.llm import dead_endpoint, free_port_block, llama_config, requires_llama, server_processes
 
 REPO = Path(__file__).resolve().parents[1]

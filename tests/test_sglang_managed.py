@@ -27,14 +27,9 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.servers.pool import (
-    ServerPool,
-    embedding_reserve_mb,
-    job_port_slot,
-    mem_fraction_static,
-    plan_servers,
-    sglang_reserve_mb,
-)
+from pipeline.servers.gpus import embedding_reserve_mb, mem_fraction_static, sglang_reserve_mb
+from pipeline.servers.plan import job_port_slot, plan_servers
+from pipeline.servers.pool import ServerPool
 from tests.fixtures.llm import free_port_block, server_processes
 
 REPO = Path(__file__).resolve().parents[1]

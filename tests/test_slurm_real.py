@@ -201,7 +201,7 @@ def llama_server(tmp_path: Path):
     """One real llama.cpp server (SmolLM2-135M) shared by both array tasks (attach mode: --endpoints)."""
     import urllib.request
 
-    from pipeline.servers.pool import default_llamacpp_model
+    from pipeline.servers.llamacpp import default_llamacpp_model
 
     port = free_port()
     log = (tmp_path / "llama.log").open("w")

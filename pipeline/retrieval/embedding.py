@@ -32,7 +32,7 @@ CUDA_BATCH_SIZE = 256
 """Texts per encode batch on a GPU (``embedding.batch_size = 0``). Computed, not measured here (no GPU): one
 batch of 256 texts x 256 tokens is 65,536 tokens, enough to fill the SMs of an H100 with this 6-layer, 384-wide
 model (a batch of 64 is 16k tokens: kernels too small to saturate the GPU), and its activations are
-~0.86 GiB by :func:`pipeline.servers.pool.embedding_reserve_mb` (FFN intermediate + attention scores, fp32), which the
+~0.86 GiB by :func:`pipeline.servers.gpus.embedding_reserve_mb` (FFN intermediate + attention scores, fp32), which the
 SGLang memory fraction leaves room for (1.7 GiB reserved in all on an 80 GB GPU: 2 %)."""
 
 WRITE_BATCHES = 8

@@ -326,20 +326,21 @@ def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: cont
             or the API-key environment variable is missing.
     """
     from pipeline.run.worker_set import RagTarget
-    from pipeline.servers import pool as servers
+    from pipeline.servers.attach import api_key_from_env, normalize_endpoint, resolve_endpoints, verify_endpoints
+    from pipeline.servers.gpus import detect_gpus
     from pipeline.servers.health import EndpointMonitor
+    from pipeline.servers.pool import ServerPool
 
-    n_gpus = servers.detect_gpus(cfg.servers.gpus)
+    n_gpus = detect_gpus(cfg.servers.gpus)
     pool = None
     rag_targets: list[RagTarget] = []
     if cfg.servers.endpoints:
-        endpoints = servers.resolve_endpoints(cfg)
-        servers.verify_endpoints(endpoints, servers.api_key_from_env(cfg.servers.api_key_env),
-                                 cfg.llm.connect_timeout_s + 10)
+        endpoints = resolve_endpoints(cfg)
+        verify_endpoints(endpoints, api_key_from_env(cfg.servers.api_key_env), cfg.llm.connect_timeout_s + 10)
         backend = "attached"
     else:
         log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else out_dir / "_logs"
-        pool = servers.ServerPool(cfg, log_dir)
+        pool = ServerPool(cfg, log_dir)
         stack.callback(pool.stop)  # whatever happens next
         pool.launch()
         if pool.backend == "sglang":
@@ -353,9 +354,9 @@ def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: cont
             endpoints = pool.wait_ready(first_only=False, abort=lambda: signals.count > 0)
         backend = pool.backend
     if cfg.generation.endpoints:
-        gen_endpoints = [servers.normalize_endpoint(u) for u in cfg.generation.endpoints]
+        gen_endpoints = [normalize_endpoint(u) for u in cfg.generation.endpoints]
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
-        servers.verify_endpoints(gen_endpoints, servers.api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
+        verify_endpoints(gen_endpoints, api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
     else:
         gen_endpoints = endpoints
     inflight = _size_inflight(cfg, endpoints, gen_endpoints, backend)
@@ -441,10 +442,10 @@ def _size_inflight(cfg: Config, endpoints: list[str], gen_endpoints: list[str], 
     its slots; SGLang and attached endpoints: what the server reports, else
     :data:`pipeline.llm.client.DEFAULT_BATCH`)."""
     from pipeline.llm.client import inflight_per_endpoint, probe_batch
-    from pipeline.servers import pool as servers
+    from pipeline.servers.attach import api_key_from_env
 
-    keys = {e: servers.api_key_from_env(cfg.servers.api_key_env) for e in endpoints}
-    gen_key = servers.api_key_from_env(cfg.generation.api_key_env or cfg.servers.api_key_env)
+    keys = {e: api_key_from_env(cfg.servers.api_key_env) for e in endpoints}
+    gen_key = api_key_from_env(cfg.generation.api_key_env or cfg.servers.api_key_env)
     for e in gen_endpoints:
         keys.setdefault(e, gen_key)
     inflight: dict[str, int] = {}

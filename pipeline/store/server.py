@@ -1,14 +1,14 @@
 """``rag-pipeline serve-store``: a Chroma server (``chroma run``) for multi-node runs, in the foreground.
 
-It is started and stopped like the LLM servers of :mod:`pipeline.servers.pool` (the same port check naming the
-process that holds the port, its own session / process group, ``PR_SET_PDEATHSIG`` so that a kill -9 of
-``serve-store`` does not leave Chroma running, SIGTERM then SIGKILL of the whole group), and readiness is a 200
-from Chroma's ``/api/v2/heartbeat`` polled while checking that the child is alive.
+It is started and stopped with the helpers of the LLM servers (:mod:`pipeline.servers.process`: the same port
+check naming the process that holds the port, its own session / process group, ``PR_SET_PDEATHSIG`` so that a
+kill -9 of ``serve-store`` does not leave Chroma running, SIGTERM then SIGKILL of the whole group), and readiness
+is a 200 from Chroma's ``/api/v2/heartbeat`` polled while checking that the child is alive
+(:func:`pipeline.servers.process.wait_http_ready`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shlex
 import signal
@@ -20,14 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-import requests
-
-from pipeline.errors import ServerError, StoreError
-from pipeline.servers.pool import _die_with_parent, check_port_free, stop_processes
+from pipeline.errors import StoreError
+from pipeline.servers.process import (
+    POLL_INTERVAL_S,
+    check_port_free,
+    die_with_parent,
+    stop_processes,
+    wait_http_ready,
+)
 
 log = logging.getLogger(__name__)
-
-_POLL_INTERVAL_S = 0.2
 
 
 def chroma_executable() -> Path:
@@ -94,10 +96,7 @@ class StoreServer:
                 did not answer within ``ready_timeout_s`` (the server is stopped first).
         """
         exe = chroma_executable()
-        try:
-            check_port_free(self.host, self.port, "store port")
-        except ServerError as exc:
-            raise StoreError(str(exc).replace("--base-port", "another port")) from None
+        check_port_free(self.host, self.port, "store port", hint="choose another port", error=StoreError)
         cmd = [str(exe), "run", "--path", str(self.path), "--host", self.host, "--port", str(self.port)]
         log.info("starting the node's Chroma server: %s", shlex.join(cmd))
         out = None
@@ -105,7 +104,7 @@ class StoreServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child only
         try:
-            self.proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509
+            self.proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent,  # noqa: PLW1509
                                          stdout=out, stderr=subprocess.STDOUT if out else None,
                                          stdin=subprocess.DEVNULL)
         finally:
@@ -161,15 +160,12 @@ def serve_store(
     exe = chroma_executable()
     if not 0 < port < 65536:
         raise StoreError(f"--port {port}: expected 1-65535")
-    try:
-        check_port_free(host or "0.0.0.0", port, "store port")
-    except ServerError as exc:
-        raise StoreError(str(exc).replace("--base-port", "--port")) from None
+    check_port_free(host or "0.0.0.0", port, "store port", hint="choose another --port", error=StoreError)
     Path(path).mkdir(parents=True, exist_ok=True)
     cmd = [str(exe), "run", "--path", str(path), "--host", host, "--port", str(port)]
     log.info("starting: %s", shlex.join(cmd))
     stop_requested: list[float] = []
-    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping chroma (pid %d)", signal.Signals(signum).name, proc.pid)
@@ -183,7 +179,7 @@ def serve_store(
         if proc.poll() is None and not stop_requested and on_ready is not None:
             on_ready(f"http://{public}:{port}")
         while proc.poll() is None and not stop_requested:
-            time.sleep(_POLL_INTERVAL_S)
+            time.sleep(POLL_INTERVAL_S)
         if stop_requested:
             stop_processes([proc], shutdown_timeout_s)
             return 0
@@ -197,18 +193,23 @@ def serve_store(
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, stop_requested: list[float],
                 abort: Callable[[], bool] | None = None) -> None:
-    """Poll the heartbeat until it answers 200; raise StoreError if the server exits or times out."""
-    deadline = time.monotonic() + timeout_s
-    while not stop_requested and not (abort is not None and abort()):
-        rc = proc.poll()
-        if rc is not None:
-            raise StoreError(f"chroma exited with status {rc} before it was ready (see its output above)")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url, timeout=2.0).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            raise StoreError(f"chroma did not answer {url} within {timeout_s:.0f} s")
-        time.sleep(_POLL_INTERVAL_S)
+    """Poll Chroma's heartbeat until it answers 200; return early once a stop was requested or ``abort()``.
+
+    Raises:
+        StoreError: the server exited, or did not answer within ``timeout_s`` seconds.
+    """
+
+    def stop() -> bool:
+        return bool(stop_requested) or (abort is not None and abort())
+
+    def exited(rc: int) -> StoreError:
+        return StoreError(f"chroma exited with status {rc} before it was ready (see its output above)")
+
+    def timed_out() -> StoreError:
+        return StoreError(f"chroma did not answer {url} within {timeout_s:.0f} s")
+
+    wait_http_ready(proc, url, time.monotonic() + timeout_s, statuses=(200,), request_timeout_s=2.0, stop=stop,
+                    exit_error=exited, timeout_error=timed_out)
 
 
 __all__ = ["StoreServer", "chroma_executable", "free_port", "heartbeat_url", "serve_store"]
