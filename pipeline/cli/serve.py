@@ -24,7 +24,6 @@ def _raise_stop(signum: int, _frame: Any) -> None:
 @config_option(
     "--backend",
     key="servers.backend",
-    type=click.Choice(["auto", "sglang", "llamacpp"]),
     help="Server backend (auto: sglang with GPUs, llamacpp without).",
 )
 @config_option("--model", key="servers.model", help="Model path or name (default on CPU: the SmolLM2 GGUF).")
