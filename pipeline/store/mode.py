@@ -26,8 +26,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SHARED_CHOICES = ("auto", "on", "off")
-
 INDEX_BYTES_PER_CHUNK = 2000
 """RSS a local client process gains per stored chunk once its collection is loaded and queried (HNSW vectors
 float32 [384] = 1,536 bytes + graph links + id maps): measured 1,936 bytes per chunk from 10k to 200k chunks
@@ -111,10 +109,12 @@ def decide(setting: str, rag_workers: int, chunks: int | None, chroma_url: str =
     Raises:
         pipeline.errors.ConfigError: an unknown setting.
     """
+    from pipeline.config import choices
     from pipeline.errors import ConfigError
 
-    if setting not in SHARED_CHOICES:
-        raise ConfigError(f"[store] shared: {setting!r} is not one of {', '.join(SHARED_CHOICES)}")
+    allowed = choices("store.shared")
+    if setting not in allowed:
+        raise ConfigError(f"[store] shared: {setting!r} is not one of {', '.join(allowed)}")
     dup = None if chunks is None else chunks * INDEX_BYTES_PER_CHUNK * max(0, rag_workers - 1)
     common = {"setting": setting, "rag_workers": rag_workers, "chunks": chunks, "duplicate_bytes": dup}
     if chroma_url:
