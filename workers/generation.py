@@ -9,9 +9,10 @@ adaptive concurrency on 429/503) and returns one result per item:
     generation.response_format is set and the reply validates); gen_status: "ok" | "failed" | "invalid_output"
     (the reply never matched generation.response_format, see pipeline.llm.structured); gen_error: str | None;
     generate_ms: float; attempts: int; endpoint: str | None; model: str | None;
-    bad_endpoints: list[str] (endpoints that failed an attempt: connection error, timeout, 5xx; main routes
-    around them for a while); unavailable / overloaded: bool (no endpoint reachable / overload outlasted
-    llm.overload_timeout_s: main requeues the record instead of writing a failure).
+    bad_endpoints: list[str] (endpoints with an attempt that says they are unhealthy: connection error, timeout,
+    5xx other than 503, see pipeline.llm.outcome; main routes around them for a while); retry_cause (on failure:
+    pipeline.llm.outcome.retry_cause); unavailable / overloaded: bool (no endpoint reachable / overload
+    outlasted llm.overload_timeout_s: main requeues the record instead of writing a failure).
 
 Concurrency: main decides how many generations are in flight per endpoint (a total per endpoint shared by the
 whole pool) and sends each process at most ``threads`` items; the process runs one thread per item in flight
@@ -27,15 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
-from workers.protocol import ResultChannel, get_work, ignore_sigint, retry_cause, start_heartbeat
-
-
-def bad_endpoints(attempts: list[Any]) -> list[str]:
-    """Endpoints with a failed attempt that says the endpoint is unhealthy (not ok, not a 4xx/overload answer)."""
-    bad = {a.endpoint for a in attempts
-           if a.outcome in ("timeout", "connect_error", "connection_error")
-           or (a.outcome.startswith("http_5") and a.outcome != "http_503")}
-    return sorted(bad)
+from pipeline.llm.outcome import NoEndpointAvailable, Overloaded, RequestFailed, bad_endpoints, retry_cause
+from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heartbeat
 
 
 def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict, structured: Any = None) -> dict:
@@ -43,7 +37,6 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: dict
 
     ``structured``: a :class:`pipeline.llm.structured.StructuredOutput` (``generation.response_format``) or None.
     """
-    from pipeline.llm.client import NoEndpointAvailable, Overloaded, RequestFailed
     from pipeline.llm.prompts import generation_prompt
     from pipeline.llm.structured import REASK, dumps
 

@@ -8,8 +8,8 @@ Worker -> main: the worker's own result pipe (:class:`ResultChannel`; pipeline.r
     ("RAG", worker_name, [rag_result])   one dict per record (see workers.rag_worker)
     ("GEN", worker_name, [gen_result])   one dict per record (see workers.generation)
 
-A failed result carries ``retry_cause``: ``"llm"`` when its LLM request failed only with retryable errors
-(timeouts, refused or dropped connections, HTTP 408/429/5xx: the endpoints were in trouble, not the record),
+A failed result carries ``retry_cause``: ``"llm"`` when its LLM request failed through no fault of the record
+(:func:`pipeline.llm.outcome.retry_cause`: only retryable outcomes, no endpoint reachable, or overload),
 ``"store"`` for a vector-store error, None otherwise. Main decides from it whether the failure is the record's
 (a failure row) or the run's (the record goes back to the queue, or stays uncommitted while the run stops).
 """
@@ -24,9 +24,6 @@ import time
 from typing import Any
 
 POLL_S = 0.5
-RETRYABLE_OUTCOMES = frozenset({"timeout", "connect_error", "connection_error", "http_408", "http_429", "http_500",
-                                "http_502", "http_503", "http_504"})
-"""Attempt outcomes (pipeline.llm.client.Attempt.outcome) that say the endpoint, not the request, failed."""
 
 
 class ResultChannel:
@@ -66,20 +63,6 @@ def start_heartbeat(chan: ResultChannel, name: str, interval_s: float, parent_pi
     t = threading.Thread(target=beat, name=f"{name}-heartbeat", daemon=True)
     t.start()
     return t
-
-
-def retry_cause(exc: BaseException) -> str | None:
-    """``"llm"`` if an LLM client error failed with retryable outcomes only (or found no endpoint), else None.
-
-    Args:
-        exc: a ``pipeline.llm.client.RequestFailed`` / ``NoEndpointAvailable`` (anything with ``attempts``).
-    """
-    attempts = getattr(exc, "attempts", None) or []
-    if type(exc).__name__ in ("NoEndpointAvailable", "Overloaded"):
-        return "llm"
-    if attempts and all(a.outcome in RETRYABLE_OUTCOMES for a in attempts):
-        return "llm"
-    return None
 
 
 def ignore_sigint() -> None:

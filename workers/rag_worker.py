@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
-from workers.protocol import ResultChannel, get_work, ignore_sigint, retry_cause, start_heartbeat
+from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,14 @@ log = logging.getLogger(__name__)
 def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: dict, result: dict,
                   prefer: str | None) -> dict:
     """Ask for a grounded answer; set the status by the failure rules of seed 001."""
-    from pipeline.llm.client import NoEndpointAvailable, Overloaded, RequestFailed
+    from pipeline.llm.outcome import (
+        NoEndpointAvailable,
+        Overloaded,
+        RequestFailed,
+        bad_endpoints,
+        retry_cause,
+    )
     from pipeline.llm.prompts import rag_answer_prompt
-    from workers.generation import bad_endpoints
 
     prompt = rag_answer_prompt(templates, query=item["query"], contexts=result["contexts"],
                                context_chars=cfg.rag.context_chars, extra=item.get("extra"))
