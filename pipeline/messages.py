@@ -23,6 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+STORE_CAUSE = "store"
+"""``retry_cause`` of a result whose retrieval failed on a vector-store error (the LLM one is
+:data:`pipeline.llm.outcome.LLM_CAUSE`)."""
+
 
 @dataclass
 class RagResult:

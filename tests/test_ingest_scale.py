@@ -29,8 +29,9 @@ from pipeline.retrieval.embedding import (
     resolve_batch_size,
     resolve_write_batch,
 )
+from pipeline.store.chroma_files import count_chunks
 from pipeline.store.client import open_collection
-from pipeline.store.mode import AUTO_MIN_DUPLICATE_BYTES, INDEX_BYTES_PER_CHUNK, count_chunks, decide
+from pipeline.store.mode import AUTO_MIN_DUPLICATE_BYTES, INDEX_BYTES_PER_CHUNK, decide
 from tests.fixtures.llm import requires_llama
 from tests.fixtures.store import write_small_corpus
 from tests.runtools import (

@@ -21,16 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.llm.outcome import NoEndpointAvailable, Overloaded, RequestFailed, bad_endpoints, retry_cause
 from pipeline.messages import Fatal, GenResult, GenResults, Ready, WorkItem
-from workers.protocol import ResultChannel, get_work, ignore_sigint, retry_cause, start_heartbeat
-
-
-def bad_endpoints(attempts: list[Any]) -> list[str]:
-    """Endpoints with a failed attempt that says the endpoint is unhealthy (not ok, not a 4xx/overload answer)."""
-    bad = {a.endpoint for a in attempts
-           if a.outcome in ("timeout", "connect_error", "connection_error")
-           or (a.outcome.startswith("http_5") and a.outcome != "http_503")}
-    return sorted(bad)
+from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heartbeat
 
 
 def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: WorkItem,
@@ -39,7 +32,6 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: Work
 
     ``structured``: a :class:`pipeline.llm.structured.StructuredOutput` (``generation.response_format``) or None.
     """
-    from pipeline.llm.client import NoEndpointAvailable, Overloaded, RequestFailed
     from pipeline.llm.prompts import generation_prompt
     from pipeline.llm.structured import REASK, dumps
 

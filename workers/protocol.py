@@ -15,9 +15,6 @@ from typing import Any
 from pipeline.messages import Heartbeat
 
 POLL_S = 0.5
-RETRYABLE_OUTCOMES = frozenset({"timeout", "connect_error", "connection_error", "http_408", "http_429", "http_500",
-                                "http_502", "http_503", "http_504"})
-"""Attempt outcomes (pipeline.llm.client.Attempt.outcome) that say the endpoint, not the request, failed."""
 
 
 class ResultChannel:
@@ -57,20 +54,6 @@ def start_heartbeat(chan: ResultChannel, name: str, interval_s: float, parent_pi
     t = threading.Thread(target=beat, name=f"{name}-heartbeat", daemon=True)
     t.start()
     return t
-
-
-def retry_cause(exc: BaseException) -> str | None:
-    """``"llm"`` if an LLM client error failed with retryable outcomes only (or found no endpoint), else None.
-
-    Args:
-        exc: a ``pipeline.llm.client.RequestFailed`` / ``NoEndpointAvailable`` (anything with ``attempts``).
-    """
-    attempts = getattr(exc, "attempts", None) or []
-    if type(exc).__name__ in ("NoEndpointAvailable", "Overloaded"):
-        return "llm"
-    if attempts and all(a.outcome in RETRYABLE_OUTCOMES for a in attempts):
-        return "llm"
-    return None
 
 
 def ignore_sigint() -> None:

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.messages import Fatal, RagResult, RagResults, Ready, WorkItem
-from workers.protocol import ResultChannel, get_work, ignore_sigint, retry_cause, start_heartbeat
+from pipeline.messages import STORE_CAUSE, Fatal, RagResult, RagResults, Ready, WorkItem
+from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,14 @@ def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: Wor
                   prefer: str | None) -> RagResult:
     """Ask for a grounded answer; set the status by the failure rules (soft failure: answer too short; hard
     failure: the request failed after retries and failover)."""
-    from pipeline.llm.client import NoEndpointAvailable, Overloaded, RequestFailed
+    from pipeline.llm.outcome import (
+        NoEndpointAvailable,
+        Overloaded,
+        RequestFailed,
+        bad_endpoints,
+        retry_cause,
+    )
     from pipeline.llm.prompts import rag_answer_prompt
-    from workers.generation import bad_endpoints
 
     prompt = rag_answer_prompt(templates, query=item.query, contexts=result.contexts,
                                context_chars=cfg.rag.context_chars, extra=item.extra)
@@ -213,7 +218,7 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
             for i, item in enumerate(items):
                 result = RagResult(item.id, retrieve_ms=retrieve_ms)
                 if found is None:
-                    result.rag_status, result.rag_error, result.retry_cause = "hard_fail", error, "store"
+                    result.rag_status, result.rag_error, result.retry_cause = "hard_fail", error, STORE_CAUSE
                     ready.append(result)
                     continue
                 qr = found[i]
@@ -225,7 +230,7 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
                 if qr.source_errors:
                     errs = "; ".join(f"{k}: {v}" for k, v in sorted(qr.source_errors.items()))
                     result.rag_status, result.rag_error = "soft_fail", f"retrieval source error: {errs}"
-                    result.retry_cause = "store"
+                    result.retry_cause = STORE_CAUSE
                 elif not hits:
                     result.rag_status = "soft_fail"
                     result.rag_error = f"no passage with score >= retrieval.min_score={cfg.retrieval.min_score}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.options import build_config, config_file_option, config_option, handle_errors
+from pipeline.config import choices
 
 
 def _store_options(fn):
@@ -37,7 +38,7 @@ def _embedding_options(fn):
                help="Chunk size in characters; 0 = one chunk per document.  [config default: 1000]")
 @config_option("--chunk-overlap", key="ingest.chunk_overlap", type=click.IntRange(min=0),
                help="Characters shared by consecutive chunks.  [config default: 200]")
-@config_option("--on-error", key="ingest.on_error", type=click.Choice(["fail", "skip"]),
+@config_option("--on-error", key="ingest.on_error",
                help="Bad file or line: fail (abort before writing anything; default) or skip (and list it).")
 @_embedding_options
 @config_file_option
@@ -81,12 +82,11 @@ def _modes(value: str | None) -> list[str] | None:
     """--mode: one mode, a comma-separated list, or 'all' (dense,bm25,hybrid); None = the config's."""
     if value is None:
         return None
-    from pipeline.retrieval.retriever import MODES
-
-    modes = list(MODES) if value.strip() == "all" else [m.strip() for m in value.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    known = choices("retrieval.mode")
+    modes = list(known) if value.strip() == "all" else [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in modes if m not in known]
     if bad or not modes:
-        raise click.BadParameter(f"{value!r}: expected {', '.join(MODES)}, a comma-separated list of them, or all")
+        raise click.BadParameter(f"{value!r}: expected {', '.join(known)}, a comma-separated list of them, or all")
     return list(dict.fromkeys(modes))
 
 
@@ -97,8 +97,9 @@ def _modes(value: str | None) -> list[str] | None:
 @click.option("--qrels", required=True, type=click.Path(dir_okay=False),
               help="BEIR qrels TSV (header 'query-id corpus-id score').")
 @click.option("--mode", "modes", default=None,
-              help="dense, bm25, hybrid, a comma-separated list, or all.  [config default: retrieval.mode]")
-@config_option("--fusion", key="retrieval.fusion", type=click.Choice(["chunk", "document"]),
+              help=f"{', '.join(choices('retrieval.mode'))}, a comma-separated list, or all.  "
+                   "[config default: retrieval.mode]")
+@config_option("--fusion", key="retrieval.fusion",
                help="Hybrid: fuse chunk or document rankings.  [config default: chunk]")
 @config_option("--rrf-k", key="retrieval.rrf_k", type=click.IntRange(min=0),
                help="Hybrid: RRF constant k.  [config default: 60]")

@@ -22,8 +22,21 @@ CONFIG_FLAGS: dict[str, str] = {}
 def config_option(*param_decls: str, key: str, **attrs: Any) -> Callable:
     """A click option whose value overrides config field ``key`` ("section.field") when given.
 
-    The option's default is ``None`` so that "not given" falls through to the config file and defaults.
+    The option's default is ``None`` so that "not given" falls through to the config file and defaults. When the
+    field declares choices (:func:`pipeline.config.choices`) the option's type is ``click.Choice`` of them; the
+    caller passes no ``type`` then.
+
+    Raises:
+        KeyError: ``key`` names no config field.
+        RuntimeError: a ``type`` given for a field with choices, or one CLI parameter mapped to two fields.
     """
+    from pipeline.config import choices
+
+    allowed = choices(key)
+    if allowed:
+        if "type" in attrs:
+            raise RuntimeError(f"{param_decls[0]}: {key} declares its choices in pipeline.config; pass no type")
+        attrs["type"] = click.Choice(allowed)
     attrs.setdefault("default", None)
     attrs.setdefault("show_default", False)
 

@@ -35,8 +35,7 @@ def summary_table(manifest: dict) -> str:
                help="In-flight LLM requests per endpoint, all processes together (0: sized from the backend).")
 @config_option("--endpoints", key="servers.endpoints",
                help="Attach to these OpenAI-compatible endpoints (comma-separated) instead of starting servers.")
-@config_option("--backend", key="servers.backend", type=click.Choice(["auto", "sglang", "llamacpp"]),
-               help="Managed server backend.")
+@config_option("--backend", key="servers.backend", help="Managed server backend.")
 @config_option("--model", key="servers.model", help="Model for managed servers (default: SmolLM2 GGUF on CPU).")
 @config_option("--gpus", key="servers.gpus", type=int, help="GPUs to use (-1: all visible).")
 @config_option("--tp-size", key="servers.tp_size", type=int, help="SGLang: GPUs per server (tensor parallel).")
@@ -47,25 +46,25 @@ def summary_table(manifest: dict) -> str:
 @config_option("--collection", key="store.collection", help="Collection to retrieve from.")
 @config_option("--bm25-path", key="store.bm25_path", type=click.Path(file_okay=False),
                help="BM25 index directory (default <store>/bm25; with --chroma-url a shared path).")
-@config_option("--store-shared", key="store.shared", type=click.Choice(["auto", "on", "off"]),
+@config_option("--store-shared", key="store.shared",
                help="One Chroma server over the local store for all RAG workers of the node (one index copy): "
                     "on, off, or auto (when the copies would duplicate > 1 GiB).")
 @config_option("--ingest", key="run.ingest", type=click.Path(exists=False),
                help="Ingest this source (rank0, single writer) before the run.")
 @config_option("--reset-collection/--no-reset-collection", key="run.reset_collection",
                help="Delete and recreate the collection first (rank0).")
-@config_option("--rag-mode", key="rag.mode", type=click.Choice(["retrieve+answer", "retrieve"]),
+@config_option("--rag-mode", key="rag.mode",
                help="retrieve+answer: grounded answer from the RAG worker's endpoint; retrieve: passages only.")
 @config_option("--top-k", key="retrieval.top_k", type=int, help="Passages retrieved per record.")
 @config_option("--min-score", key="retrieval.min_score", type=float, help="Cosine similarity threshold.")
-@config_option("--retrieval-mode", key="retrieval.mode", type=click.Choice(["dense", "bm25", "hybrid"]),
+@config_option("--retrieval-mode", key="retrieval.mode",
                help="dense (embeddings), bm25 (lexical) or hybrid (reciprocal rank fusion of both).")
 @config_option("--response-format", key="generation.response_format", type=click.Path(dir_okay=False),
                help="JSON Schema file: generations are JSON matching it (column generation_json).")
 @config_option("--query-field", key="run.query_field", help="Record field with the query.")
 @config_option("--id-field", key="run.id_field", help="Record field with the unique id.")
 @config_option("--limit", key="run.limit", type=int, help="Only the first N records (0: all).")
-@config_option("--on-bad-record", key="run.on_bad_record", type=click.Choice(["fail", "skip"]),
+@config_option("--on-bad-record", key="run.on_bad_record",
                help="fail: stop before any server starts; skip: write bad lines to _rejected.jsonl.")
 @config_option("--overwrite/--resume", key="run.overwrite", help="Start afresh instead of resuming.")
 @config_option("--shard", key="run.shard", help="I/N: process partition I of N of the input.")

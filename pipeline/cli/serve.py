@@ -73,7 +73,6 @@ def _write_pid_file(path: Path, pool: ServerPool) -> None:
 @config_option(
     "--backend",
     key="servers.backend",
-    type=click.Choice(["auto", "sglang", "llamacpp"]),
     help="Server backend (auto: sglang with GPUs, llamacpp without).",
 )
 @config_option("--model", key="servers.model", help="Model path or name (default on CPU: the SmolLM2 GGUF).")

@@ -47,8 +47,6 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + HTML_SUFFIXES + PDF_SUFFIXES + JSONL_SUFFIXES
 """File name endings read from a SOURCE folder (case-insensitive)."""
 
-ON_ERROR_CHOICES = ("fail", "skip")
-
 
 @dataclass(frozen=True)
 class Document:
@@ -454,10 +452,12 @@ def iter_source(
             without supported files, or (at the end) a SOURCE that yielded no document at all.
         pipeline.errors.ConfigError: ``on_error`` is not ``fail`` or ``skip``.
     """
+    from pipeline.config import choices
     from pipeline.errors import ConfigError
 
-    if on_error not in ON_ERROR_CHOICES:
-        raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+    allowed = choices("ingest.on_error")
+    if on_error not in allowed:
+        raise ConfigError(f"on_error must be one of {', '.join(allowed)}, got {on_error!r}")
     root = Path(source)
     report = report if report is not None else SourceReport()
     seen = seen if seen is not None else MemorySeenIds()

@@ -7,8 +7,9 @@ Request life (one call of :meth:`LLMClient.chat` / :meth:`LLMClient.complete`):
 
 1. A *pass* tries the endpoints in order: ``prefer`` first, then the others, least in-flight first
    (round-robin among equals). An endpoint whose circuit breaker is open is skipped. A retryable failure
-   (timeout, connection error, HTTP 408/429/500/502/503/504) moves on to the next endpoint at once
-   (failover); any other 4xx (or an unparsable 200) raises :class:`RequestFailed` at once, never retried.
+   (:func:`pipeline.llm.outcome.is_retryable`: timeout, connection error, HTTP 408/429/500/502/503/504) moves on
+   to the next endpoint at once (failover); any other status (or an unparsable 200) raises
+   :class:`RequestFailed` at once, never retried.
 2. If a whole pass fails, tenacity waits (exponential backoff with jitter: before pass n+1,
    ``min(backoff_initial_s * 2**(n-1), backoff_max_s) + U(0, backoff_initial_s)`` seconds, tenacity's
    ``wait_exponential + wait_random``; additive jitter as in "Exponential Backoff And Jitter", AWS
@@ -31,7 +32,8 @@ request sent after the last cut can cut again), a ``Retry-After`` also holds eve
 that endpoint until then, and each success raises the limit by ``1 / limit`` (about +1 per round trip) back up
 to ``max_concurrency``. Retries are therefore clocked by completions and backoffs: no retry storm.
 
-Errors: :class:`RequestFailed` (this request failed; the record gets an error, the run goes on),
+Errors (defined in :mod:`pipeline.llm.outcome`, with :class:`Attempt`; importable from here too):
+:class:`RequestFailed` (this request failed; the record gets an error, the run goes on),
 :class:`Overloaded` (overload outlasted ``llm.overload_timeout_s``: the record is requeued) and
 :class:`NoEndpointAvailable` (every endpoint has an open breaker, or every endpoint refused the
 connection in the last pass: fatal for the run). Bound on the time to NoEndpointAvailable when every
@@ -66,15 +68,23 @@ from tenacity import (
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from pipeline.config import LLMConfig
-from pipeline.errors import RagPipelineError, ServerError
+from pipeline.llm.outcome import (
+    BAD_RESPONSE,
+    CONNECT_ERROR,
+    CONNECTION_ERROR,
+    OK,
+    TIMEOUT,
+    Attempt,
+    LLMError,
+    NoEndpointAvailable,
+    Overloaded,
+    RequestFailed,
+    http_outcome,
+    is_overload,
+    is_retryable,
+)
 
 log = logging.getLogger(__name__)
-
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-"""HTTP statuses that are retried (DESIGN.md failure rules); every other 4xx/5xx is final."""
-
-OVERLOAD_STATUS = frozenset({429, 503})
-"""Statuses that mean "too many requests now": the request waits and is sent again (see the module docstring)."""
 
 DEFAULT_BATCH = 256
 """Requests a server batches when it does not say (SGLang's ``max_running_requests`` is read from the server,
@@ -92,27 +102,8 @@ grows back (bench/saturation.py, one endpoint answering 429 above capacity: 0.73
 
 
 # ----------------------------------------------------------------------------------------------
-# Results and errors
+# Results, and failed attempts inside the client (the errors it raises: pipeline.llm.outcome)
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One HTTP attempt of a request.
-
-    Attributes:
-        endpoint: base URL tried.
-        outcome: ``"ok"``, ``"http_<status>"``, ``"timeout"`` (connect or read timeout),
-            ``"connect_error"`` (connection refused / unreachable), ``"connection_error"`` (connection
-            dropped after it was made, e.g. the server died mid-request) or ``"bad_response"``.
-        latency_ms: wall time of the attempt, milliseconds (excludes waiting for a concurrency slot).
-        detail: short error text (empty on success); never contains the API key.
-    """
-
-    endpoint: str
-    outcome: str
-    latency_ms: float
-    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,42 +130,17 @@ class Completion:
     finish_reason: str | None = None
 
 
-class LLMError(RagPipelineError):
-    """Base of the client's errors; ``attempts`` lists every HTTP attempt made (picklable)."""
-
-    def __init__(self, message: str, attempts: list[Attempt] | None = None) -> None:
-        super().__init__(message)
-        self.attempts: list[Attempt] = list(attempts or [])
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.attempts))
-
-
-class RequestFailed(LLMError):
-    """This request failed (non-retryable 4xx, or retries exhausted while a server was reachable).
-
-    Recoverable: record the error on the row and go on.
-    """
-
-
-class NoEndpointAvailable(LLMError, ServerError):
-    """No endpoint can be reached (all refuse connections or have an open circuit breaker). Fatal."""
-
-
-class Overloaded(LLMError):
-    """The endpoint kept answering 429/503 for ``llm.overload_timeout_s``: not a failure of the record (it is
-    requeued), the server is up but full."""
-
-
 class _AttemptError(Exception):
-    def __init__(self, outcome: str, detail: str, *, retryable: bool, connect_failure: bool = False,
-                 overload: bool = False, retry_after_s: float | None = None) -> None:
+    """A failed attempt; whether it is retried or an overload follows from its outcome (pipeline.llm.outcome)."""
+
+    def __init__(self, outcome: str, detail: str, *, connect_failure: bool = False,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
-        self.retryable = retryable
+        self.retryable = is_retryable(outcome)
         self.connect_failure = connect_failure
-        self.overload = overload
+        self.overload = is_overload(outcome)
         self.retry_after_s = retry_after_s
 
 
@@ -308,28 +274,21 @@ def probe_batch(url: str, *, api_key: str | None = None, timeout_s: float = 5.0)
 
 
 def _classify(exc: requests.RequestException) -> _AttemptError:
-    """Map a requests exception to an attempt outcome (all of these are retryable)."""
+    """Map a requests exception to a transport-failure outcome (all of these are retryable)."""
     if isinstance(exc, requests.ConnectTimeout):
-        return _AttemptError("timeout", f"connect timeout: {exc}", retryable=True, connect_failure=True)
+        return _AttemptError(TIMEOUT, f"connect timeout: {exc}", connect_failure=True)
     if isinstance(exc, requests.Timeout):
-        return _AttemptError("timeout", "read timeout", retryable=True)
+        return _AttemptError(TIMEOUT, "read timeout")
     if isinstance(exc, requests.ConnectionError):
         inner = exc.args[0] if exc.args else None
         if isinstance(inner, MaxRetryError):
             inner = inner.reason
         if isinstance(inner, NewConnectionError):
-            return _AttemptError(
-                "connect_error",
-                "connection refused or host unreachable",
-                retryable=True,
-                connect_failure=True,
-            )
-        return _AttemptError(
-            "connection_error", f"connection dropped: {type(inner or exc).__name__}", retryable=True
-        )
+            return _AttemptError(CONNECT_ERROR, "connection refused or host unreachable", connect_failure=True)
+        return _AttemptError(CONNECTION_ERROR, f"connection dropped: {type(inner or exc).__name__}")
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return _AttemptError("connection_error", "response cut short", retryable=True)
-    return _AttemptError("connection_error", f"{type(exc).__name__}", retryable=True)
+        return _AttemptError(CONNECTION_ERROR, "response cut short")
+    return _AttemptError(CONNECTION_ERROR, f"{type(exc).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -658,8 +617,7 @@ class LLMClient:
             attempts.append(Attempt(ep.url, err.outcome, _ms(t0), err.detail))
             if err.overload:
                 outcome, retry_after = "overload", err.retry_after_s
-                raise _OverloadSignal(err.outcome, err.detail, retryable=True, overload=True,
-                                      retry_after_s=err.retry_after_s) from None
+                raise _OverloadSignal(err.outcome, err.detail, retry_after_s=err.retry_after_s) from None
             raise
         except requests.RequestException as exc:
             err = _classify(exc)
@@ -669,7 +627,7 @@ class LLMClient:
             outcome = "ok"
         finally:
             ep.release(started, outcome, retry_after)
-        attempts.append(Attempt(ep.url, "ok", _ms(t0)))
+        attempts.append(Attempt(ep.url, OK, _ms(t0)))
         return model, data
 
     def _model(self, ep: _Endpoint, timeout: tuple[float, float]) -> str:
@@ -683,9 +641,7 @@ class LLMClient:
             try:
                 ep.model = str(data["data"][0]["id"])
             except (KeyError, IndexError, TypeError):
-                raise _AttemptError(
-                    "bad_response", f"/v1/models lists no model: {str(data)[:200]!r}", retryable=False
-                ) from None
+                raise _AttemptError(BAD_RESPONSE, f"/v1/models lists no model: {str(data)[:200]!r}") from None
         return ep.model
 
 
@@ -713,18 +669,15 @@ def _retry_after_s(resp: requests.Response) -> float | None:
 def _check_response(resp: requests.Response) -> dict[str, Any]:
     """JSON body of a 200 response; raise _AttemptError (retryable or not, overload or not) for anything else."""
     if resp.status_code != 200:
+        outcome = http_outcome(resp.status_code)
         detail = resp.text[:300].replace("\n", " ")
-        return_overload = resp.status_code in OVERLOAD_STATUS
-        raise _AttemptError(
-            f"http_{resp.status_code}", detail, retryable=resp.status_code in RETRYABLE_STATUS,
-            overload=return_overload, retry_after_s=_retry_after_s(resp) if return_overload else None,
-        )
+        raise _AttemptError(outcome, detail, retry_after_s=_retry_after_s(resp) if is_overload(outcome) else None)
     try:
         data = resp.json()
     except ValueError:
-        raise _AttemptError("bad_response", f"not JSON: {resp.text[:200]!r}", retryable=False) from None
+        raise _AttemptError(BAD_RESPONSE, f"not JSON: {resp.text[:200]!r}") from None
     if not isinstance(data, dict):
-        raise _AttemptError("bad_response", f"not a JSON object: {resp.text[:200]!r}", retryable=False)
+        raise _AttemptError(BAD_RESPONSE, f"not a JSON object: {resp.text[:200]!r}")
     return data
 
 
@@ -745,9 +698,7 @@ __all__ = [
     "LLMClient",
     "LLMError",
     "NoEndpointAvailable",
-    "OVERLOAD_STATUS",
     "Overloaded",
-    "RETRYABLE_STATUS",
     "RequestFailed",
     "inflight_per_endpoint",
     "probe_batch",

@@ -61,9 +61,6 @@ BUILD_KEY = "rag_pipeline_bm25_build"
 INDEX_VERSION = 2
 """Layout version of a stored index (``meta.json``); another version is rebuilt (2: ``chunk_ids.npy``)."""
 
-LANGUAGES = ("english", "none")
-"""Analyzers: ``english`` (English stopwords + Snowball English stemmer) or ``none`` (lowercased words only)."""
-
 READ_PAGE = 5000
 """Chunks fetched per ``collection.get`` when building an index from a collection."""
 
@@ -75,7 +72,8 @@ class BM25Settings:
     Attributes:
         k1: term-frequency saturation (>= 0).
         b: document-length normalisation in [0, 1].
-        language: ``"english"`` or ``"none"`` (see :data:`LANGUAGES`).
+        language: ``"english"`` (English stopwords + Snowball English stemmer) or ``"none"`` (lowercased words
+            only); the choices of ``retrieval.bm25_language``.
     """
 
     k1: float = 1.2
@@ -91,8 +89,11 @@ class BM25Settings:
         """Raise ConfigError for an out-of-range k1/b or an unknown language."""
         if self.k1 < 0 or not 0 <= self.b <= 1:
             raise ConfigError(f"bm25 k1 must be >= 0 and b in [0, 1], got k1={self.k1}, b={self.b}")
-        if self.language not in LANGUAGES:
-            raise ConfigError(f"bm25 language must be one of {', '.join(LANGUAGES)}, got {self.language!r}")
+        from pipeline.config import choices
+
+        languages = choices("retrieval.bm25_language")
+        if self.language not in languages:
+            raise ConfigError(f"bm25 language must be one of {', '.join(languages)}, got {self.language!r}")
 
 
 def tokenize(texts: Sequence[str], settings: BM25Settings) -> list[list[str]]:

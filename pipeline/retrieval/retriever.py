@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MODES = ("dense", "bm25", "hybrid")
-"""Retrieval modes (``retrieval.mode``)."""
-
 QUERY_RESULTS_PER_CALL = 10_000
 """Most (queries x n_results) in one Chroma query call (its SQLite backend caps statement variables)."""
 
@@ -115,12 +112,12 @@ class Retriever:
             afterwards; an empty collection simply returns no hits). ``False``: a missing store or main
             collection is a StoreError. Missing extra collections are never created: they fail at search
             time, recorded per query in ``source_errors``.
-        mode: ``"dense"``, ``"bm25"`` or ``"hybrid"`` (module docstring); each collection is ranked this way
-            and the collections' hits are merged by score.
+        mode: ``"dense"``, ``"bm25"`` or ``"hybrid"`` (``retrieval.mode``, module docstring); each collection is
+            ranked this way and the collections' hits are merged by score.
         bm25: BM25 settings (index settings; default :class:`pipeline.retrieval.bm25.BM25Settings`). The BM25 index of a
             collection is opened on first use (:func:`pipeline.retrieval.bm25.open_index`), the main one at construction.
         rrf_k: RRF constant k (hybrid).
-        fusion: ``"chunk"`` or ``"document"`` (hybrid).
+        fusion: ``"chunk"`` or ``"document"`` (``retrieval.fusion``; hybrid).
         fusion_depth: candidates taken from each ranking before fusion (hybrid).
 
     Raises:
@@ -143,14 +140,16 @@ class Retriever:
         fusion: str = "chunk",
         fusion_depth: int = 100,
     ) -> None:
+        from pipeline.config import choices
         from pipeline.errors import ConfigError
         from pipeline.retrieval.bm25 import BM25Settings
         from pipeline.store.client import describe, get_collection, open_client
 
-        if mode not in MODES or fusion not in ("chunk", "document") or rrf_k < 0 or fusion_depth < 1:
+        modes, fusions = choices("retrieval.mode"), choices("retrieval.fusion")
+        if mode not in modes or fusion not in fusions or rrf_k < 0 or fusion_depth < 1:
             raise ConfigError(
                 f"retrieval mode {mode!r}/fusion {fusion!r}/rrf_k {rrf_k}/fusion_depth {fusion_depth}: expected "
-                f"mode in {', '.join(MODES)}, fusion chunk|document, rrf_k >= 0, fusion_depth >= 1"
+                f"mode in {', '.join(modes)}, fusion {'|'.join(fusions)}, rrf_k >= 0, fusion_depth >= 1"
             )
         self.mode = mode
         self.bm25_settings = bm25 or BM25Settings()

@@ -326,7 +326,12 @@ def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: cont
             or the API-key environment variable is missing.
     """
     from pipeline.run.worker_set import RagTarget
-    from pipeline.servers.attach import api_key_from_env, normalize_endpoint, resolve_endpoints, verify_endpoints
+    from pipeline.servers.attach import (
+        api_key_from_env,
+        normalize_endpoint,
+        resolve_endpoints,
+        verify_endpoints,
+    )
     from pipeline.servers.gpus import detect_gpus
     from pipeline.servers.health import EndpointMonitor
     from pipeline.servers.pool import ServerPool
@@ -383,7 +388,8 @@ def _share_store(cfg: Config, servers: Servers, out_dir: Path, signals: StopSign
         StoreError: the Chroma server could not start.
     """
     from pipeline.run.store_supervisor import StoreSupervisor
-    from pipeline.store.mode import count_chunks, decide
+    from pipeline.store.chroma_files import count_chunks
+    from pipeline.store.mode import decide
     from pipeline.store.server import StoreServer
 
     n_rag = len(servers.pool.specs) if servers.pool is not None and servers.backend == "sglang" \

@@ -39,7 +39,8 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import OutageError, RunError
-from pipeline.messages import GenResult, RagResult, WorkItem
+from pipeline.llm.outcome import LLM_CAUSE
+from pipeline.messages import STORE_CAUSE, GenResult, RagResult, WorkItem
 from pipeline.run.endpoints import EndpointHealth
 
 log = logging.getLogger(__name__)
@@ -470,11 +471,11 @@ class Scheduler:
             self.left_uncommitted += 1
             log.info("%s: %s failure while the run stops: left for the resume", res.id, stage)
             return None
-        if cause == "store" and failed and stage == RAG and self._store_trouble(item):
+        if cause == STORE_CAUSE and failed and stage == RAG and self._store_trouble(item):
             item.rag = None
             self.rag_retry.append(item)
             return None
-        if cause == "llm" and failed and self._endpoint_trouble(item, res, h, now):
+        if cause == LLM_CAUSE and failed and self._endpoint_trouble(item, res, h, now):
             if stage == RAG:
                 item.rag = None
                 self.rag_retry.append(item)

@@ -18,15 +18,8 @@ queries/s (printed by the same bench), which is why small collections stay local
 
 from __future__ import annotations
 
-import logging
-import sqlite3
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
-
-SHARED_CHOICES = ("auto", "on", "off")
 
 INDEX_BYTES_PER_CHUNK = 2000
 """RSS a local client process gains per stored chunk once its collection is loaded and queried (HNSW vectors
@@ -74,47 +67,25 @@ class StoreMode:
         return asdict(self)
 
 
-def count_chunks(store_path: str | Path, collections: list[str]) -> int | None:
-    """Chunks of ``collections`` in a local Chroma store, read-only from its ``chroma.sqlite3`` (rows of each
-    collection's metadata segment; chromadb is not imported in the main process). None if the store or the
-    layout is not there (then ``auto`` decides as for an empty store); absent collections count 0."""
-    db = Path(store_path) / "chroma.sqlite3"
-    if not db.is_file():
-        return None
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            total = 0
-            for name in collections:
-                row = con.execute(
-                    "SELECT COUNT(e.id) FROM collections c JOIN segments s ON s.collection = c.id "
-                    "JOIN embeddings e ON e.segment_id = s.id WHERE c.name = ? AND s.scope = 'METADATA'", (name,)
-                ).fetchone()
-                total += int(row[0] or 0)
-            return total
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        log.debug("cannot count chunks in %s: %s", db, exc)
-        return None
-
-
 def decide(setting: str, rag_workers: int, chunks: int | None, chroma_url: str = "") -> StoreMode:
     """Whether the run shares one Chroma server among its RAG workers (see the module docstring).
 
     Args:
         setting: ``store.shared`` (``auto``, ``on``, ``off``).
         rag_workers: RAG workers the run plans (one per GPU server / endpoint).
-        chunks: chunks in the collections read (:func:`count_chunks`), None if unknown.
+        chunks: chunks in the collections read (:func:`pipeline.store.chroma_files.count_chunks`), None if
+            unknown.
         chroma_url: ``store.chroma_url``.
 
     Raises:
         pipeline.errors.ConfigError: an unknown setting.
     """
+    from pipeline.config import choices
     from pipeline.errors import ConfigError
 
-    if setting not in SHARED_CHOICES:
-        raise ConfigError(f"[store] shared: {setting!r} is not one of {', '.join(SHARED_CHOICES)}")
+    allowed = choices("store.shared")
+    if setting not in allowed:
+        raise ConfigError(f"[store] shared: {setting!r} is not one of {', '.join(allowed)}")
     dup = None if chunks is None else chunks * INDEX_BYTES_PER_CHUNK * max(0, rag_workers - 1)
     common = {"setting": setting, "rag_workers": rag_workers, "chunks": chunks, "duplicate_bytes": dup}
     if chroma_url:
@@ -136,4 +107,4 @@ def decide(setting: str, rag_workers: int, chunks: int | None, chroma_url: str =
         f"~{dup / mib:.0f} MiB > {AUTO_MIN_DUPLICATE_BYTES / mib:.0f} MiB", **common)
 
 
-__all__ = ["AUTO_MIN_DUPLICATE_BYTES", "INDEX_BYTES_PER_CHUNK", "StoreMode", "count_chunks", "decide"]
+__all__ = ["AUTO_MIN_DUPLICATE_BYTES", "INDEX_BYTES_PER_CHUNK", "StoreMode", "decide"]

@@ -4,9 +4,9 @@ minutes later, after SGLang loaded, when rank0 opens the store).
 The main process never imports chromadb (it is heavy and, with a PersistentClient, not multi-process safe:
 DESIGN.md). So the checks are light:
 
-* local store (``store.path``): the directory exists and its ``chroma.sqlite3`` lists the collection (read-only
-  SQLite query of Chroma's ``collections`` table; if that table is not found, e.g. a future Chroma layout, the
-  check is skipped and rank0's own check applies);
+* local store (``store.path``): the directory exists and its ``chroma.sqlite3`` lists the collection (read
+  through :mod:`pipeline.store.chroma_files`; when the file's layout is not the expected one, e.g. a future Chroma
+  version, the check is skipped and rank0's own check applies);
 * Chroma server (``store.chroma_url``): ``GET /api/v2/heartbeat`` answers, and the collection is found with
   ``GET /api/v2/tenants/default_tenant/databases/default_database/collections/NAME`` (404 = missing).
 
@@ -17,11 +17,11 @@ then the collection may be absent; the ingest source must exist.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.errors import InputError, StoreError
+from pipeline.store import chroma_files
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,11 @@ def check_store(cfg: Config) -> None:
 def _check_local(path: Path, names: list[str]) -> None:
     if not path.is_dir():
         raise StoreError(f"{path}: vector store not found (run `rag-pipeline ingest SOURCE --store {path}` first)")
-    db = path / "chroma.sqlite3"
-    if not db.is_file():
-        raise StoreError(f"{path}: not a Chroma store (no chroma.sqlite3); run `rag-pipeline ingest` first")
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            found = {row[0] for row in con.execute("SELECT name FROM collections")}
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        log.debug("store check skipped (%s: %s); rank0 checks the store", db, exc)
+    if not chroma_files.has_sqlite_file(path):
+        raise StoreError(f"{path}: not a Chroma store (no {chroma_files.SQLITE_FILE}); run `rag-pipeline ingest` first")
+    found = chroma_files.collection_names(path)
+    if found is None:
+        log.debug("store check skipped (%s: layout not readable); rank0 checks the store", path)
         return
     _require(names, found, str(path))
 
