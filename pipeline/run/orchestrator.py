@@ -302,6 +302,8 @@ def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: S
             w, msg = got
             results = workers.note(w, msg)
             if results is not None:
+                # the probes as they are now: a failure that arrived after an endpoint went down is not the record's
+                scheduler.health.observe_probes(servers.monitor.states())
                 retrieved = scheduler.retrieved
                 for f in scheduler.on_results(w.name, w.incarnation, *results, time.monotonic()):
                     writer.finish(f.item, f.rag, f.gen)
