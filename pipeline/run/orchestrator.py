@@ -291,6 +291,7 @@ def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: S
         scheduler.health.observe_probes(servers.monitor.states())
         if store_sup is not None:
             scheduler.observe_store(store_sup.down(), store_sup.restarted_at)
+        workers.hold_dead()
         for send in scheduler.dispatch(time.monotonic()):
             workers.send(send)
         if scheduler.done():

@@ -182,6 +182,10 @@ class Scheduler:
         total = sum(self.inflight.get(e, 1) for e in self.gen_urls)
         return max(1, -(-total // max(1, self.cfg.generation.num_processes)))
 
+    def hold(self, name: str) -> None:
+        """Send nothing more to worker ``name`` (its process is gone; :meth:`on_worker_lost` follows)."""
+        self.workers[name].accepting = False
+
     def overdue(self, now: float) -> list[tuple[str, str]]:
         """``(slot, reason)`` of accepting workers whose oldest record is past its stage's deadline
         (``run.rag_deadline_s`` / ``run.gen_deadline_s``)."""

@@ -221,6 +221,13 @@ class WorkerSet:
         except queue.Empty:
             return None
 
+    def hold_dead(self) -> None:
+        """Tell the scheduler to send nothing to workers whose process is gone (replaced at the next
+        :meth:`check`)."""
+        for name, w in self.procs.items():
+            if not w.stopping and not w.process.is_alive():
+                self.scheduler.hold(name)
+
     def send(self, send: Send) -> None:
         """Put a scheduler's :class:`Send` into its worker's inbox."""
         self.procs[send.worker].inbox.put(send.items)

@@ -409,3 +409,10 @@ def test_failed_endpoints_do_not_block_all_up():
     assert h.all_up([A, B]) and h.any_up([A, B])
     h.observe_probes({A: "restarting"})
     assert not h.all_up([A, B]) and not h.any_up([A, B])
+
+
+def test_a_held_worker_is_sent_nothing():
+    s = make(100, endpoints=(A, B), inflight=4)
+    s.hold("rag-0")
+    sends = s.dispatch(0.0)
+    assert _items(sends, "rag-0") == [] and len(_items(sends, "rag-1")) == 4
