@@ -133,7 +133,7 @@ class ServersConfig:
     startup_timeout_s: float = _f(1800.0, "Seconds one managed server may take to become ready (each attempt).")
     shutdown_timeout_s: float = _f(10.0, "Seconds between SIGTERM and SIGKILL when stopping a server.")
     log_dir: str = _f("", "Server log directory; empty = <output>/_logs or a temporary directory.")
-    # -- managed SGLang on GPUs (issue 12) --
+    # -- managed SGLang on GPUs --
     tp_size: int = _f(1, "SGLang: GPUs per server (tensor parallel); servers = GPUs / tp_size, one RAG worker each.")
     mem_fraction_static: float = _f(
         0.0, "SGLang --mem-fraction-static; 0 = computed to leave room for the RAG worker's embedding model."

@@ -14,7 +14,7 @@ Modes (``retrieval.mode``):
 Every :class:`Hit` carries its source ranks (``dense_rank``, ``bm25_rank``; None when that ranking did not
 retrieve it) and source scores where known.
 
-Self-healing (DESIGN.md): when another process deletes and recreates a collection, our handle raises
+Self-healing: when another process deletes and recreates a collection, our handle raises
 ``NotFoundError: Collection [uuid] does not exist.``; we rebind with ``get_or_create_collection(name)`` and
 retry the call once; a second failure propagates.
 """

@@ -16,7 +16,7 @@ Sizes:
     ``--n_parallel`` is the number of requests decoded together (continuous batching); clients should
     keep that many in flight (``/props`` reports it as ``total_slots``).
 
-Stops on SIGTERM or SIGINT (exit 0). Measured here (DESIGN.md): ready in ~0.5-1.2 s, 250-375 MB RSS for
+Stops on SIGTERM or SIGINT (exit 0). Measured on 2 cores: ready in ~0.5-1.2 s, 250-375 MB RSS for
 SmolLM2-135M-Instruct Q4_1, 2.0x completion tokens/s at 4 concurrent requests vs 1 with one thread each,
 deterministic at temperature 0.
 """

@@ -1,8 +1,8 @@
 """Checks of the vector store made by the main process before any server starts (exit 4 instead of a failure
 minutes later, after SGLang loaded, when rank0 opens the store).
 
-The main process never imports chromadb (it is heavy and, with a PersistentClient, not multi-process safe:
-DESIGN.md). So the checks are light:
+The main process never imports chromadb (it is heavy and, with a PersistentClient, not multi-process
+safe). So the checks are light:
 
 * local store (``store.path``): the directory exists and its ``chroma.sqlite3`` lists the collection (read
   through :mod:`pipeline.store.chroma_files`; when the file's layout is not the expected one, e.g. a future Chroma
