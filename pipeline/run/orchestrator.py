@@ -160,6 +160,15 @@ def _output_errors(out_dir: Path, what: str) -> Iterator[None]:
                           ) from None
 
 
+@dataclass
+class _Started:
+    """What start-up made so far (each None until made): read by the manifest whatever happened."""
+
+    servers: Servers | None = None
+    store_mode: Any = None
+    scheduler: Any = None
+
+
 def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, int] | None, lock: Any) -> RunResult:
     """:func:`run_pipeline` once the output directory is locked."""
     from pipeline.dataset.records import iter_records, scan_input, scan_input_cached
@@ -209,20 +218,19 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
     writer = RowWriter(od, scan.extra_types, part_rows=cfg.run.part_rows, retry_ids=retry_ids, lock=lock,
                        on_row=on_row)
     signals = StopSignals()
-    started: dict[str, Any] = {}  # what start-up made, for the manifest
+    started = _Started()  # what start-up made, for the manifest
     interrupted: str | None = None
-    left_uncommitted = 0
     try:
         with contextlib.ExitStack() as stack:
             signals.install()
             stack.callback(signals.restore)
             if n_pending > 0:
                 servers = _start_servers(cfg, out_dir, signals, stack)
-                started["servers"] = servers
+                started.servers = servers
                 store_mode, worker_cfg, store_sup = _share_store(cfg, servers, out_dir, signals, stack)
-                started["store_mode"] = store_mode
+                started.store_mode = store_mode
                 scheduler, workers = _start_workers(worker_cfg, servers, records, store_sup, signals, out_dir, stack)
-                started["scheduler"] = scheduler
+                started.scheduler = scheduler
                 from pipeline.run.progress import RunProgress
 
                 progress_view = RunProgress(total, n_done_before, enabled=progress,
@@ -246,20 +254,19 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
         raise type(exc)(f"{exc}\n{rows} of {total} records have their row in {out_dir}; "
                         "run the same command again to resume") from None
     finally:
-        scheduler = started.get("scheduler")
-        left_uncommitted = scheduler.left_uncommitted if scheduler is not None else 0
+        left_uncommitted = started.scheduler.left_uncommitted if started.scheduler is not None else 0
         if left_uncommitted:
             log.warning("%d in-flight records were left uncommitted by the stop (the resume does them)",
                         left_uncommitted)
-        servers = started.get("servers")
+        servers = started.servers
         manifest = build_manifest(cfg, out_dir, total, endpoints=servers.endpoints if servers else [],
                                   wall_s=time.monotonic() - t_start, processed=writer.processed,
                                   interrupted=interrupted or signals.name or None,
                                   backend=servers.backend if servers else "none")
         if servers is not None and servers.pool is not None:
             manifest["servers"] = server_report(servers.pool, servers.rag_targets)
-        if started.get("store_mode") is not None:
-            manifest["store"] = started["store_mode"].as_dict()
+        if started.store_mode is not None:
+            manifest["store"] = started.store_mode.as_dict()
         with _output_errors(out_dir, "write"):
             od.write_manifest(manifest)
     result = RunResult(out_dir, total, n_done_before, writer.processed, manifest["complete"], manifest)
