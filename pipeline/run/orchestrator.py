@@ -144,22 +144,6 @@ def _output_errors(out_dir: Path, what: str) -> Iterator[None]:
                           ) from None
 
 
-@contextlib.contextmanager
-def _output_errors(out_dir: Path, what: str) -> Iterator[None]:
-    """OSError on the output path -> OutputError naming the path and the cause (no traceback)."""
-    from pipeline.errors import OutputError
-
-    try:
-        yield
-    except OSError as exc:
-        cause = exc.strerror or str(exc)
-        if isinstance(exc, (FileExistsError, NotADirectoryError)):
-            cause = "it, or a directory above it, is a file"
-        raise OutputError(f"cannot {what} output dir {out_dir}: {cause}"
-                          f"{' (' + str(exc.filename) + ')' if exc.filename and str(exc.filename) != str(out_dir) else ''}"
-                          ) from None
-
-
 @dataclass
 class _Started:
     """What start-up made so far (each None until made): read by the manifest whatever happened."""
