@@ -87,6 +87,7 @@ def synthetic_run(
     Part k holds the records with ``index % parts == k``. Returns the wall time of each commit (seconds).
     """
     from pipeline.config import Config
+    from pipeline.messages import GenResult, RagResult, WorkItem
     from pipeline.output import OutputDir, input_fingerprint
     from pipeline.run.rows import RowWriter
 
@@ -114,13 +115,13 @@ def synthetic_run(
             rid = f"r{idx:07d}"
             ctx = [{"doc_id": f"d{idx % 5183}", "chunk_id": f"d{idx % 5183}#{c}", "text": text(context_chars),
                     "score": 0.9 - 0.1 * c} for c in range(contexts)]
-            rag = {"contexts": ctx, "rag_answer": text(200), "rag_status": "ok" if idx % 10 else "soft_fail",
-                   "rag_error": None if idx % 10 else "no passage above retrieval.min_score",
-                   "retrieve_ms": 10.0 + idx % 7, "rag_llm_ms": 900.0 + idx % 101, "attempts": 1,
-                   "endpoint": "http://127.0.0.1:1", "model": "bench-model"}
-            gen = {"generation": text(300), "gen_status": "ok", "gen_error": None, "generate_ms": 950.0 + idx % 97,
-                   "attempts": 1, "endpoint": "http://127.0.0.1:1", "model": "bench-model"}
-            run.finish({"id": rid, "query": f"question {idx}", "extra": {"topic": idx % 7}}, rag, gen)
+            rag = RagResult(rid, contexts=ctx, rag_answer=text(200), rag_status="ok" if idx % 10 else "soft_fail",
+                            rag_error=None if idx % 10 else "no passage above retrieval.min_score",
+                            retrieve_ms=10.0 + idx % 7, rag_llm_ms=900.0 + idx % 101, attempts=1,
+                            endpoint="http://127.0.0.1:1", model="bench-model")
+            gen = GenResult(rid, generation=text(300), generate_ms=950.0 + idx % 97, attempts=1,
+                            endpoint="http://127.0.0.1:1", model="bench-model")
+            run.finish(WorkItem(rid, f"question {idx}", {"topic": idx % 7}), rag, gen)
     run.commit()
     return commit_s[: parts]
 
