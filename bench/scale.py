@@ -80,11 +80,14 @@ class _Text:
 
 def synthetic_run(
     input_path: Path, out: Path, parts: int, rows: int, *, contexts: int = 5, context_chars: int = 1000,
-    on_commit: Any = None,
+    on_commit: Any = None, vary: Any = None,
 ) -> list[float]:
     """Commit ``parts`` parts of ``rows`` rows through ``RowWriter.finish`` / ``RowWriter.commit`` (the run's path).
 
-    Part k holds the records with ``index % parts == k``. Returns the wall time of each commit (seconds).
+    Part k holds the records with ``index % parts == k``. ``vary(idx, rag, gen)``, if given, may change the
+    record's :class:`~pipeline.messages.RagResult` and :class:`~pipeline.messages.GenResult` in place or return
+    ``(rag, gen)`` to replace them (``gen`` None: generation skipped after a RAG hard failure). Returns the wall
+    time of each commit (seconds).
     """
     from pipeline.config import Config
     from pipeline.messages import GenResult, RagResult, WorkItem
@@ -119,8 +122,10 @@ def synthetic_run(
                             rag_error=None if idx % 10 else "no passage above retrieval.min_score",
                             retrieve_ms=10.0 + idx % 7, rag_llm_ms=900.0 + idx % 101, attempts=1,
                             endpoint="http://127.0.0.1:1", model="bench-model")
-            gen = GenResult(rid, generation=text(300), generate_ms=950.0 + idx % 97, attempts=1,
-                            endpoint="http://127.0.0.1:1", model="bench-model")
+            gen: GenResult | None = GenResult(rid, generation=text(300), generate_ms=950.0 + idx % 97, attempts=1,
+                                              endpoint="http://127.0.0.1:1", model="bench-model")
+            if vary is not None and (changed := vary(idx, rag, gen)) is not None:
+                rag, gen = changed
             run.finish(WorkItem(rid, f"question {idx}", {"topic": idx % 7}), rag, gen)
     run.commit()
     return commit_s[: parts]

@@ -66,13 +66,14 @@ def _commands() -> list[click.Command]:
     from pipeline.cli.answers import eval_answers_cmd
     from pipeline.cli.config import config_cmd
     from pipeline.cli.corpus import eval_retrieval_cmd, ingest_cmd
+    from pipeline.cli.report import report_cmd
     from pipeline.cli.results import merge_cmd, status_cmd
     from pipeline.cli.run import run_cmd
     from pipeline.cli.serve import serve_cmd
     from pipeline.cli.slurm import serve_store_cmd, submit_cmd
 
     return [config_cmd, run_cmd, serve_cmd, ingest_cmd, eval_retrieval_cmd, status_cmd, merge_cmd, submit_cmd,
-            serve_store_cmd, eval_answers_cmd]
+            serve_store_cmd, eval_answers_cmd, report_cmd]
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -48,6 +48,51 @@ def percentiles(values: np.ndarray) -> dict[str, float | None]:
             "n": int(values.size)}
 
 
+class ErrorGroups:
+    """The manifest's error grouping, accumulated batch by batch in bounded memory.
+
+    An error is ``"<column>: <first ERROR_CHARS characters>"`` of a non-empty ``rag_error`` / ``gen_error``
+    value; identical keys are counted together. At most :data:`MAX_ERROR_KINDS` distinct keys are held: past
+    it the rarest are folded into one ``"(other errors)"`` count (so a key's count is exact unless it was
+    folded away once). Memory: at most ``MAX_ERROR_KINDS`` keys of up to ``ERROR_CHARS`` characters.
+    """
+
+    def __init__(self) -> None:
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.other_errors = 0
+
+    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Count the errors of one batch holding the :data:`ERROR_COLUMNS` (a column it lacks is skipped)."""
+        names = set(batch.column_names)
+        for c in ERROR_COLUMNS:
+            if c not in names:
+                continue
+            col = pc.drop_null(batch.column(c))
+            if not len(col):
+                continue
+            col = pc.filter(col, pc.not_equal(col, ""))
+            if len(col):
+                short = pc.utf8_slice_codeunits(col, 0, ERROR_CHARS)
+                for item in pc.value_counts(short).to_pylist():
+                    self.errors[f"{c}: {item['values']}"] += item["counts"]
+        if len(self.errors) > MAX_ERROR_KINDS:
+            keep = self.errors.most_common(MAX_ERROR_KINDS // 2)
+            self.other_errors += sum(self.errors.values()) - sum(n for _, n in keep)
+            self.errors = collections.Counter(dict(keep))
+
+    def total(self) -> int:
+        """Rows-with-error counted (one per non-empty error value), the folded ones included."""
+        return sum(self.errors.values()) + self.other_errors
+
+    def groups(self, k: int = 50) -> list[dict[str, Any]]:
+        """The ``k`` most frequent errors as ``{"error": "<column>: <first 200 chars>", "count": n}``, then
+        ``{"error": "(other errors)", "count": n}`` if any were folded."""
+        groups = [{"error": e, "count": c} for e, c in self.errors.most_common(k)]
+        if self.other_errors:
+            groups.append({"error": "(other errors)", "count": self.other_errors})
+        return groups
+
+
 class RowStats:
     """Accumulates statistics over record batches of committed rows.
 
@@ -60,8 +105,7 @@ class RowStats:
         self.detail = detail
         self.rows = 0
         self.counts: dict[str, collections.Counter] = {c: collections.Counter() for c in STATUS_COLUMNS}
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.other_errors = 0
+        self.grouped_errors = ErrorGroups()
         self.models: set[str] = set()
         self._latency: dict[str, list[np.ndarray]] = {k: [] for k in LATENCY_COLUMNS}
 
@@ -86,19 +130,7 @@ class RowStats:
             col = pc.drop_null(batch.column(c))
             if len(col):
                 self._latency[stage].append(col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
-        for c in ERROR_COLUMNS:
-            col = pc.drop_null(batch.column(c))
-            if not len(col):
-                continue
-            col = pc.filter(col, pc.not_equal(col, ""))
-            if len(col):
-                short = pc.utf8_slice_codeunits(col, 0, ERROR_CHARS)
-                for item in pc.value_counts(short).to_pylist():
-                    self.errors[f"{c}: {item['values']}"] += item["counts"]
-        if len(self.errors) > MAX_ERROR_KINDS:
-            keep = self.errors.most_common(MAX_ERROR_KINDS // 2)
-            self.other_errors += sum(self.errors.values()) - sum(n for _, n in keep)
-            self.errors = collections.Counter(dict(keep))
+        self.grouped_errors.add(batch)
         for m in pc.unique(pc.drop_null(batch.column("model"))).to_pylist():
             if m:
                 self.models.add(m)
@@ -115,11 +147,8 @@ class RowStats:
         return out
 
     def error_groups(self, k: int = 50) -> list[dict[str, Any]]:
-        """The ``k`` most frequent errors as ``{"error": "<column>: <first 200 chars>", "count": n}``."""
-        groups = [{"error": e, "count": c} for e, c in self.errors.most_common(k)]
-        if self.other_errors:
-            groups.append({"error": "(other errors)", "count": self.other_errors})
-        return groups
+        """The ``k`` most frequent errors (:meth:`ErrorGroups.groups`)."""
+        return self.grouped_errors.groups(k)
 
 
 def scan_stats(parts: list[Path], *, detail: bool = False) -> RowStats:
