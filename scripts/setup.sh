@@ -3,7 +3,8 @@
 # Usage: bash scripts/setup.sh            (called by `make setup`, `make run`, `make test`, .ci/run)
 # Env:   PYTHON (interpreter to create .venv with, default python3)
 #        RAG_PIPELINE_SKIP_APT=1 (do not touch system packages)
-#        RAG_PIPELINE_TEST_DEPS=1 (also the test-only SGLang argument parser; `make test` sets it)
+#        RAG_PIPELINE_TEST_DEPS=1 (also the test-only SGLang argument parser and the chromium +
+#          chromium-driver apt packages of the report's browser test; `make test` sets it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # --- 1. system packages -------------------------------------------------------------------
 # slurm-wlm + munge: the real single-node Slurm used by the Slurm tests; shellcheck: lints launch_servers.sh.
 APT_PKGS=(slurm-wlm munge shellcheck gettext-base procps)
+# chromium + chromium-driver: the headless browser tests/test_report.py opens the HTML report in (test-only).
+if [ "${RAG_PIPELINE_TEST_DEPS:-0}" = 1 ]; then
+  APT_PKGS+=(chromium chromium-driver)
+fi
 if [ "${RAG_PIPELINE_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   for p in "${APT_PKGS[@]}"; do

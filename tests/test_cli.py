@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from pipeline.cli import CONFIG_FLAGS, main
 from pipeline.config import field_docs
 
-HEAVY = ("torch", "chromadb", "sentence_transformers")
+HEAVY = ("torch", "chromadb", "sentence_transformers", "matplotlib")
 
 
 def test_every_command_has_help_text():
@@ -59,17 +59,17 @@ def test_run_rejects_bad_input_before_starting_anything(tmp_path):
 
 
 def test_command_modules_import_no_heavy_library():
-    # Each command module imports torch / chromadb / sentence_transformers only inside the command that needs
-    # them: importing every command (what `rag-pipeline --help` does) stays cheap.
+    # Each command module imports torch / chromadb / sentence_transformers / matplotlib only inside the command
+    # that needs them: importing every command (what `rag-pipeline --help` does) stays cheap.
     code = (
         "import sys\n"
         "from pipeline.cli import _commands\n"
         "cmds = _commands()\n"
         "print('COMMANDS', len(cmds))\n"
-        "print('HEAVY', sorted(m for m in ('torch', 'chromadb', 'sentence_transformers') if m in sys.modules))\n"
+        f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "COMMANDS 10" in out, out
+    assert "COMMANDS 11" in out, out
     assert "HEAVY []" in out, out
 
 

@@ -293,15 +293,18 @@ class ReportStats:
         """Rows committed per time bin: ``(bin starts [m] in epoch seconds, rows [m], bin width in seconds)``.
 
         The width is the smallest of 1, 2, 5, 10, 15, 30 s, 1, 2, 5, 10, 15, 30 min, 1, 2, 3, 6, 12 h, then
-        whole days, that gives at most ``max_bins`` bins from the first to the last commit; bins start at a
-        multiple of the width. Empty arrays when nothing is committed.
+        whole days, that gives at most ``max_bins`` bins from the first to the last commit and is at least
+        twice the median time between commits (so a bin holds about two commits or more: parts come every
+        ``run.part_rows`` rows or 30 s, and narrower bins would show the commit cadence, not the rate). Bins
+        start at a multiple of the width. Empty arrays when nothing is committed.
         """
         if not self.commits_per_second:
             return np.empty(0), np.empty(0, dtype=np.int64), 1
         first, last = min(self.commits_per_second), max(self.commits_per_second)
         span = last - first + 1
-        width = next((w for w in THROUGHPUT_WIDTHS_S if span / w <= max_bins),
-                     86_400 * math.ceil(span / 86_400 / max_bins))
+        gap = 2 * float(np.median(np.diff(self.commits()[0]))) if len(self.commits_per_second) > 1 else 0.0
+        width = next((w for w in THROUGHPUT_WIDTHS_S if span / w <= max_bins and w >= gap),
+                     86_400 * math.ceil(max(span / max_bins, gap) / 86_400))
         start = first - first % width
         nb = (last - start) // width + 1
         rows = np.zeros(nb, dtype=np.int64)

@@ -86,6 +86,17 @@ def throughput_png(stats: ReportStats) -> bytes | None:
     return _png(fig)
 
 
+def _log_axis(ax: Any, lo: float, hi: float) -> None:
+    """A log x axis labelled with plain numbers (1, 2, 5 per decade over up to 3 decades, else 1 per decade)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    subs = (1.0, 2.0, 5.0) if hi / lo <= 1e3 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.10g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _max_n_locator() -> Any:
     from matplotlib.ticker import MaxNLocator
 
@@ -102,7 +113,7 @@ def _histogram_panel(ax: Any, hist: LogHistogram, title: str, unit: str, digits:
         return
     ax.stairs(counts, edges, fill=True, color="#9ecae1", edgecolor="#3182bd")
     if log:
-        ax.set_xscale("log")
+        _log_axis(ax, float(edges[0]), float(edges[-1]))
     else:
         ax.ticklabel_format(axis="x", style="plain", useOffset=False)
         ax.xaxis.set_major_locator(_max_n_locator())
@@ -159,7 +170,7 @@ def endpoints_png(stats: ReportStats, top: int = 20) -> bytes | None:
     ax.invert_yaxis()
     ax.set_xlabel("rows")
     ax.set_xlim(0, max(left.max(), 1) * 1.12)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title("Load per endpoint (rows by the endpoint that produced the generation, else the RAG answer)")
     return _png(fig)
 

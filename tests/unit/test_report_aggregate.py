@@ -153,20 +153,26 @@ def test_endpoints_beyond_the_cap_are_folded(monkeypatch):
 
 def test_throughput_bins_from_commit_times():
     st = ReportStats()
-    t0 = 1_700_000_000  # a multiple of 60 s and of 600 s... (epoch seconds)
-    t0 -= t0 % 3600
-    commits = [(t0 + 5, 100), (t0 + 35, 100), (t0 + 65, 50), (t0 + 65.5, 50), (t0 + 600, 200), (t0 + 7200, 10)]
+    t0 = 1_700_000_000
+    t0 -= t0 % 3600  # a whole hour (epoch seconds)
+    # a part of 50 rows every 30 s for 10 minutes (two parts in the same second once), then a resume an hour
+    # later: 5 more parts every 30 s
+    commits = [(t0 + 5 + 30 * k, 50) for k in range(20)] + [(t0 + 5.5, 7)]
+    commits += [(t0 + 3605 + 30 * k, 50) for k in range(5)]
     for t, n in commits:
         st.add_part(t, n)
     st.add_part(t0 + 9000, 0)  # an empty part counts as a part, not as a commit of rows
-    assert st.parts == 7 and (st.first_commit, st.last_commit) == (t0 + 5, t0 + 7200)
+    assert st.parts == 27 and (st.first_commit, st.last_commit) == (t0 + 5, t0 + 3725)
     secs, rows = st.commits()
-    assert secs.tolist() == [t0 + 5, t0 + 35, t0 + 65, t0 + 600, t0 + 7200] and rows.tolist() == [100, 100, 100, 200, 10]
+    assert secs.size == 25 and secs[0] == t0 + 5 and rows[0] == 57 and rows.sum() == 1257
     starts, per_bin, width = st.throughput(max_bins=120)
-    assert width == 60  # 7,196 s span: 120 bins of 60 s
-    assert per_bin.sum() == 510 and starts[0] == t0
-    assert per_bin[0] == 200 and per_bin[1] == 100 and per_bin[10] == 200 and per_bin[-1] == 10
-    assert st.mean_rate() == pytest.approx(410 / 7195)  # rows after the first commit second / span
+    # 3,721 s span / 120 bins = 31 s, and twice the median gap (30 s) = 60 s: 1-minute bins
+    assert width == 60 and starts[0] == t0 and starts[1] == t0 + 60 and len(per_bin) == 63
+    assert per_bin.sum() == 1257
+    assert per_bin[0] == 57 + 50 and per_bin[1] == 100 and per_bin[9] == 100 and per_bin[10:60].sum() == 0
+    assert per_bin[60:].tolist() == [100, 100, 50]
+    assert st.mean_rate() == pytest.approx((1257 - 57) / 3720)  # rows after the first commit second / span
+    assert st.throughput(max_bins=10)[2] == 600  # fewer bins allowed: wider ones
     one = ReportStats()
     one.add_part(t0, 5)
     assert one.throughput()[2] == 1 and one.mean_rate() is None
