@@ -87,11 +87,12 @@ def throughput_png(stats: ReportStats) -> bytes | None:
 
 
 def _log_axis(ax: Any, lo: float, hi: float) -> None:
-    """A log x axis labelled with plain numbers (1, 2, 5 per decade over up to 3 decades, else 1 per decade)."""
+    """A log x axis labelled with plain numbers: 1, 2, 5 per decade over up to 1.5 decades, 1, 3 up to 3, else 1."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
-    subs = (1.0, 2.0, 5.0) if hi / lo <= 1e3 else (1.0,)
+    ratio = hi / lo
+    subs = (1.0, 2.0, 5.0) if ratio <= 30 else ((1.0, 3.0) if ratio <= 1e3 else (1.0,))
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.10g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
