@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import RunError
-from pipeline.output.reading import part_paths, run_dirs, scan_batches
+from pipeline.output.reading import iter_part_batches, part_paths, run_dirs
 from pipeline.output.rundir import OutputDir
 from pipeline.output.schema import ERROR_COLUMNS, LATENCY_COLUMNS, STATUS_COLUMNS
 from pipeline.output.stats import ErrorGroups
@@ -353,9 +353,9 @@ def _count_capped(into: collections.Counter[str], col: pa.ChunkedArray | pa.Arra
 def scan_report(path: str | Path) -> ReportStats:
     """:class:`ReportStats` of every committed row of an output: a run directory or a sharded root.
 
-    One footer read and one ``stat`` per part, then one streamed scan of the projected columns (pyarrow
-    dataset, 65,536 rows per batch). Token columns are read when at least one part has them (parts without
-    them give nulls).
+    One footer read and one ``stat`` per part, then one streamed pass over the projected columns, one part
+    open at a time (:func:`pipeline.output.reading.iter_part_batches`: memory independent of the number of
+    parts). Token columns are read when at least one part has them (parts without them give nulls).
 
     Raises:
         InputError: ``path`` is not an output directory, or a ``_run.json`` is invalid.
@@ -392,7 +392,7 @@ def scan_report(path: str | Path) -> ReportStats:
     stats.info = info
     for mtime, rows in footers:
         stats.add_part(mtime, rows)
-    for batch in scan_batches(parts, stats.columns(), types):
+    for batch in iter_part_batches(parts, stats.columns(), types):
         stats.add(batch)
     return stats
 

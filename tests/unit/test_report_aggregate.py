@@ -221,3 +221,30 @@ def test_page_escapes_output_text_embeds_figures_and_says_when_tokens_are_missin
     tok.add(_table(gen_prompt_tokens=list(range(10)), gen_finish_reason=["stop"] * 9 + ["length"]))
     page = build_html(tok, {}, source="o", generated_at=0.0)
     assert NO_TOKENS not in page and "gen_prompt_tokens" in page and "length" in page
+
+
+def test_part_batches_cast_fill_missing_columns_and_name_an_unreadable_part(tmp_path):
+    from pipeline.errors import RunError
+    from pipeline.output.reading import iter_part_batches
+
+    a = pa.table({"rag_status": ["ok", "hard_fail"], "gen_prompt_tokens": pa.array([3, 4], pa.int32())})
+    b = pa.table({"rag_status": ["ok"], "other": [1]})
+    pq.write_table(a, tmp_path / "part-00000.parquet", row_group_size=1)
+    pq.write_table(b, tmp_path / "part-00001.parquet")
+    parts = [tmp_path / "part-00000.parquet", tmp_path / "part-00001.parquet"]
+    batches = list(iter_part_batches(parts, ["rag_status", "gen_prompt_tokens"], {"gen_prompt_tokens": pa.int64()},
+                                     batch_rows=1))
+    assert [x.num_rows for x in batches] == [1, 1, 1]
+    assert [x.num_rows for x in iter_part_batches(parts, ["rag_status"], batch_rows=10)] == [2, 1]  # part by part
+    t = pa.Table.from_batches(batches)
+    assert t.schema.field("gen_prompt_tokens").type == pa.int64()
+    assert t.to_pydict() == {"rag_status": ["ok", "hard_fail", "ok"], "gen_prompt_tokens": [3, 4, None]}
+    bad = tmp_path / "part-00002.parquet"
+    bad.write_bytes(b"PAR1 not parquet")
+    with pytest.raises(RunError, match="part-00002.parquet: cannot read committed part"):
+        list(iter_part_batches([*parts, bad], ["rag_status"]))
+    run = tmp_path / "run"
+    _write_run(run, [_table()])
+    (run / "part-00001.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(RunError, match="part-00001.parquet: cannot read committed part"):
+        scan_report(run)
