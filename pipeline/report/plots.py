@@ -73,6 +73,8 @@ def throughput_png(stats: ReportStats) -> bytes | None:
              label="cumulative rows")
     ax2.set_ylabel("cumulative rows")
     ax2.set_ylim(bottom=0)
+    for axis in (ax.yaxis, ax2.yaxis):
+        axis.set_major_formatter(_thousands())
     locator = mdates.AutoDateLocator(tz=tz)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=tz))
@@ -96,6 +98,12 @@ def _log_axis(ax: Any, lo: float, hi: float) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.10g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _thousands() -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _pos: f"{v:,.10g}")
 
 
 def _max_n_locator() -> Any:
