@@ -15,9 +15,9 @@ from pipeline.cli.options import handle_errors
               help="Error groups listed in the report.")
 @handle_errors
 def report_cmd(output_dir: str, html_path: str | None, top_errors: int) -> None:
-    """Write one self-contained HTML page about OUTPUT: throughput over time, latency per stage, load per
-    endpoint, statuses, error groups and tokens.
+    """One self-contained HTML page of plots about a run's output.
 
+    Throughput over time, latency per stage, load per endpoint, statuses, error groups and tokens.
     OUTPUT is a run directory or the root of a sharded run; only committed parts are read, so it works on a
     running or interrupted run too. The page needs no network to view (figures embedded, no script).
     """
