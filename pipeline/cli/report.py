@@ -7,7 +7,7 @@ import click
 from pipeline.cli.options import handle_errors
 
 
-@click.command("report")
+@click.command("report", short_help="Self-contained HTML report with plots.")
 @click.argument("output_dir", metavar="OUTPUT", type=click.Path(file_okay=False))
 @click.option("--output", "-o", "html_path", type=click.Path(dir_okay=False), default=None,
               help="HTML file to write (default OUTPUT/report.html; replaced if it exists).")
