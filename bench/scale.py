@@ -122,8 +122,9 @@ def synthetic_run(
                             rag_error=None if idx % 10 else "no passage above retrieval.min_score",
                             retrieve_ms=10.0 + idx % 7, rag_llm_ms=900.0 + idx % 101, attempts=1,
                             endpoint="http://127.0.0.1:1", model="bench-model")
-            gen: GenResult | None = GenResult(rid, generation=text(300), generate_ms=950.0 + idx % 97, attempts=1,
-                                              endpoint="http://127.0.0.1:1", model="bench-model")
+            gen: GenResult | None = GenResult(
+                rid, generation=text(300), generate_ms=950.0 + idx % 97, attempts=1,
+                endpoint="http://127.0.0.1:1", model="bench-model")
             if vary is not None and (changed := vary(idx, rag, gen)) is not None:
                 rag, gen = changed
             run.finish(WorkItem(rid, f"question {idx}", {"topic": idx % 7}), rag, gen)
