@@ -128,8 +128,9 @@ class OutputDir:
 
         Raises:
             InputError: the directory belongs to another input, a changed input, another shard or another
-                identity (a ``run.limit`` with fewer records included), a setting changed without ``allow_config_change``, an interrupted ``--overwrite``
-                (and ``overwrite`` is False), parts without ``_run.json``, or an unreadable ``_run.json``.
+                identity (a ``run.limit`` with fewer records included), a setting changed without
+                ``allow_config_change``, an interrupted ``--overwrite`` (and ``overwrite`` is False), parts without
+                ``_run.json``, or an unreadable ``_run.json``.
             OSError: the directory cannot be created or written.
         """
         input_abs = str(Path(input_path).expanduser().resolve())
@@ -345,12 +346,14 @@ class OutputDir:
         for batch in scan_batches(parts, list(RETRY_COLUMNS), {FINISH_REASON_COLUMN: pa.string()}):
             ids, rag, gen, finish = batch.columns
             sel.rows += batch.num_rows
-            cand = pa.array([False] * batch.num_rows, pa.bool_())
-            if failed:  # a cheap vectorised pre-filter; retry_reasons decides on the few candidates
-                cand = pc.or_kleene(cand, pc.equal(rag, "hard_fail"))
-                cand = pc.or_kleene(cand, pc.is_in(gen, value_set=pa.array(["failed", "invalid_output"])))
+            masks = []  # a cheap vectorised pre-filter; retry_reasons decides on the few candidates
+            if failed:
+                masks += [pc.equal(rag, "hard_fail"), pc.is_in(gen, value_set=pa.array(["failed", "invalid_output"]))]
             if truncated:
-                cand = pc.or_kleene(cand, pc.equal(finish, LENGTH))
+                masks.append(pc.equal(finish, LENGTH))
+            cand = masks[0]
+            for m in masks[1:]:
+                cand = pc.or_kleene(cand, m)
             cand = pc.fill_null(cand, False)
             if not pc.any(cand).as_py():
                 continue
