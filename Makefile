@@ -12,7 +12,8 @@ setup:            ## idempotent: apt packages, .venv, torch CPU, project, xllama
 	bash scripts/setup.sh
 
 run: setup        ## the main job on the bundled example data (CPU: a llama.cpp SmolLM2 server is started)
-	$(RP) run --input data/example/records.jsonl --output output/example
+	$(RP) run --input data/example/records.jsonl --output output/example \
+		--store data/store --collection example --ingest data/example/corpus.jsonl
 
 test:             ## the whole test suite: the unit tier first, then real components (setup + SGLang's parser)
 	RAG_PIPELINE_TEST_DEPS=1 bash scripts/setup.sh

@@ -44,8 +44,14 @@ def _f(default: Any, doc: str, *, choices: tuple[str, ...] = ()) -> Any:
 class StoreConfig:
     """Where the vector store lives."""
 
-    path: str = _f("data/store", "ChromaDB PersistentClient directory (ignored when chroma_url is set).")
-    collection: str = _f("example", "Collection name that ingest writes and retrieval reads.")
+    path: str = _f(
+        "", "ChromaDB PersistentClient directory (ignored when chroma_url is set); empty = none named: ingest and run "
+        "need --store, --chroma-url or this key in your --config."
+    )
+    collection: str = _f(
+        "", "Collection name that ingest writes and retrieval reads; empty = none named: ingest and run need "
+        "--collection or this key in your --config."
+    )
     chroma_url: str = _f("", "URL of a Chroma server (http://host:port) for multi-node runs; empty = local path.")
     bm25_path: str = _f(
         "", "BM25 index directory (one folder per collection); empty = <path>/bm25, or none with chroma_url "
@@ -217,12 +223,20 @@ class GenerationConfig:
 class RunConfig:
     """Input, output and orchestration of `rag-pipeline run`."""
 
-    input: str = _f("data/example/records.jsonl", "Input: JSONL (one record a line), a .parquet file or a directory of .parquet parts.")
-    output: str = _f("output/example", "Output directory (Parquet parts + _manifest.json).")
+    input: str = _f(
+        "", "Input: JSONL (one record a line), a .parquet file or a directory of .parquet parts; empty = none: "
+        "run needs --input or this key in your --config."
+    )
+    output: str = _f(
+        "", "Output directory (Parquet parts + _manifest.json); empty = none: run needs --output or this key in "
+        "your --config."
+    )
     id_field: str = _f("id", "Record field holding the unique id.")
     query_field: str = _f("query", "Record field holding the query text.")
     max_query_chars: int = _f(8000, "Longest accepted query, characters.")
-    limit: int = _f(0, "Process only the first N records; 0 = all.")
+    limit: int = _f(
+        0, "Process only the first N records; 0 = all. A resume may raise it (or set 0) to extend the run, not lower it."
+    )
     on_bad_record: str = _f(
         "fail", "'fail' stops before any server starts; 'skip' writes them to _rejected.jsonl.", choices=("fail", "skip")
     )
@@ -230,15 +244,20 @@ class RunConfig:
     part_rows: int = _f(1000, "Rows per committed Parquet part.")
     ready_timeout_s: float = _f(900.0, "Seconds main waits for rank0's READY.")
     grace_s: float = _f(60.0, "Seconds in-flight records may finish after SIGTERM/SIGINT/SIGUSR1.")
-    ingest: str = _f("", "Source ingested by rank0 before the run; empty = none (example data ingested if absent).")
-    ingest_if_empty: str = _f(
-        "data/example/corpus.jsonl", "Source rank0 ingests when the collection is empty or absent; empty = none."
+    ingest: str = _f(
+        "", "Source rank0 ingests into store.collection before the run (idempotent); empty = none: the collection "
+        "must exist. A relative data/example/... path names the bundled example when not found from here."
     )
     reset_collection: bool = _f(False, "Rank0 deletes and recreates the collection before ingesting.")
     overwrite: bool = _f(False, "Discard an existing output directory instead of resuming.")
     shard: str = _f("", "'I/N': process partition I of N of the input (by record index).")
     progress_interval_s: float = _f(30.0, "Seconds between plain progress lines when stderr is not a terminal.")
-    retry_failed: bool = _f(False, "Re-process the committed rows with rag_status hard_fail or gen_status failed.")
+    retry_failed: bool = _f(
+        False, "Re-process the committed rows with rag_status hard_fail or gen_status failed or invalid_output."
+    )
+    retry_truncated: bool = _f(
+        False, "Re-process the committed ok rows whose generation hit max_tokens (gen_finish_reason 'length')."
+    )
     allow_config_change: bool = _f(
         False, "Resume although prompts, model, retrieval or generation settings changed since the first rows."
     )

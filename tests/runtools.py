@@ -73,6 +73,15 @@ def store_args(example_store) -> list[str]:
     return ["--store", str(example_store.store_cfg.path), "--collection", example_store.store_cfg.collection]
 
 
+def unreached_store_args(tmp_path: Path) -> list[str]:
+    """`--store/--collection/--ingest` for a run that must stop before any worker starts (bad input, identity,
+    setting): a store and collection are named (a run needs them: no default), and the run would fill them with a
+    one-document corpus if it ever got that far."""
+    corpus = tmp_path / "one-doc-corpus.jsonl"
+    corpus.write_text(json.dumps({"_id": "d1", "title": "t", "text": "one document"}) + "\n")
+    return ["--store", str(tmp_path / "unreached-store"), "--collection", "unreached", "--ingest", str(corpus)]
+
+
 def start_run(args: list[str], marker: str | None = None) -> tuple[subprocess.Popen, str]:
     """Start `python -m pipeline.cli run ARGS` with a unique environment marker to find its process tree later."""
     marker = marker or uuid.uuid4().hex

@@ -25,6 +25,7 @@ from tests.runtools import (
     run_args,
     start_run,
     store_args,
+    unreached_store_args,
     wait_for_parts,
     write_config,
     write_records,
@@ -203,6 +204,7 @@ def test_resume_with_a_changed_identity_flag_is_refused_naming_the_key(tmp_path:
     OutputDir(out).prepare(input_path=records, fingerprint=input_fingerprint(records), shard=None, total_records=3,
                            config=cfg.to_dict(), overwrite=False, identity=run_identity(cfg),
                            settings=result_settings(cfg))
-    res = _cli(*run_args(records, out, cfg_file, "--endpoints", dead_endpoint(), flag, value))
+    res = _cli(*run_args(records, out, cfg_file, "--endpoints", dead_endpoint(), *unreached_store_args(tmp_path),
+                         flag, value))
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert f"was started with {key}=" in res.stderr and "Traceback" not in res.stderr

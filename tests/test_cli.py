@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import CONFIG_FLAGS, main
 from pipeline.config import field_docs
+from tests.runtools import unreached_store_args
 
 HEAVY = ("torch", "chromadb", "sentence_transformers", "matplotlib")
 
@@ -49,7 +50,8 @@ def test_run_rejects_bad_input_before_starting_anything(tmp_path):
     bad = tmp_path / "in.jsonl"
     bad.write_text('{"id": 1, "query": "ok"}\n{"id": 2}\n')
     res = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--input", str(bad), "--output", str(tmp_path / "out")],
+        [sys.executable, "-m", "pipeline.cli", "run", "--input", str(bad), "--output", str(tmp_path / "out"),
+         *unreached_store_args(tmp_path)],
         capture_output=True, text=True, timeout=60,
     )
     assert res.returncode == 2

@@ -285,7 +285,7 @@ def test_cli_help_for_ingest_and_eval():
 
 
 def test_example_records_match_queries():
-    """data/example/records.jsonl holds the same claims as queries.jsonl (the run command's default input)."""
+    """data/example/records.jsonl holds the same claims as queries.jsonl (the input of `make run`)."""
     from tests.fixtures.store import EXAMPLE_DIR
 
     queries = [json.loads(x) for x in (EXAMPLE_DIR / "queries.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -2,9 +2,10 @@
 
 A wheel of the project is built and installed into a new virtual environment that borrows the third-party
 dependencies of the test environment (a ``.pth`` line to its site-packages) but not the project's source tree
-(the editable finder of the test environment is not loaded there). Then `run --input --output` and nothing else,
-from an empty directory: the bundled default config, prompt templates and example corpus must be found inside the
-installed package (pipeline/resources.py).
+(the editable finder of the test environment is not loaded there). Then, from an empty directory, `run` with what
+it must be told (input, output, a store and collection) and `--ingest data/example/corpus.jsonl`: the bundled
+default config, prompt templates and example corpus must be found inside the installed package
+(pipeline/resources.py); and `run --input --output` alone is refused (no store is ever taken by default).
 """
 
 from __future__ import annotations
@@ -64,23 +65,25 @@ def test_installed_package_has_no_source_tree_and_finds_its_files(installed_pyth
         assert "site-packages" in got[key] and Path(got[key]).is_file(), got
 
 
-def test_installed_run_with_defaults_from_any_directory(installed_python, tmp_path):
-    """`run --input --output` and nothing else (what `make run` does): CPU mode, a managed llama.cpp server,
-    the bundled example corpus ingested into the default store because the collection is absent."""
+def test_installed_run_of_the_bundled_example_from_any_directory(installed_python, tmp_path):
+    """What `make run` does, from an empty directory with the installed package: CPU mode, a managed llama.cpp
+    server, the bundled example corpus ingested (asked for by name) into the store the user named."""
     records = write_records(tmp_path, 2)
     env_cfg = tmp_path / "ports.toml"  # only to avoid a port clash with other tests; not a behaviour change
     env_cfg.write_text(f"[servers]\nbase_port = {free_port_block(1)}\n[run]\nlimit = 2\n")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    res = subprocess.run(
-        [str(installed_python), "-m", "pipeline", "run", "--input", str(records), "--output", "out",
-         "--config", str(env_cfg)],
-        cwd=work, capture_output=True, text=True, timeout=900,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    base = [str(installed_python), "-m", "pipeline", "run", "--input", str(records), "--output", "out",
+            "--config", str(env_cfg)]
+    refused = subprocess.run(base, cwd=work, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 4 and "no vector store named" in refused.stderr, refused.stderr[-3000:]
+    assert list(work.iterdir()) == []  # nothing made where the user stands
+    res = subprocess.run([*base, "--store", "store", "--collection", "example", "--ingest", "data/example/corpus.jsonl"],
+                         cwd=work, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "is empty: ingesting" in res.stderr and "corpus.jsonl" in res.stderr
-    assert (work / "data" / "store").is_dir()
+    assert "using the bundled copy" in res.stderr and "site-packages" in res.stderr  # the example, found by name
+    assert (work / "store").is_dir() and not (work / "data").exists()
     assert "[progress] 2/2 rows (100.0%)" in res.stderr and "\r" not in res.stderr  # stderr is not a terminal
     rows = read_rows(work / "out")
     assert len(rows) == 2 and all(r["gen_status"] == "ok" and r["contexts"] and r["generation"] for r in rows)

@@ -176,3 +176,63 @@ def test_retry_failed_end_to_end_with_kill9_at_random_moments(tmp_path, example_
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["complete"] is True and manifest["counts"]["gen_status"] == {"ok": 8}
 
+
+
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"enum": ["supported", "refuted", "unknown"]}, "reason": {"type": "string", "maxLength": 60}},
+    "required": ["label", "reason"],
+    "additionalProperties": False,
+}
+
+
+@requires_llama
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_retry_failed_takes_invalid_output_and_failed_rows_and_says_how_many(tmp_path, example_store, llama_endpoints):
+    """First run: generations from a benchmark server, whose fixed English sentence never matches the
+    --response-format schema (invalid_output), one record's generation refused with HTTP 400 (failed). Then
+    `--retry-failed` against the real llama.cpp servers (JSON constrained by the schema) redoes all four and
+    says so per status; a further retry finds nothing to do and says that too."""
+    from bench.bench_server import launch
+
+    records = write_records(tmp_path, 4)
+    first = json.loads(records.read_text().splitlines()[0])
+    out = tmp_path / "out"
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(VERDICT_SCHEMA))
+    cfg = write_config(tmp_path, {"rag": {"mode": "retrieve"}, "generation": {"max_tokens": 96}})
+    base = run_args(records, out, cfg, *store_args(example_store), "--response-format", str(schema))
+    with launch(1, service_ms=20, capacity=8) as bench:
+        body = json.dumps({"status": 400, "for_s": 600, "match": first["query"]}).encode()
+        req = urllib.request.Request(bench.urls[0] + "/fault", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
+        proc, _ = start_run([*base, "--endpoints", bench.urls[0]])
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    before = {r["id"]: r for r in read_rows(out).to_pylist()}
+    assert collections.Counter(r["gen_status"] for r in before.values()) == {"invalid_output": 3, "failed": 1}, before
+    assert before[str(first["id"])]["gen_status"] == "failed"
+
+    proc, _ = start_run([*base, "--endpoints", ",".join(llama_endpoints), "--retry-failed"])
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "retrying 1 failed, 3 invalid_output rows (--retry-failed)" in err  # the log line
+    assert "retried: 0 hard_fail, 1 failed, 3 invalid_output" in err  # the summary
+    rows = read_rows(out).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(before)
+    for r in rows:  # every row made again, by the llama.cpp servers this time
+        assert r["endpoint"] in llama_endpoints and r["gen_status"] == "ok", r
+        assert json.loads(r["generation_json"])["label"] in ("supported", "refuted", "unknown")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["this_invocation"]["retried"] == {"hard_fail": 0, "failed": 1, "invalid_output": 3}
+    assert manifest["this_invocation"]["processed"] == 4 and manifest["counts"]["gen_status"] == {"ok": 4}
+
+    # nothing left: said in one log line, no server started; --retry-truncated reads gen_finish_reason
+    proc, _ = start_run([*base, "--endpoints", ",".join(llama_endpoints), "--retry-failed", "--retry-truncated"])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "nothing to retry: no committed row is hard_fail or failed or invalid_output or truncated" in err
+    has_finish = "gen_finish_reason" in pq.read_schema(next(out.glob("part-*.parquet"))).names
+    assert ("none can be found truncated" in err) != has_finish, err

@@ -32,6 +32,10 @@ def inp(tmp_path: Path) -> Path:
     return p
 
 
+STORE = ("--chroma-url", "http://storehost:8000", "--", "--collection", "docs")
+"""What every task's run retrieves from (a store and a collection must be named: no default)."""
+
+
 def _submit(*args: str, env: dict | None = None):
     return CliRunner().invoke(main, ["submit", *args], env=env)
 
@@ -42,7 +46,7 @@ def test_dry_run_prints_both_scripts_and_writes_nothing(tmp_path: Path, inp: Pat
         "--input", str(inp), "--output", str(out), "--nodes", "3", "--gpus-per-node", "8",
         "--partition", "gpu", "--time", "12:00:00", "--account", "proj1",
         "--sbatch-arg=--mem=64G", "--sbatch-arg", "--exclusive", "--chroma-url", "http://node7:8000",
-        "--dry-run", "--", "--limit", "6", "--num_processes", "16",
+        "--dry-run", "--", "--limit", "6", "--num_processes", "16", "--collection", "docs",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     text = res.output
@@ -62,7 +66,7 @@ def test_dry_run_prints_both_scripts_and_writes_nothing(tmp_path: Path, inp: Pat
         f"#SBATCH --error={out}/_slurm/logs/run-%A_%a.err",
         'shard="${SLURM_ARRAY_TASK_ID}/3"',
         f"{PY} -m pipeline run --input {inp} --output {out} --chroma-url http://node7:8000 "
-        '--shard "$shard" --limit 6 --num_processes 16 &',
+        '--shard "$shard" --limit 6 --num_processes 16 --collection docs &',
         'scontrol requeue "$task"',
     ]:
         assert line in [x.strip() for x in array.splitlines()], line
@@ -182,7 +186,8 @@ def test_bad_shard_forms_of_run_are_clear_errors(tmp_path: Path, inp: Path) -> N
         pytest.skip("run command not registered yet")
     for spec, message in [("2/2", "0 <= I < N"), ("1-of-2", "expected I/N"), ("0/0", "N must be >= 1")]:
         res = CliRunner().invoke(
-            main, ["run", "--input", str(inp), "--output", str(tmp_path / "o"), "--shard", spec, "--no-progress"]
+            main, ["run", "--input", str(inp), "--output", str(tmp_path / "o"), "--shard", spec, "--no-progress",
+                   "--store", str(tmp_path / "store"), "--collection", "docs"]
         )
         assert res.exit_code == InputError.exit_code, res.output
         assert res.output.startswith(f"Error: --shard {spec!r}: ") and message in res.output
@@ -191,7 +196,8 @@ def test_bad_shard_forms_of_run_are_clear_errors(tmp_path: Path, inp: Path) -> N
 def test_sbatch_missing_is_a_clear_error(tmp_path: Path, inp: Path) -> None:
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
-    res = _submit("--input", str(inp), "--output", str(tmp_path / "out"), "--nodes", "2", env={"PATH": str(empty_bin)})
+    res = _submit("--input", str(inp), "--output", str(tmp_path / "out"), "--nodes", "2", *STORE,
+                  env={"PATH": str(empty_bin)})
     assert res.exit_code == RunError.exit_code
     assert res.output.strip() == (
         "Error: sbatch not found on PATH: install the Slurm client tools or submit from a login node"
@@ -208,7 +214,7 @@ def test_controller_unreachable_is_a_clear_error(tmp_path: Path, inp: Path) -> N
         "NodeName=localhost CPUs=1\nPartitionName=debug Nodes=localhost Default=YES\n"
     )
     res = _submit(
-        "--input", str(inp), "--output", str(tmp_path / "out"), "--nodes", "2", env={"SLURM_CONF": str(conf)}
+        "--input", str(inp), "--output", str(tmp_path / "out"), "--nodes", "2", *STORE, env={"SLURM_CONF": str(conf)}
     )
     assert res.exit_code == RunError.exit_code, res.output
     assert "Error: sbatch could not reach the Slurm controller" in res.output
@@ -216,6 +222,23 @@ def test_controller_unreachable_is_a_clear_error(tmp_path: Path, inp: Path) -> N
     assert len(res.output.strip().splitlines()) == 1
     # the scripts were written for inspection, nothing else
     assert (tmp_path / "out" / "_slurm" / "array.sbatch").exists()
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    ((), 4, "Error: the tasks' run: no vector store named: pass --store DIR"),
+    (("--chroma-url", "http://storehost:8000"), 4, "Error: the tasks' run: no collection named"),
+    (("--", "--store", "s", "--collection", "c", "--bogus"), 2, "Error: run options '--store s --collection c "
+                                                                  "--bogus': No such option '--bogus'"),
+    (("--", "--store", "s", "--collection", "c", "--top-k", "0"), 2, "Error: command line: [retrieval] top_k: must be"),
+])
+def test_tasks_without_a_store_or_with_bad_run_options_are_refused_before_submitting(
+    tmp_path: Path, inp: Path, args: tuple[str, ...], code: int, message: str
+) -> None:
+    out = tmp_path / "out"
+    res = _submit("--input", str(inp), "--output", str(out), "--nodes", "2", *args)
+    assert res.exit_code == code, res.output
+    assert res.output.startswith(message) and len(res.output.strip().splitlines()) == 1, res.output
+    assert not out.exists()  # nothing written, nothing submitted
 
 
 def test_submit_result_of_a_dry_run_has_no_job_ids(tmp_path: Path, inp: Path) -> None:
@@ -236,7 +259,7 @@ def test_submit_result_of_a_dry_run_has_no_job_ids(tmp_path: Path, inp: Path) ->
 def test_shards_and_max_concurrent_set_the_array_and_its_throttle(
     tmp_path: Path, inp: Path, args: list[str], array: str, shard: str
 ) -> None:
-    res = _submit("--input", str(inp), "--output", str(tmp_path / "out"), "--dry-run", *args)
+    res = _submit("--input", str(inp), "--output", str(tmp_path / "out"), "--dry-run", *args, *STORE)
     assert res.exit_code == 0, res.output
     lines = [x.strip() for x in res.output.splitlines()]
     assert f"#SBATCH --array={array}" in lines

@@ -18,7 +18,16 @@ from pipeline.llm.client import LLMClient
 from pipeline.llm.structured import StructuredOutput, load_schema
 from pipeline.messages import RagResult, WorkItem
 from tests.fixtures.llm import dead_endpoint, requires_llama
-from tests.runtools import REPO, read_rows, run_args, start_run, store_args, write_config, write_records
+from tests.runtools import (
+    REPO,
+    read_rows,
+    run_args,
+    start_run,
+    store_args,
+    unreached_store_args,
+    write_config,
+    write_records,
+)
 from workers.generation import generate_one
 
 SCHEMA = {
@@ -114,7 +123,8 @@ def test_bad_schema_stops_the_run_before_any_server_starts(tmp_path):
     bad = _schema_file(tmp_path, {"type": 7}, "bad.json")
     res = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "run", "--no-progress", "--input", str(records), "--output",
-         str(tmp_path / "out"), "--endpoints", dead_endpoint(), "--response-format", str(bad)],
+         str(tmp_path / "out"), "--endpoints", dead_endpoint(), "--response-format", str(bad),
+         *unreached_store_args(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 2, res.stderr

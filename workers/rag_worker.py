@@ -123,11 +123,10 @@ def rag_worker_main(
 
 
 def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any]:
-    """Rank0 only: reset the collection if asked, ingest run.ingest, or the bundled example corpus
-    (run.ingest_if_empty) when the collection is empty or absent. Returns what it did for the READY message."""
+    """Rank0 only: reset the collection if asked, ingest run.ingest (resolved by main: a user's file or a bundled
+    example named by the user) into it. Returns what it did for the READY message."""
     from pipeline.corpus.ingest import ingest_source
-    from pipeline.llm.prompts import resolve_template_path
-    from pipeline.store.client import collection_exists, get_collection, open_client, reset_collection
+    from pipeline.store.client import open_client, reset_collection
 
     done: dict[str, Any] = {}
     source = cfg.run.ingest
@@ -135,15 +134,11 @@ def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any
         reset_collection(open_client(cfg.store), cfg.store.collection)
         log.warning("%s: collection %r reset", name, cfg.store.collection)
         done["reset"] = True
-    if not source and cfg.run.ingest_if_empty:
-        client = open_client(cfg.store)
-        if not collection_exists(client, cfg.store.collection) or get_collection(client, cfg.store.collection).count() == 0:
-            source = str(resolve_template_path(cfg.run.ingest_if_empty))
-            log.warning("%s: collection %r is empty: ingesting %s", name, cfg.store.collection, cfg.run.ingest_if_empty)
     from pipeline.retrieval.bm25 import BM25Settings, ensure_index
 
     bm25 = BM25Settings.from_config(cfg.retrieval)
     if source:
+        log.info("%s: ingesting %s into collection %r", name, source, cfg.store.collection)
         summary = ingest_source(source, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False,
                                 bm25=bm25)
         done["ingest"] = summary.as_dict()

@@ -18,6 +18,8 @@ def summary_table(manifest: dict) -> str:
         lines.append(f"  {stage:<11} {fmt[0]:>10} {fmt[1]:>10} {fmt[2]:>10} {p['n']:>7}")
     inv = manifest["this_invocation"]
     lines.append(f"  this run: {inv['processed']} records in {inv['wall_s']:.1f} s ({inv['records_per_s'] or 0:.2f} records/s)")
+    if "retried" in inv:
+        lines.append("  retried: " + (", ".join(f"{n} {k}" for k, n in inv["retried"].items()) or "none"))
     for err in manifest["errors"][:5]:
         lines.append(f"  error x{err['count']}: {err['error']}")
     return "\n".join(lines)
@@ -50,7 +52,8 @@ def summary_table(manifest: dict) -> str:
                help="One Chroma server over the local store for all RAG workers of the node (one index copy): "
                     "on, off, or auto (when the copies would duplicate > 1 GiB).")
 @config_option("--ingest", key="run.ingest", type=click.Path(exists=False),
-               help="Ingest this source (rank0, single writer) before the run.")
+               help="Ingest this source into --collection (rank0, single writer, idempotent) before the run; "
+                    "data/example/corpus.jsonl is the bundled example.")
 @config_option("--reset-collection/--no-reset-collection", key="run.reset_collection",
                help="Delete and recreate the collection first (rank0).")
 @config_option("--rag-mode", key="rag.mode",
@@ -63,13 +66,18 @@ def summary_table(manifest: dict) -> str:
                help="JSON Schema file: generations are JSON matching it (column generation_json).")
 @config_option("--query-field", key="run.query_field", help="Record field with the query.")
 @config_option("--id-field", key="run.id_field", help="Record field with the unique id.")
-@config_option("--limit", key="run.limit", type=int, help="Only the first N records (0: all).")
+@config_option("--limit", key="run.limit", type=int,
+               help="Only the first N records (0: all). Resuming with a larger N (or 0) extends the run.")
 @config_option("--on-bad-record", key="run.on_bad_record",
                help="fail: stop before any server starts; skip: write bad lines to _rejected.jsonl.")
 @config_option("--overwrite/--resume", key="run.overwrite", help="Start afresh instead of resuming.")
 @config_option("--shard", key="run.shard", help="I/N: process partition I of N of the input.")
 @config_option("--retry-failed", key="run.retry_failed", is_flag=True, default=None,
-               help="Also re-process committed rows with rag_status hard_fail or gen_status failed (replaced once).")
+               help="Also re-process committed rows with rag_status hard_fail or gen_status failed or "
+                    "invalid_output (replaced once).")
+@config_option("--retry-truncated", key="run.retry_truncated", is_flag=True, default=None,
+               help="Also re-process committed ok rows whose generation hit max_tokens (gen_finish_reason "
+                    "'length'); raise generation.max_tokens first (--allow-config-change).")
 @config_option("--allow-config-change", key="run.allow_config_change", is_flag=True, default=None,
                help="Resume although prompts, model, retrieval or generation settings changed.")
 @config_option("--grace-s", key="run.grace_s", type=float, help="Seconds in-flight records get after SIGTERM.")
@@ -78,14 +86,12 @@ def summary_table(manifest: dict) -> str:
 def run_cmd(config_file: str | None, progress: bool, **params) -> None:
     """Run (or resume) retrieval + generation: one Parquet row per input record.
 
-    Example: rag-pipeline run --input data.jsonl --output out/ --num_processes 16
-    """
-    import dataclasses
+    Needs --input, --output, and a store and collection (--store DIR or --chroma-url URL, --collection NAME, or
+    your --config) that exist or that --ingest SOURCE fills: nothing is taken by default.
 
+    Example: rag-pipeline run --input data.jsonl --output out/ --store store/ --collection docs --num_processes 16
+    """
     cfg = build_config(config_file, params)
-    if (params.get("store") or params.get("collection") or params.get("chroma_url")) and not params.get("ingest"):
-        # the bundled example corpus is only auto-ingested into the default example store
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, ingest_if_empty=""))
     from pipeline.run.orchestrator import run_pipeline
 
     result = run_pipeline(cfg, progress=progress)

@@ -80,9 +80,12 @@ def submit_cmd(
 
     Options after `--` are passed to every task's `rag-pipeline run` (e.g. `-- --limit 1000 --config
     cfg.toml`). Tasks are requeueable: a requeued or preempted task resumes from its committed rows, and
-    two minutes before the time limit a task stops cleanly and requeues itself. Prints both job ids.
+    two minutes before the time limit a task stops cleanly and requeues itself. Prints both job ids. The tasks
+    must be told their store and collection (--chroma-url, or run options such as `-- --collection docs`):
+    refused before anything is submitted otherwise.
 
     Example: rag-pipeline submit --input data.jsonl --output out/ --nodes 4 --gpus-per-node 8 -t 24:00:00
+    --chroma-url http://storehost:8000 -- --collection docs
 
     More shards than nodes: --shards 64 --nodes 4 runs 64 small tasks, 4 at a time (array throttle %4), so a
     slow or preempted node delays one small shard instead of a quarter of the job.
@@ -105,6 +108,10 @@ def submit_cmd(
         run_options=tuple(run_options),
         job_name=job_name,
     )
+    from pipeline.slurm.submit import validate
+
+    validate(opts)
+    _check_task_store(opts)
     res = submit(opts, dry_run=dry_run)
     if dry_run:
         click.echo(f"# ---- {opts.slurm_dir / 'array.sbatch'}  (sbatch --parsable array.sbatch)")
@@ -124,6 +131,36 @@ def submit_cmd(
     )
     click.echo(f"Submitted merge job {res.merge_job_id} (afterok:{res.array_job_id}) -> {out / 'merged'}")
     click.echo(f"Follow with: rag-pipeline status {out}")
+
+
+def _check_task_store(opts) -> None:
+    """Refuse, before anything is written or submitted, an array whose tasks' `run` names no store or collection
+    (by ``--chroma-url``, the run options after ``--`` or their ``--config``): every task would stop with it.
+
+    The run options are parsed by `run`'s own parser, so a bad option or config is found here too.
+
+    Raises:
+        InputError: the run options do not parse; ConfigError: their config is invalid; StoreError: no store or
+            no collection named (only named: the store may be reachable from the compute nodes only).
+    """
+    from pipeline.cli.options import build_config
+    from pipeline.cli.run import run_cmd
+    from pipeline.errors import InputError, StoreError
+    from pipeline.store.preflight import require_store_named
+
+    argv = ["--input", str(opts.input_path), "--output", str(opts.output_dir),
+            *(["--chroma-url", opts.chroma_url] if opts.chroma_url else []), *opts.run_options]
+    try:
+        ctx = run_cmd.make_context("run", argv)
+    except click.ClickException as exc:
+        raise InputError(f"run options {' '.join(opts.run_options)!r}: {exc.format_message()}") from None
+    params = dict(ctx.params)
+    cfg = build_config(params.pop("config_file", None), params)
+    try:
+        require_store_named(cfg.store)
+    except StoreError as exc:
+        raise StoreError(f"the tasks' run: {exc}; for submit: --chroma-url URL, or run options after --, e.g. "
+                         "-- --store DIR --collection NAME") from None
 
 
 @click.command("serve-store")

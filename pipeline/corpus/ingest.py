@@ -156,11 +156,14 @@ def ingest_source(
     Raises:
         pipeline.errors.InputError: bad SOURCE with ``on_error="fail"`` (file and line named); nothing written.
         pipeline.errors.ConfigError: invalid chunking parameters or on_error value; nothing written.
-        pipeline.errors.StoreError: the store cannot be opened/written, or another ingest holds the store.
+        pipeline.errors.StoreError: no store or collection named, the store cannot be opened/written, or another
+            ingest holds the store.
     """
     from pipeline.retrieval.bm25 import BM25Settings, index_root, rebuild, set_build_marker, stored_build
     from pipeline.store.client import describe, get_collection, open_client, reset_collection, store_errors
+    from pipeline.store.preflight import require_store_named
 
+    require_store_named(store_cfg)  # before anything is read: never a store in the current directory by default
     t0 = time.perf_counter()
     check_chunking(ingest_cfg.chunk_chars, ingest_cfg.chunk_overlap)
     bm25 = bm25 or BM25Settings()

@@ -32,8 +32,19 @@ from pipeline.output.files import atomic_write_bytes, atomic_write_json, fsync_d
 from pipeline.output.ledger import Ledger
 from pipeline.output.lock import LOCK_FILE
 from pipeline.output.reading import PART_RE, RETRY_PART_RE, RUN_FILE, part_paths
+from pipeline.output.resume import COLUMNS as RETRY_COLUMNS
+from pipeline.output.resume import (
+    FINISH_REASON_COLUMN,
+    LENGTH,
+    RetrySelection,
+    check_limit_change,
+    retry_reasons,
+)
 
 log = logging.getLogger(__name__)
+
+LIMIT_KEY = "run.limit"
+"""The identity key a resume may raise (the run grows); every other identity key must stay."""
 
 MANIFEST_FILE = "_manifest.json"
 REJECTED_FILE = "_rejected.jsonl"
@@ -97,7 +108,9 @@ class OutputDir:
 
         A directory that already holds a ``_run.json`` for the same input (absolute path and fingerprint),
         shard and identity is resumed: its committed parts stay, ``total_records`` and ``config`` are updated
-        and ``created`` is kept. Stale ``*.tmp`` files (a crash in the middle of a commit) are deleted.
+        and ``created`` is kept. ``run.limit`` may differ when ``total_records`` stays or grows: the run is
+        extended (:func:`pipeline.output.resume.check_limit_change`; the change is appended to
+        ``config_changes``). Stale ``*.tmp`` files (a crash in the middle of a commit) are deleted.
 
         Args:
             input_path: the input (file or directory; stored as an absolute path).
@@ -115,8 +128,9 @@ class OutputDir:
 
         Raises:
             InputError: the directory belongs to another input, a changed input, another shard or another
-                identity, a setting changed without ``allow_config_change``, an interrupted ``--overwrite``
-                (and ``overwrite`` is False), parts without ``_run.json``, or an unreadable ``_run.json``.
+                identity (a ``run.limit`` with fewer records included), a setting changed without
+                ``allow_config_change``, an interrupted ``--overwrite`` (and ``overwrite`` is False), parts without
+                ``_run.json``, or an unreadable ``_run.json``.
             OSError: the directory cannot be created or written.
         """
         input_abs = str(Path(input_path).expanduser().resolve())
@@ -144,14 +158,22 @@ class OutputDir:
             if reason:
                 raise InputError(f"output dir {self.path} {reason}; use --overwrite or another --output")
             old_identity = _previous(prev, "identity", identity)
+            changes = list(prev.get("config_changes") or [])
             for key, value in identity.items():
-                if key in old_identity and old_identity[key] != value:
+                if key == LIMIT_KEY and key in old_identity:  # a run may grow (pipeline.output.resume)
+                    grown = check_limit_change(self.path, old_identity[key], value,
+                                               int(prev.get("total_records") or 0), int(total_records))
+                    if grown:
+                        log.warning("%s: %s", self.path, grown)
+                    if old_identity[key] != value:
+                        changes.append({"at": now(), "key": key, "old": old_identity[key], "new": value,
+                                        "total_records": [prev.get("total_records"), int(total_records)]})
+                elif key in old_identity and old_identity[key] != value:
                     raise InputError(
                         f"output dir {self.path} was started with {key}={old_identity[key]!r}, now {value!r}: "
                         f"a resume must keep {key} (it decides which rows the directory holds); use "
                         f"{key}={old_identity[key]!r}, --overwrite, or another --output")
             old_settings = _previous(prev, "settings", settings)
-            changes = list(prev.get("config_changes") or [])
             changed = [k for k, v in settings.items() if k in old_settings and old_settings[k] != v]
             if changed and not allow_config_change:
                 k = changed[0]
@@ -285,9 +307,25 @@ class OutputDir:
     # -- retry of failed rows (run --retry-failed) ---------------------------------------------
 
     def failed_ids(self) -> set[str]:
-        """Ids of committed rows with ``rag_status`` hard_fail or ``gen_status`` failed.
+        """Ids of committed rows that ``--retry-failed`` re-processes: ``rag_status`` hard_fail, ``gen_status``
+        failed or invalid_output (:meth:`retry_selection`).
 
-        One streamed scan of three columns (contexts and generations are never read). Memory: the failed ids.
+        Raises:
+            RunError: a committed part is unreadable.
+        """
+        return self.retry_selection(failed=True).ids
+
+    def retry_selection(self, *, failed: bool = True, truncated: bool = False) -> RetrySelection:
+        """The committed rows a retry re-processes, with the count per reason (the rules:
+        :mod:`pipeline.output.resume`).
+
+        One streamed scan of four columns (contexts and generations are never read); parts written without
+        ``gen_finish_reason`` read it as null and are counted in ``rows_without_finish_reason`` (from their
+        footers). Memory: the selected ids.
+
+        Args:
+            failed: select hard_fail, failed and invalid_output rows (``--retry-failed``).
+            truncated: select ok rows whose generation hit max_tokens (``--retry-truncated``).
 
         Raises:
             RunError: a committed part is unreadable.
@@ -296,11 +334,33 @@ class OutputDir:
 
         from pipeline.output.reading import scan_batches
 
-        out: set[str] = set()
-        for batch in scan_batches(self.parts(), ["id", "rag_status", "gen_status"]):
-            failed = pc.or_kleene(pc.equal(batch.column(1), "hard_fail"), pc.equal(batch.column(2), "failed"))
-            out.update(pc.filter(batch.column(0), pc.fill_null(failed, False)).to_pylist())
-        return out
+        sel = RetrySelection(failed=failed, truncated=truncated)
+        parts = self.parts()
+        if not parts or not (failed or truncated):
+            return sel
+        if truncated:
+            for part in parts:
+                meta = _footer(part)
+                if FINISH_REASON_COLUMN not in meta.schema.to_arrow_schema().names:
+                    sel.rows_without_finish_reason += meta.num_rows
+        for batch in scan_batches(parts, list(RETRY_COLUMNS), {FINISH_REASON_COLUMN: pa.string()}):
+            ids, rag, gen, finish = batch.columns
+            sel.rows += batch.num_rows
+            masks = []  # a cheap vectorised pre-filter; retry_reasons decides on the few candidates
+            if failed:
+                masks += [pc.equal(rag, "hard_fail"), pc.is_in(gen, value_set=pa.array(["failed", "invalid_output"]))]
+            if truncated:
+                masks.append(pc.equal(finish, LENGTH))
+            cand = masks[0]
+            for m in masks[1:]:
+                cand = pc.or_kleene(cand, m)
+            cand = pc.fill_null(cand, False)
+            if not pc.any(cand).as_py():
+                continue
+            picked = [pc.filter(c, cand).to_pylist() for c in (ids, rag, gen, finish)]
+            sel.rows -= len(picked[0])  # add() counts them again
+            sel.add(picked[0], retry_reasons(picked[1], picked[2], picked[3], failed=failed, truncated=truncated))
+        return sel
 
     def retry_parts(self) -> list[Path]:
         """Committed retry parts (``retry-NNNNN.parquet``: replacement rows not yet applied), in index order."""
@@ -468,6 +528,18 @@ def _write_atomic(table: pa.Table, dest: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _footer(path: Path) -> pq.FileMetaData:
+    """The Parquet footer of a committed part (schema and row count, no data read).
+
+    Raises:
+        RunError: the part is unreadable.
+    """
+    try:
+        return pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise RunError(f"{path}: cannot read committed part: {exc}") from None
 
 
 def _read(path: Path, columns: list[str] | None = None) -> pa.Table:

@@ -87,17 +87,19 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     Order: the output directory is created and locked first (a second run into it is refused at once), then
     everything that can be checked without a server is (prompt templates, the store and its collection, the
     whole input); only then do servers start. With ``run.retry_failed`` the committed failed rows are
-    re-processed too and replaced exactly once (:meth:`pipeline.output.OutputDir.apply_retries`).
+    re-processed too (with ``run.retry_truncated`` the ok rows whose generation hit max_tokens) and replaced
+    exactly once (:meth:`pipeline.output.OutputDir.apply_retries`); the rows retried per reason are logged and
+    written to the manifest (``this_invocation.retried``).
 
     Returns:
         RunResult; the rows are in ``output_dir/part-*.parquet``, the report in ``_manifest.json``.
 
     Raises:
-        InputError / ConfigError: bad input, prompt template or setting, or an output dir that belongs to another
-            input or identity (before any server starts).
+        InputError / ConfigError: no input or output named, bad input, prompt template or setting, or an output
+            dir that belongs to another input or identity (before any server starts).
         LockHeld: another live run holds the output directory.
         OutputError: the output path cannot be created or written (not a directory, read-only, disk full).
-        StoreError: the store or collection is missing (before any server starts).
+        StoreError: no store or collection named, or they do not exist (before any server starts).
         ServerError: the server pool could not start or an attached endpoint is unreachable.
         RunError: rank0 failed, or a worker kept dying (finished rows are committed first).
         Interrupted: SIGINT/SIGTERM/SIGUSR1 (finished rows committed; run again to resume).
@@ -105,7 +107,9 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     """
     from pipeline.output import parse_shard, shard_dir
     from pipeline.output.lock import DirLock
+    from pipeline.run.required import require_run_names
 
+    cfg = require_run_names(cfg)  # no input, output, store or collection by default: one line, nothing created
     if cfg.generation.response_format:  # a bad schema is a config error before any server starts
         from pipeline.llm.structured import load_schema
 
@@ -185,9 +189,11 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
             od.write_rejected(scan.rejected)
             log.warning("%d bad input lines skipped; see %s", len(scan.rejected), out_dir / "_rejected.jsonl")
     ledger = od.ledger  # loaded once for the whole run (resume: the ids committed by earlier invocations)
-    retry_ids = od.failed_ids() if cfg.run.retry_failed else set()
-    if retry_ids:
-        log.warning("%s: re-processing %d failed rows (--retry-failed)", out_dir, len(retry_ids))
+    retry = None  # --retry-failed / --retry-truncated: which committed rows are done again (pipeline.output.resume)
+    if cfg.run.retry_failed or cfg.run.retry_truncated:
+        retry = od.retry_selection(failed=cfg.run.retry_failed, truncated=cfg.run.retry_truncated)
+        log.warning("%s: %s", out_dir, retry.describe())
+    retry_ids = retry.ids if retry is not None else set()
     n_done_before = len(ledger) - len(retry_ids)
     n_pending = total - n_done_before
     records = (r for r in iter_records(scan, id_field=cfg.run.id_field, query_field=cfg.run.query_field,
@@ -247,6 +253,8 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                                   wall_s=time.monotonic() - t_start, processed=writer.processed,
                                   interrupted=interrupted or signals.name or None,
                                   backend=servers.backend if servers else "none")
+        if retry is not None:
+            manifest["this_invocation"]["retried"] = retry.counts
         if servers is not None and servers.pool is not None:
             manifest["servers"] = server_report(servers.pool, servers.rag_targets)
         if started.store_mode is not None:

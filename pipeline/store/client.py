@@ -96,6 +96,10 @@ def open_client(store_cfg: StoreConfig, *, create: bool = True) -> ClientAPI:
                 )
             except Exception as exc:  # noqa: BLE001 - httpx/requests connection errors of many types
                 raise StoreError(f"cannot connect to Chroma server {store_cfg.chroma_url}: {exc}") from exc
+    if not str(store_cfg.path).strip():
+        from pipeline.store.preflight import STORE_MISSING
+
+        raise StoreError(STORE_MISSING)  # never a store in the current directory by default
     path = Path(store_cfg.path)
     if not create and not path.is_dir():
         raise StoreError(f"{path}: vector store not found (run `rag-pipeline ingest` first)")
@@ -153,8 +157,13 @@ def open_collection(store_cfg: StoreConfig, name: str | None = None, *, create: 
     """Client + collection in one call (``name`` defaults to ``store_cfg.collection``).
 
     Raises:
-        pipeline.errors.StoreError: see :func:`open_client` and :func:`get_collection`.
+        pipeline.errors.StoreError: no store or collection named (:func:`pipeline.store.preflight.
+            require_store_named`); see :func:`open_client` and :func:`get_collection`.
     """
+    from pipeline.store.preflight import require_store_named
+
+    if name is None:
+        require_store_named(store_cfg)
     client = open_client(store_cfg, create=create)
     return get_collection(client, name or store_cfg.collection, create=create)
 

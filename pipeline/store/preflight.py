@@ -10,8 +10,11 @@ safe). So the checks are light:
 * Chroma server (``store.chroma_url``): ``GET /api/v2/heartbeat`` answers, and the collection is found with
   ``GET /api/v2/tenants/default_tenant/databases/default_database/collections/NAME`` (404 = missing).
 
-Nothing is checked when rank0 will ingest (``run.ingest``, or ``run.ingest_if_empty`` for the example store):
-then the collection may be absent; the ingest source must exist.
+Nothing is checked when rank0 will ingest (``run.ingest``): then the collection may be absent; the ingest source
+must exist.
+
+Before any of that, :func:`require_store_named` refuses a store or collection nobody named: the bundled defaults
+name none, so every command that reads or writes the store retrieves only from what the user chose.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import Config, StoreConfig
 from pipeline.errors import InputError, StoreError
 from pipeline.store import chroma_files
 
@@ -28,19 +31,54 @@ log = logging.getLogger(__name__)
 HTTP_TIMEOUT_S = 10.0
 
 
+STORE_MISSING = ("no vector store named: pass --store DIR (a local Chroma store) or --chroma-url URL, "
+                 "or set [store] path in your --config")
+INGEST_HINT = "; to build it from a corpus first, add --ingest SOURCE"
+"""Appended by `run` to :data:`STORE_MISSING` (rank0 ingests into a store that does not exist yet)."""
+COLLECTION_MISSING = "no collection named: pass --collection NAME, or set [store] collection in your --config"
+
+
+def missing_store_names(store_cfg: StoreConfig) -> list[str]:
+    """What the store configuration leaves unnamed, as messages (:data:`STORE_MISSING`,
+    :data:`COLLECTION_MISSING`); empty when a store (``path`` or ``chroma_url``) and a collection are named."""
+    out = []
+    if not store_cfg.chroma_url and not str(store_cfg.path).strip():
+        out.append(STORE_MISSING)
+    if not store_cfg.collection.strip():
+        out.append(COLLECTION_MISSING)
+    return out
+
+
+def require_store_named(store_cfg: StoreConfig, hint: str = "") -> None:
+    """Refuse a store or collection that nobody named (one line; the first missing piece, then the others).
+
+    Args:
+        store_cfg: the store section of the configuration.
+        hint: appended to the message when no store is named, e.g. how to build one first.
+
+    Raises:
+        StoreError: no ``path``/``chroma_url``, or no ``collection``.
+    """
+    missing = missing_store_names(store_cfg)
+    if missing:
+        text = missing[0] + (hint if missing[0] == STORE_MISSING else "")
+        rest = [m.split(":", 1)[0] for m in missing[1:]]
+        raise StoreError(text + (f" (also: {'; '.join(rest)})" if rest else ""))
+
+
 def check_store(cfg: Config) -> None:
     """Check the store and collections the run reads (see the module docstring).
 
     Raises:
         InputError: ``run.ingest`` names a source that does not exist.
-        StoreError: the store directory or server is missing/unreachable, or a collection does not exist.
+        StoreError: no store or collection named, the store directory or server is missing/unreachable, or a
+            collection does not exist.
     """
+    require_store_named(cfg.store, INGEST_HINT)
     if cfg.run.ingest:
         if not Path(cfg.run.ingest).exists():
             raise InputError(f"{cfg.run.ingest}: ingest source not found (--ingest)")
         return
-    if cfg.run.ingest_if_empty:
-        return  # rank0 ingests the example corpus into an empty or absent collection
     names = [cfg.store.collection, *cfg.retrieval.collections]
     if cfg.store.chroma_url:
         _check_server(cfg.store.chroma_url.rstrip("/"), names)

@@ -62,7 +62,7 @@ def _cfg(store: Path, *collections: str) -> Config:
     """A run over the local store ``store`` reading collection "example" and ``collections``; nothing ingested."""
     return Config(store=StoreConfig(path=str(store), collection="example"),
                   retrieval=RetrievalConfig(collections=tuple(collections)),
-                  run=RunConfig(ingest="", ingest_if_empty=""))
+                  run=RunConfig(ingest=""))
 
 
 # -- the reader ---------------------------------------------------------------------------------------
