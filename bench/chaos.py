@@ -1,4 +1,4 @@
-"""Chaos run (issue 9): one long `rag-pipeline run` hit by random faults, resumed after every stop until complete.
+"""Chaos run: one long `rag-pipeline run` hit by random faults, resumed after every stop until complete.
 
 Setup (defaults): the example store (collection "bench"), M records cycling over the 40 example claims; the RAG
 answers come from the real CPU llama.cpp server, managed by the run (so the run restarts it when it dies or

@@ -1,4 +1,4 @@
-"""Ingest and corpus-scale benchmarks (issue 8 item 6). Parts (``--parts``, default all):
+"""Ingest and corpus-scale benchmarks. Parts (``--parts``, default all):
 
 ``throughput``: chunks/s of the full `ingest` path vs bare SentenceTransformer.encode on the same chunks.
     Same chunks, same process, same loaded model: the bare baseline encodes exactly the chunks the ingest

@@ -98,7 +98,7 @@ def run_ours(servers: BenchServers, n: int, args: argparse.Namespace, store: Pat
     cfg = write_config(d / "bench.toml", {
         "retrieval": {"top_k": 5, "min_score": -1.0, "query_batch_size": args.query_batch_size},
         "rag": {"mode": "retrieve+answer", "max_tokens": 64},
-        "llm": {"read_timeout_s": 120.0},  # in flight per endpoint: the pipeline's default (issue 8)
+        "llm": {"read_timeout_s": 120.0},  # in flight per endpoint: the pipeline's default
         "generation": {"num_processes": gen_procs, "max_tokens": 64},
         "run": {"part_rows": part_rows},
     })

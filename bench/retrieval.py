@@ -7,7 +7,7 @@ nDCG@10, Recall@100 and queries/s (query embedding + search to 100 documents, on
 
 Baselines: dense and BM25 are measured in the same run; the published numbers on the same split are printed
 beside them (all-MiniLM-L6-v2 0.645 (MTEB); BM25 0.665 (BEIR paper, Thakur et al. 2021), 0.6789 (Anserini);
-BM25 + MiniLM cross-encoder reranking 0.688 (BEIR paper)). Goals (issue 10): bm25 >= 0.665, hybrid >= 0.70.
+BM25 + MiniLM cross-encoder reranking 0.688 (BEIR paper)). Goals: bm25 >= 0.665, hybrid >= 0.70.
 
 Hybrid settings are fixed a priori (RRF k = 60 from Cormack et al. 2009; BM25 k1 = 1.2, b = 0.75 from
 Lucene/Elasticsearch); `--sweep` additionally prints RRF k in {10, 30, 100} and document-level fusion as a

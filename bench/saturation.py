@@ -1,4 +1,4 @@
-"""Saturation benchmark (issue 8): does `rag-pipeline run` with its defaults keep every endpoint's batch full?
+"""Saturation benchmark: does `rag-pipeline run` with its defaults keep every endpoint's batch full?
 
 For N = 1, 2, 4, 8 benchmark endpoints (bench/bench_server.py) of capacity C = 64 and 256, the real CLI runs with
 only ``--input --output --endpoints URLS --num_processes 16`` (and ``--store/--collection`` to point at the

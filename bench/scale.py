@@ -1,4 +1,4 @@
-"""Scale benchmark: constant cost per record and bounded memory (issue 8, item 3; `merge` of item 5).
+"""Scale benchmark: constant cost per record and bounded memory.
 
 **(a) The output layer at 1,000,000 rows** (``--parts 1000 --rows 1000``; 5 contexts of 1,000 characters per
 row, ~5 GB of Parquet), through the code paths a run uses: every row goes through the scheduler's

@@ -1,4 +1,4 @@
-"""Every bad input is one clear line and exit 2 (4 for the store), before any server starts (issue 9 item 7).
+"""Every bad input is one clear line and exit 2 (4 for the store), before any server starts.
 
 Each probe runs the real CLI (`python -m pipeline.cli run`) in a subprocess. The probes that must fail before
 any server starts are given an endpoint where nothing listens: reaching the server stage would fail with exit 3

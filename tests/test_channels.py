@@ -1,4 +1,4 @@
-"""Isolated result channels (issue 9 item 6): a worker killed at any instruction, even half-way through sending a
+"""Isolated result channels: a worker killed at any instruction, even half-way through sending a
 message, or stopped mid-send, cannot block or corrupt the results of the other workers.
 
 Real processes (spawn), real pipes, real SIGKILL/SIGSTOP; messages of 256 KiB, four times a pipe's buffer, so a

@@ -52,7 +52,7 @@ def test_both_llm_calls_of_a_record_start_with_the_same_bytes():
     assert prefix.index(contexts[0]["text"][:200]) < prefix.index(query)
     assert len(prefix) > 0.9 * min(len(rag_p), len(gen_p)) - 300
     assert rag_p[len(prefix):] != gen_p[len(prefix):] and "Yes, it does." in gen_p[len(prefix):]
-    # after a soft failure the generation has no context (seed 001's rule)
+    # after a soft failure the generation has no context
     soft = generation_prompt(tpl, query=query, context_chars=cfg.rag.context_chars,
                              rag=RagResult("r1", rag_status="soft_fail", contexts=contexts))
     assert contexts[0]["text"][:100] not in soft and query in soft

@@ -1,4 +1,4 @@
-"""Corpus scale (issue 8 item 6): streaming sources, the on-disk ingest ledger (resume after SIGKILL, rebuild,
+"""Corpus scale: streaming sources, the on-disk ingest ledger (resume after SIGKILL, rebuild,
 stale removal), duplicate ids across files, device-aware batch sizes, and `store.shared` (one Chroma server per
 node) with real Chroma, the real embedding model and, for the run, real llama.cpp servers."""
 

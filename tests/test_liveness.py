@@ -1,4 +1,4 @@
-"""Liveness, outages and stopping (issue 9 items 1-3), with real components.
+"""Liveness, outages and stopping, with real components.
 
 Real: the example Chroma store, the packaged embedding model, spawned RAG workers and generation processes, the
 CPU llama.cpp server (managed tests). The benchmark server (bench/bench_server.py) stands in for a GPU server

@@ -1,4 +1,4 @@
-"""One writer and one identity per output directory (issue 9 item 5): the heartbeat lock, takeover of a dead
+"""One writer and one identity per output directory: the heartbeat lock, takeover of a dead
 holder's lock, the tombstoned --overwrite, and the identity / settings pinned in _run.json."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`run --retry-failed` (issue 9 item 4): failed rows are re-processed and replaced exactly once, also across
+"""`run --retry-failed`: failed rows are re-processed and replaced exactly once, also across
 kill -9 (of the retry run, and of the step that applies the replacement rows to the parts)."""
 
 from __future__ import annotations
