@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.llm.outcome import NoEndpointAvailable, Overloaded, RequestFailed, bad_endpoints, retry_cause
+from pipeline.llm.usage import FINISH_LENGTH
 from pipeline.messages import Fatal, GenResult, GenResults, Ready, WorkItem
 from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heartbeat
 
@@ -62,6 +63,9 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: Work
                 break
             out.gen_status = "invalid_output"
             out.gen_error = f"reply does not match generation.response_format after {i + 1} request(s): {error}"
+            if comp.finish_reason == FINISH_LENGTH:
+                out.gen_error += (f" (the reply was cut off at generation.max_tokens = {cfg.generation.max_tokens}: "
+                                  "finish_reason length; raise it)")
             ask = prompt + REASK.format(error=error[:200])
     except (RequestFailed, NoEndpointAvailable, Overloaded) as exc:
         failed = list(getattr(exc, "attempts", []) or [])

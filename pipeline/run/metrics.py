@@ -183,7 +183,7 @@ class RunMetrics:
         shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
         shown = f"[{shown}]" if ":" in shown else shown
         self.url = f"http://{shown}:{bound}/metrics"
-        log.info("run metrics served on %s", self.url)
+        log.warning("run metrics (Prometheus) on %s", self.url)  # the user asked for them: say where
         return self.url
 
     def stop(self) -> None:
