@@ -276,6 +276,10 @@ class RunConfig:
     max_outage_s: float = _f(
         1800.0, "Seconds dispatch stays paused while no LLM endpoint answers; then the run stops (exit 75, resumable)."
     )
+    metrics_port: int = _f(
+        -1, "Prometheus metrics of the run on this port (-1 = off, 0 = any free port; under Slurm + the job's port slot)."
+    )
+    metrics_host: str = _f("127.0.0.1", "Interface the metrics port binds (0.0.0.0 = every interface).")
 
 
 @dataclass(frozen=True)
@@ -341,6 +345,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("run", "progress_interval_s"): (0.001, None),
     ("run", "lock_refresh_s"): (0.01, None),
     ("run", "lock_stale_s"): (0.01, None),
+    ("run", "metrics_port"): (-1, 65535),  # -1 = off, 0 = any free port
 }
 DEFAULT_RANGE: tuple[float | None, float | None] = (0, None)
 

@@ -46,6 +46,11 @@ class RagResult:
         bad_endpoints: endpoints on which an attempt failed with a connection error, timeout or 5xx.
         unavailable: no endpoint was reachable; ``overloaded``: overload outlasted ``llm.overload_timeout_s``.
         retry_cause: ``"llm"``, ``"store"`` or None (see the module docstring).
+        requests: LLM requests made (0 or 1; ``attempts`` counts their HTTP attempts, retries included).
+        prompt_tokens, completion_tokens: the ``usage`` the server reported for the answer, None when no request
+            got a reply with usage.
+        finish_reason: why the answer ended, as the server says (``"stop"``, ``"length"`` = cut by
+            ``rag.max_tokens``, ...), None without a reply.
     """
 
     id: str
@@ -62,6 +67,10 @@ class RagResult:
     unavailable: bool = False
     overloaded: bool = False
     retry_cause: str | None = None
+    requests: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -81,6 +90,11 @@ class GenResult:
         gen_error: why, for failures.
         generate_ms: the request's latency (retries and re-asks included), milliseconds.
         attempts, endpoint, model, bad_endpoints, unavailable, overloaded, retry_cause: as in :class:`RagResult`.
+        requests: LLM requests made (a re-ask of ``generation.response_format`` is one more).
+        prompt_tokens, completion_tokens: ``usage`` summed over every reply (re-asks included), None when no
+            reply carried usage.
+        finish_reason: the last reply's (the one in the row): ``"stop"``, ``"length"`` = cut by
+            ``generation.max_tokens``, ...; None without a reply.
     """
 
     id: str
@@ -96,6 +110,10 @@ class GenResult:
     unavailable: bool = False
     overloaded: bool = False
     retry_cause: str | None = None
+    requests: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -110,6 +128,8 @@ class WorkItem:
     Attributes:
         id: the record id (str); ``query``: its query; ``extra``: its other input fields (passed through).
         t_dispatch: when main last sent it to a worker (monotonic seconds; deadlines and health run from it).
+        t_first_dispatch: when main first sent it to a RAG worker in this invocation (monotonic seconds; 0.0 before;
+            the pipeline's overhead per record is measured from it).
         rag: its RAG result, once it has one (a generation item carries it: the prompt is built from it).
         target: the endpoint its generation is routed to.
     """
@@ -118,6 +138,7 @@ class WorkItem:
     query: str
     extra: dict[str, Any] = field(default_factory=dict)
     t_dispatch: float = 0.0
+    t_first_dispatch: float = 0.0
     rag: RagResult | None = None
     target: str | None = None
 

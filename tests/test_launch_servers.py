@@ -30,7 +30,7 @@ from tests.fixtures.llm import free_port_block, requires_llama, server_processes
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch_servers.sh"
 # Flags checked against SGLang's ServerArgs (sgl-project/sglang python/sglang/srt/server_args.py).
-SGLANG_FLAGS = {"--model-path", "--host", "--port", "--tp-size", "--nccl-port"}
+SGLANG_FLAGS = {"--model-path", "--host", "--port", "--tp-size", "--nccl-port", "--enable-metrics"}
 
 
 def run_script(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:

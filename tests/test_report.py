@@ -64,7 +64,7 @@ def write_output(out: Path, n: int, part_rows: int, *, tokens: bool, shard: str 
     od.prepare(input_path=inp, fingerprint=input_fingerprint(inp), shard=shard, total_records=n,
                config=Config().to_dict(), overwrite=False)
 
-    def add_tokens(row: dict) -> None:
+    def add_tokens(_item, _rag, _gen, row: dict) -> None:
         row.update(rag_prompt_tokens=rng.randint(300, 1200), rag_completion_tokens=rng.randint(5, 64),
                    rag_finish_reason="length" if rng.random() < 0.1 else "stop")
         if row["gen_status"] != "skipped":

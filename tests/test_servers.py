@@ -151,7 +151,9 @@ def test_pool_serves_then_stop_leaves_no_process(llama_server_factory):
     (pid,) = pool.pids
     assert os.getpgid(pid) == pid  # its own process group
     models = requests.get(endpoint + "/v1/models", timeout=5).json()
-    assert models["data"][0]["id"].endswith(".gguf")
+    assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"  # the plan's --alias, not the file path
+    metrics = requests.get(endpoint + "/metrics", timeout=5)  # --metrics: llama.cpp's Prometheus endpoint
+    assert metrics.status_code == 200 and "llamacpp:" in metrics.text, metrics.text[:300]
     assert pool.check_alive() == []
     assert pool.specs[0].log_path.stat().st_size > 0
     pool.stop()
@@ -317,7 +319,7 @@ def test_serve_command_prints_endpoints_and_stops_on_sigterm(tmp_path):
 def test_verify_endpoints_lists_models_and_names_the_bad_endpoint(llama_endpoints):
     models = verify_endpoints(llama_endpoints, None, timeout_s=5)
     assert list(models) == llama_endpoints
-    assert all(ids and ids[0].endswith(".gguf") for ids in models.values())
+    assert all(ids == ["SmolLM2-135M-Instruct.Q4_1"] for ids in models.values())
     dead = dead_endpoint()
     with pytest.raises(ServerError, match=rf"endpoint {dead}: cannot reach {dead}/v1/models"):
         verify_endpoints([llama_endpoints[0], dead], None, timeout_s=2)

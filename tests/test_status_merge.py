@@ -245,3 +245,32 @@ def test_merge_refuses_to_overwrite_a_run_output(tmp_path: Path, records: Path) 
     with pytest.raises(InputError, match="holds a run output, not a merge output"):
         merge_shards(root, shard_dir(other, 0, 1))
     assert len(OutputDir(shard_dir(other, 0, 1)).parts()) == 2
+
+
+def test_merge_of_shards_with_and_without_token_columns(tmp_path: Path, records: Path) -> None:
+    """Shards of an earlier version (no token / finish-reason columns) merge with shards that have them: the
+    merged rows have the columns, null for the older rows."""
+    import pyarrow.parquet as pq
+
+    from pipeline.output.schema import COLUMN_TYPES, USAGE_COLUMNS
+
+    root = tmp_path / "out"
+    make_shard(root, records, 0, 2)  # written without the columns
+    newer = make_shard(root, records, 1, 2)
+    for part in newer.parts():
+        table = pq.read_table(part)
+        for name in USAGE_COLUMNS:
+            value = "length" if name.endswith("finish_reason") else 7
+            table = table.append_column(pa.field(name, COLUMN_TYPES[name]),
+                                        pa.array([value] * table.num_rows, COLUMN_TYPES[name]))
+        pq.write_table(table, part)
+    assert run_status(root)["done"] == 12
+    man = merge_shards(root)
+    assert man["rows"] == 12 and man["complete"] is True
+    merged = {r["id"]: r for r in read_rows(root / "merged").to_pylist()}
+    older = {r.id for r in iter_records(scan_input(records, on_bad_record="skip")) if in_shard(r.index, 0, 2)}
+    for rid, row in merged.items():
+        if rid in older:
+            assert all(row[c] is None for c in USAGE_COLUMNS), row
+        else:
+            assert row["gen_completion_tokens"] == 7 and row["rag_finish_reason"] == "length", row

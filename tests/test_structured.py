@@ -91,6 +91,10 @@ def test_real_server_returns_schema_json_or_invalid_output_after_reask(tmp_path,
         assert r.gen_status == "invalid_output" and r.generation_json is None, r
         assert r.attempts == 2 and "after 2 request(s): not JSON" in r.gen_error
         assert r.generation.lstrip().startswith("{")
+        # the row says why: cut off by max_tokens, the setting named; usage summed over both replies
+        assert r.finish_reason == "length"
+        assert "cut off at generation.max_tokens = 6: finish_reason length; raise it" in r.gen_error
+        assert r.requests == 2 and r.completion_tokens == 12 and r.prompt_tokens > 0
 
         plain = generate_one(client, ok_cfg, TEMPLATES, item)  # no schema: text, no generation_json
         assert plain.gen_status == "ok" and plain.generation_json is None

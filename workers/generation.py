@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.llm.outcome import NoEndpointAvailable, Overloaded, RequestFailed, bad_endpoints, retry_cause
+from pipeline.llm.usage import FINISH_LENGTH
 from pipeline.messages import Fatal, GenResult, GenResults, Ready, WorkItem
 from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heartbeat
 
@@ -43,12 +44,15 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: Work
     tries = max(1, cfg.generation.response_format_attempts) if structured is not None else 1
     n_attempts = 0
     seen: list[Any] = []
+    usage = _Usage()
     ask = prompt
     try:
         for i in range(tries):
+            usage.requests += 1
             comp = client.chat(ask, cfg.generation.max_tokens, prefer=item.target, extra=extra)
             n_attempts += len(comp.attempts)
             seen += list(comp.attempts)
+            usage.add(comp)
             out.generation, out.attempts, out.endpoint, out.model = comp.text, n_attempts, comp.endpoint, comp.model
             out.bad_endpoints = bad_endpoints(seen)
             if structured is None:
@@ -59,6 +63,9 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: Work
                 break
             out.gen_status = "invalid_output"
             out.gen_error = f"reply does not match generation.response_format after {i + 1} request(s): {error}"
+            if comp.finish_reason == FINISH_LENGTH:
+                out.gen_error += (f" (the reply was cut off at generation.max_tokens = {cfg.generation.max_tokens}: "
+                                  "finish_reason length; raise it)")
             ask = prompt + REASK.format(error=error[:200])
     except (RequestFailed, NoEndpointAvailable, Overloaded) as exc:
         failed = list(getattr(exc, "attempts", []) or [])
@@ -71,7 +78,28 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: Work
                         attempts=out.attempts, endpoint=out.endpoint, model=out.model,
                         bad_endpoints=out.bad_endpoints)
     out.generate_ms = (time.perf_counter() - t0) * 1000
+    out.requests, out.prompt_tokens, out.completion_tokens = usage.requests, usage.prompt, usage.completion
+    out.finish_reason = usage.finish_reason
     return out
+
+
+class _Usage:
+    """Token usage of one record's generation, summed over its replies (re-asks included); the finish reason is
+    the last reply's. A count stays None until a reply reports it."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.prompt: int | None = None
+        self.completion: int | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, comp: Any) -> None:
+        """Add a :class:`pipeline.llm.client.Completion`'s usage."""
+        if comp.prompt_tokens is not None:
+            self.prompt = (self.prompt or 0) + comp.prompt_tokens
+        if comp.completion_tokens is not None:
+            self.completion = (self.completion or 0) + comp.completion_tokens
+        self.finish_reason = comp.finish_reason
 
 
 def generation_worker_main(

@@ -45,6 +45,7 @@ def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: Wor
     prompt = rag_answer_prompt(templates, query=item.query, contexts=result.contexts,
                                context_chars=cfg.rag.context_chars, extra=item.extra)
     t0 = time.perf_counter()
+    result.requests = 1
     try:
         comp = client.chat(prompt, cfg.rag.max_tokens, prefer=prefer)
     except (RequestFailed, NoEndpointAvailable, Overloaded) as exc:
@@ -61,6 +62,8 @@ def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: Wor
     answer = (comp.text or "").strip()
     result.rag_answer, result.rag_llm_ms, result.attempts = answer, comp.latency_ms, len(comp.attempts)
     result.endpoint, result.model, result.bad_endpoints = comp.endpoint, comp.model, bad_endpoints(comp.attempts)
+    result.prompt_tokens, result.completion_tokens = comp.prompt_tokens, comp.completion_tokens
+    result.finish_reason = comp.finish_reason
     if len(answer) < cfg.rag.min_answer_chars:
         result.rag_status = "soft_fail"
         result.rag_error = f"RAG answer shorter than {cfg.rag.min_answer_chars} chars"

@@ -20,9 +20,29 @@ def summary_table(manifest: dict) -> str:
     lines.append(f"  this run: {inv['processed']} records in {inv['wall_s']:.1f} s ({inv['records_per_s'] or 0:.2f} records/s)")
     if "retried" in inv:
         lines.append("  retried: " + (", ".join(f"{n} {k}" for k, n in inv["retried"].items()) or "none"))
+    lines += token_lines(manifest)
     for err in manifest["errors"][:5]:
         lines.append(f"  error x{err['count']}: {err['error']}")
     return "\n".join(lines)
+
+
+def token_lines(manifest: dict) -> list[str]:
+    """Per LLM stage: token totals, completion tokens/s, and how many replies hit their max_tokens (with the
+    setting to raise). Manifests without ``tokens`` (written before they existed) give no line."""
+    lines = []
+    per_s = manifest["this_invocation"].get("completion_tokens_per_s") or {}
+    for stage, t in (manifest.get("tokens") or {}).items():
+        if not t["rows_with_usage"]:
+            continue
+        speed = t["request_completion_tokens_per_s"]
+        lines.append(f"  {stage} tokens: prompt {t['prompt_tokens']}  completion {t['completion_tokens']}  "
+                     f"({per_s.get(stage) or 0:.1f} tokens/s this run, "
+                     f"{'-' if speed is None else f'{speed:.1f}'} tokens/s per request)")
+        if t["hit_max_tokens"]:
+            what = "RAG answers" if stage == "rag" else "generations"
+            lines.append(f"  {t['hit_max_tokens']} {what} hit max_tokens (finish_reason length): raise "
+                         f"{t['max_tokens_setting']}")
+    return lines
 
 
 @click.command("run")
@@ -81,6 +101,8 @@ def summary_table(manifest: dict) -> str:
 @config_option("--allow-config-change", key="run.allow_config_change", is_flag=True, default=None,
                help="Resume although prompts, model, retrieval or generation settings changed.")
 @config_option("--grace-s", key="run.grace_s", type=float, help="Seconds in-flight records get after SIGTERM.")
+@config_option("--metrics-port", key="run.metrics_port", type=int,
+               help="Serve Prometheus metrics of the run on this port (0: any free port; default off).")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 @handle_errors
 def run_cmd(config_file: str | None, progress: bool, **params) -> None:

@@ -83,6 +83,7 @@ from pipeline.llm.outcome import (
     is_overload,
     is_retryable,
 )
+from pipeline.llm.usage import model_name, parse_finish_reason, parse_usage
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ class Completion:
     Attributes:
         text: generated text (``choices[0].message.content`` or ``choices[0].text``).
         endpoint: base URL that answered.
-        model: model name sent in the request.
+        model: the model's name: the id sent in the request, or the file name when that id is a file path
+            (:func:`model_name`).
         attempts: every attempt, the successful one last.
         latency_ms: wall time of the whole call, milliseconds (waits and backoffs included).
         prompt_tokens, completion_tokens: ``usage`` reported by the server (None if absent).
@@ -496,7 +498,7 @@ class LLMClient:
         path: str,
         body: dict[str, Any],
         prefer: str | None,
-        extract: Callable[[dict[str, Any]], tuple[str, str | None]],
+        extract: Callable[[dict[str, Any]], str],
     ) -> Completion:
         t0 = time.perf_counter()
         attempts: list[Attempt] = []
@@ -526,21 +528,21 @@ class LLMClient:
                 raise NoEndpointAvailable(f"no LLM endpoint reachable ({summary})", attempts) from None
             raise RequestFailed(f"LLM request failed after retries ({summary})", attempts) from None
         try:
-            text, finish = extract(data)
+            text = extract(data)
         except (KeyError, IndexError, TypeError):
             raise RequestFailed(
                 f"{ep.url}{path}: unexpected response shape: {str(data)[:200]!r}", attempts
             ) from None
-        usage = data.get("usage") or {}
+        prompt_tokens, completion_tokens = parse_usage(data)
         return Completion(
             text=text,
             endpoint=ep.url,
-            model=model,
+            model=model_name(model),
             attempts=attempts,
             latency_ms=(time.perf_counter() - t0) * 1000.0,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reason=parse_finish_reason(data),
         )
 
     def _pass(
@@ -681,14 +683,12 @@ def _check_response(resp: requests.Response) -> dict[str, Any]:
     return data
 
 
-def _chat_text(data: dict[str, Any]) -> tuple[str, str | None]:
-    choice = data["choices"][0]
-    return choice["message"]["content"] or "", choice.get("finish_reason")
+def _chat_text(data: dict[str, Any]) -> str:
+    return data["choices"][0]["message"]["content"] or ""
 
 
-def _completion_text(data: dict[str, Any]) -> tuple[str, str | None]:
-    choice = data["choices"][0]
-    return choice["text"] or "", choice.get("finish_reason")
+def _completion_text(data: dict[str, Any]) -> str:
+    return data["choices"][0]["text"] or ""
 
 
 __all__ = [

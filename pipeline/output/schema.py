@@ -4,11 +4,18 @@ Every other module (the run's commit, input validation's reserved names, status,
 refers to :data:`FIXED_COLUMNS` / :func:`row_schema` here. One Parquet row per valid input record::
 
     id, query, <passthrough columns of the input>, contexts, rag_answer, rag_status, rag_error,
-    generation, generation_json, gen_status, gen_error, attempts, endpoint, retrieve_ms, rag_llm_ms, generate_ms, model
+    generation, generation_json, gen_status, gen_error, attempts, endpoint, retrieve_ms, rag_llm_ms, generate_ms, model,
+    rag_prompt_tokens, rag_completion_tokens, rag_finish_reason, gen_prompt_tokens, gen_completion_tokens,
+    gen_finish_reason
 
 Passthrough columns keep their input type: for JSONL the type is unified over the whole input
 (string, int64, float64, bool; nested or mixed values as a JSON string); for Parquet input the column's own
 Arrow type. A passthrough field named like an output column is stored as ``input_<name>``.
+
+The token and finish-reason columns (:data:`USAGE_COLUMNS`) came later than the others: parts written before
+them lack them, and a run directory keeps the columns it started with (:func:`schema_of_run`), so an older run
+resumed by this version goes on without them. Readers (status, merge, manifest, eval-answers) read such parts
+as nulls.
 """
 
 from __future__ import annotations
@@ -48,7 +55,20 @@ FIXED_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("retrieve_ms", pa.float64(), "wall time of the retrieval micro-batch the record was in, ms"),
     ("rag_llm_ms", pa.float64(), "RAG-answer request latency (retries included), ms"),
     ("generate_ms", pa.float64(), "generation request latency (retries included), ms"),
-    ("model", pa.string(), "model id reported by the endpoint"),
+    ("model", pa.string(),
+     "the model's name: the id the endpoint reports, a file path reduced to its file name (no .gguf)"),
+    ("rag_prompt_tokens", pa.int32(),
+     "prompt tokens of the RAG answer (the server's usage, summed over its replies); null without a reply"),
+    ("rag_completion_tokens", pa.int32(), "completion tokens of the RAG answer; null without a reply"),
+    ("rag_finish_reason", pa.string(),
+     "why the RAG answer ended, as the server says: stop | length (cut by rag.max_tokens) | ...; null without "
+     "a reply"),
+    ("gen_prompt_tokens", pa.int32(),
+     "prompt tokens of the generation, summed over its replies (re-asks included); null without a reply"),
+    ("gen_completion_tokens", pa.int32(), "completion tokens of the generation, summed over its replies"),
+    ("gen_finish_reason", pa.string(),
+     "why the last generation reply ended: stop | length (cut by generation.max_tokens) | ...; null without a "
+     "reply"),
 )
 
 _HEAD = ("id", "query")
@@ -64,6 +84,17 @@ STATUS_COLUMNS = ("rag_status", "gen_status")
 LATENCY_COLUMNS = {"retrieve": "retrieve_ms", "rag_llm": "rag_llm_ms", "generate": "generate_ms"}
 #: the error columns grouped in the manifest.
 ERROR_COLUMNS = ("rag_error", "gen_error")
+#: per LLM stage: (prompt tokens, completion tokens, finish reason) columns, summed and counted in the manifest.
+STAGE_USAGE_COLUMNS = {
+    "rag": ("rag_prompt_tokens", "rag_completion_tokens", "rag_finish_reason"),
+    "gen": ("gen_prompt_tokens", "gen_completion_tokens", "gen_finish_reason"),
+}
+#: the latency column of each LLM stage of :data:`STAGE_USAGE_COLUMNS` (tokens per second of request time).
+STAGE_LATENCY_COLUMNS = {"rag": "rag_llm_ms", "gen": "generate_ms"}
+#: the setting that bounds each LLM stage's reply (raise it when replies end with finish_reason "length").
+STAGE_MAX_TOKENS_SETTING = {"rag": "rag.max_tokens", "gen": "generation.max_tokens"}
+#: every token and finish-reason column (absent from parts written before they existed).
+USAGE_COLUMNS = tuple(c for cols in STAGE_USAGE_COLUMNS.values() for c in cols)
 
 #: Arrow type of each JSONL passthrough type name (records.py infers these; "json" = nested/mixed values as
 #: a JSON string).
@@ -99,3 +130,27 @@ def row_schema(extra_types: dict[str, Any] | None = None) -> pa.Schema:
     fields += [pa.field(k, arrow_type(t)) for k, t in (extra_types or {}).items()]
     fields += [pa.field(n, t) for n, t, _ in FIXED_COLUMNS if n not in _HEAD]
     return pa.schema(fields)
+
+
+def schema_of_run(extra_types: dict[str, Any] | None, existing: pa.Schema | None) -> pa.Schema:
+    """The schema new rows of a run directory are written with: :func:`row_schema`, less the
+    :data:`USAGE_COLUMNS` that the directory's committed parts lack.
+
+    A run directory keeps the columns it started with, so that every part of it has one schema (tools that
+    read a directory with the first part's schema, or refuse differing parts, see all rows the same way).
+
+    Args:
+        extra_types: as for :func:`row_schema`.
+        existing: the schema of a committed part of the directory, or None when it has none yet.
+
+    Returns:
+        The schema; equal to ``row_schema(extra_types)`` for a new directory.
+    """
+    schema = row_schema(extra_types)
+    if existing is None:
+        return schema
+    names = set(existing.names)
+    for name in USAGE_COLUMNS:
+        if name not in names:
+            schema = schema.remove(schema.get_field_index(name))
+    return schema

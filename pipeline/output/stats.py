@@ -1,9 +1,10 @@
-"""Statistics over committed rows, streamed: counts per status, latency percentiles, grouped errors.
+"""Statistics over committed rows, streamed: counts per status, latency percentiles, grouped errors, token usage.
 
 Used by the run's manifest, ``status`` and ``merge``. Only the needed columns are read (never contexts or
 generations), batch by batch (:func:`pipeline.output.reading.scan_batches`). Memory: the status and error
 counters (bounded by :data:`MAX_ERROR_KINDS`) plus, for latency percentiles, 8 bytes per row and stage
-(exact percentiles need every value: 24 MB per million rows).
+(exact percentiles need every value: 24 MB per million rows); token sums and finish-reason counts are a few
+numbers per stage. Parts written before the token columns existed count as rows without usage.
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.llm.usage import FINISH_LENGTH
 from pipeline.output.reading import scan_batches
-from pipeline.output.schema import ERROR_COLUMNS, LATENCY_COLUMNS, STATUS_COLUMNS
+from pipeline.output.schema import (
+    ERROR_COLUMNS,
+    LATENCY_COLUMNS,
+    STAGE_LATENCY_COLUMNS,
+    STAGE_MAX_TOKENS_SETTING,
+    STAGE_USAGE_COLUMNS,
+    STATUS_COLUMNS,
+    USAGE_COLUMNS,
+)
 
 #: distinct error messages kept by the manifest's error grouping; beyond it the rarest are folded into
 #: ``"(other errors)"``.
@@ -97,8 +107,8 @@ class RowStats:
     """Accumulates statistics over record batches of committed rows.
 
     Args:
-        detail: also collect latency values, grouped errors and model ids (the manifest); False = row and
-            status counts only (status, merge).
+        detail: also collect latency values, grouped errors, model ids and token usage (the manifest); False =
+            row and status counts only (status, merge).
     """
 
     def __init__(self, *, detail: bool = False) -> None:
@@ -108,13 +118,14 @@ class RowStats:
         self.grouped_errors = ErrorGroups()
         self.models: set[str] = set()
         self._latency: dict[str, list[np.ndarray]] = {k: [] for k in LATENCY_COLUMNS}
+        self._usage = {stage: _StageUsage() for stage in STAGE_USAGE_COLUMNS}
 
     @property
     def columns(self) -> list[str]:
         """Columns a scan must project for this accumulator."""
         cols = list(STATUS_COLUMNS)
         if self.detail:
-            cols += list(LATENCY_COLUMNS.values()) + list(ERROR_COLUMNS) + ["model"]
+            cols += list(LATENCY_COLUMNS.values()) + list(ERROR_COLUMNS) + ["model"] + list(USAGE_COLUMNS)
         return cols
 
     def add(self, batch: pa.RecordBatch | pa.Table) -> None:
@@ -134,6 +145,10 @@ class RowStats:
         for m in pc.unique(pc.drop_null(batch.column("model"))).to_pylist():
             if m:
                 self.models.add(m)
+        for stage, (prompt, completion, finish) in STAGE_USAGE_COLUMNS.items():
+            if completion in names:
+                self._usage[stage].add(batch.column(prompt), batch.column(completion), batch.column(finish),
+                                       batch.column(STAGE_LATENCY_COLUMNS[stage]))
 
     def status_counts(self) -> dict[str, dict[str, int]]:
         """``{"rag_status": {value: rows}, "gen_status": {...}}`` sorted by value (``"null"`` = missing)."""
@@ -146,9 +161,57 @@ class RowStats:
             out[stage] = percentiles(np.concatenate(chunks) if chunks else np.empty(0))
         return out
 
+    def token_report(self) -> dict[str, dict[str, Any]]:
+        """Per LLM stage (``rag``, ``gen``): token totals, tokens per second of request time, finish reasons.
+
+        Returns:
+            ``{stage: {"prompt_tokens": int, "completion_tokens": int, "rows_with_usage": int,
+            "request_completion_tokens_per_s": float | None, "finish_reasons": {reason: rows},
+            "hit_max_tokens": int, "max_tokens_setting": "rag.max_tokens" | "generation.max_tokens"}}``.
+            ``request_completion_tokens_per_s`` = completion tokens / seconds of the stage's requests (the
+            ``rag_llm_ms`` / ``generate_ms`` of the same rows: the speed one request sees, queueing and
+            prefill included); ``hit_max_tokens`` = replies with finish_reason ``"length"``.
+        """
+        return {stage: u.report(STAGE_MAX_TOKENS_SETTING[stage]) for stage, u in self._usage.items()}
+
     def error_groups(self, k: int = 50) -> list[dict[str, Any]]:
         """The ``k`` most frequent errors (:meth:`ErrorGroups.groups`)."""
         return self.grouped_errors.groups(k)
+
+
+class _StageUsage:
+    """Token sums and finish-reason counts of one LLM stage over record batches."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.rows_with_usage = 0
+        self.timed_tokens = 0  # completion tokens of rows that also have the stage's latency
+        self.timed_ms = 0.0
+        self.finish: collections.Counter[str] = collections.Counter()
+
+    def add(self, prompt: pa.Array, completion: pa.Array, finish: pa.Array, latency_ms: pa.Array) -> None:
+        self.prompt_tokens += int(pc.sum(prompt).as_py() or 0)
+        self.completion_tokens += int(pc.sum(completion).as_py() or 0)
+        self.rows_with_usage += len(completion) - completion.null_count
+        timed = pc.and_(pc.is_valid(completion), pc.is_valid(latency_ms))
+        self.timed_tokens += int(pc.sum(pc.filter(completion, timed)).as_py() or 0)
+        self.timed_ms += float(pc.sum(pc.filter(latency_ms, timed)).as_py() or 0.0)
+        reasons = pc.drop_null(finish)
+        if len(reasons):
+            _add_value_counts(self.finish, reasons)
+
+    def report(self, setting: str) -> dict[str, Any]:
+        per_s = self.timed_tokens / (self.timed_ms / 1000.0) if self.timed_ms > 0 else None
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "rows_with_usage": self.rows_with_usage,
+            "request_completion_tokens_per_s": round(per_s, 3) if per_s is not None else None,
+            "finish_reasons": sorted_counts(self.finish),
+            "hit_max_tokens": self.finish.get(FINISH_LENGTH, 0),
+            "max_tokens_setting": setting,
+        }
 
 
 def scan_stats(parts: list[Path], *, detail: bool = False) -> RowStats:

@@ -24,7 +24,7 @@ def package_versions() -> dict[str, str | None]:
 
 def build_manifest(
     cfg: Config, out_dir: Path, total: int, *, endpoints: list[str], wall_s: float, processed: int,
-    interrupted: str | None, backend: str,
+    interrupted: str | None, backend: str, tokens_this_invocation: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The run report: counts per status, p50/p95/p99 per stage in ms, errors grouped.
 
@@ -35,6 +35,8 @@ def build_manifest(
     Args:
         total: records of the run's partition; ``wall_s``: this invocation's wall time in seconds;
         processed: rows this invocation committed; ``interrupted``: the stop's reason, or None.
+        tokens_this_invocation: ``{"<stage>_completion_tokens": n, ...}`` of the rows this invocation finished
+            (:attr:`pipeline.run.rows.RowWriter.tokens`): ``this_invocation.completion_tokens_per_s`` per stage.
     """
     from pipeline.output import part_paths, scan_stats
 
@@ -48,10 +50,14 @@ def build_manifest(
         "counts": stats.status_counts(),
         "latency_ms": stats.latency_ms(),
         "errors": stats.error_groups(50),
+        "tokens": stats.token_report(),
         "this_invocation": {
             "processed": processed,
             "wall_s": round(wall_s, 3),
             "records_per_s": round(processed / wall_s, 4) if wall_s > 0 else None,
+            "completion_tokens_per_s": {
+                stage: round((tokens_this_invocation or {}).get(f"{stage}_completion_tokens", 0) / wall_s, 3)
+                if wall_s > 0 else None for stage in ("rag", "gen")},
         },
         "backend": backend,
         "endpoints": endpoints,

@@ -155,6 +155,7 @@ class _Started:
     servers: Servers | None = None
     store_mode: Any = None
     scheduler: Any = None
+    metrics: Any = None
 
 
 def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, int] | None, lock: Any) -> RunResult:
@@ -200,10 +201,13 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                                        max_query_chars=cfg.run.max_query_chars, limit=cfg.run.limit, shard=shard)
                if r.id not in ledger or r.id in retry_ids)
     progress_view: Any = None
+    metrics: Any = None
 
-    def on_row(row: dict) -> None:
+    def on_row(item: Any, rag: Any, gen: Any, row: dict) -> None:
         if progress_view is not None:
             progress_view.finished_one(row.get("rag_status"), row.get("gen_status"))
+        if metrics is not None:
+            metrics.row_finished(item, rag, gen, row, time.monotonic())
 
     writer = RowWriter(od, scan.extra_types, part_rows=cfg.run.part_rows, retry_ids=retry_ids, lock=lock,
                        on_row=on_row)
@@ -215,6 +219,9 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
             signals.install()
             stack.callback(signals.restore)
             if n_pending > 0:
+                from pipeline.run.metrics import start_metrics
+
+                metrics = started.metrics = start_metrics(cfg, stack)  # before any server
                 servers = _start_servers(cfg, out_dir, signals, stack)
                 started.servers = servers
                 store_mode, worker_cfg, store_sup = _share_store(cfg, servers, out_dir, signals, stack)
@@ -235,7 +242,7 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                         od.apply_retries()
 
                 stack.callback(commit_at_exit)
-                _schedule(cfg, scheduler, workers, writer, signals, servers, store_sup, progress_view)
+                _schedule(cfg, scheduler, workers, writer, signals, servers, store_sup, progress_view, metrics)
             else:
                 stack.callback(writer.commit)
     except (Interrupted, RunError, OutageError) as exc:
@@ -252,13 +259,17 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
         manifest = build_manifest(cfg, out_dir, total, endpoints=servers.endpoints if servers else [],
                                   wall_s=time.monotonic() - t_start, processed=writer.processed,
                                   interrupted=interrupted or signals.name or None,
-                                  backend=servers.backend if servers else "none")
+                                  backend=servers.backend if servers else "none", tokens_this_invocation=writer.tokens)
         if retry is not None:
             manifest["this_invocation"]["retried"] = retry.counts
         if servers is not None and servers.pool is not None:
             manifest["servers"] = server_report(servers.pool, servers.rag_targets)
         if started.store_mode is not None:
             manifest["store"] = started.store_mode.as_dict()
+        if servers is not None:
+            from pipeline.run.metrics import metrics_report
+
+            manifest["metrics"] = metrics_report(started.metrics, servers.pool)
         with _output_errors(out_dir, "write"):
             od.write_manifest(manifest)
     result = RunResult(out_dir, total, n_done_before, writer.processed, manifest["complete"], manifest)
@@ -269,7 +280,7 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
 
 
 def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: StopSignals, servers: Servers,
-              store_sup: Any, progress_view: Any) -> None:
+              store_sup: Any, progress_view: Any, metrics: Any = None) -> None:
     """The scheduling loop: feed the scheduler its events, carry out its decisions, until every record has a
     row or a signal, a fatal error or an outage stops the run.
 
@@ -291,6 +302,8 @@ def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: S
         if store_sup is not None:
             scheduler.observe_store(store_sup.down(), store_sup.restarted_at)
         workers.hold_dead()
+        if metrics is not None:
+            metrics.tick(scheduler, servers.monitor, time.monotonic())
         for send in scheduler.dispatch(time.monotonic()):
             workers.send(send)
         if scheduler.done():

@@ -7,6 +7,7 @@ committed failed rows (``--retry-failed``) are committed as retry parts, applied
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -30,16 +31,28 @@ class RowWriter:
         part_rows: rows per part (``run.part_rows``).
         retry_ids: ids of committed failed rows being re-processed (``--retry-failed``).
         lock: the output directory's :class:`pipeline.output.lock.DirLock` (commits stop if it was lost).
-        on_row: called with each row as it is finished (progress), or None.
+        on_row: called as ``on_row(item, rag, gen, row)`` for each row as it is finished (progress, metrics), or
+            None.
+
+    Attributes:
+        schema: the rows' schema: the directory keeps the columns it started with
+            (:func:`pipeline.output.schema.schema_of_run`; an older run resumed has no token columns).
+        tokens: ``{"<stage>_<prompt|completion>_tokens": sum}`` over the rows finished by this invocation.
     """
 
     def __init__(self, od: Any, extra_types: dict[str, Any], *, part_rows: int, retry_ids: set[str] | None = None,
                  lock: Any = None, on_row: Any = None) -> None:
-        from pipeline.output import row_schema
+        from pipeline.output.reading import read_part_schema
+        from pipeline.output.schema import USAGE_COLUMNS, schema_of_run
 
         self.od = od
         self.extra_types = extra_types
-        self.schema = row_schema(extra_types)
+        parts = od.parts()
+        self.schema = schema_of_run(extra_types, read_part_schema(parts[0]) if parts else None)
+        if parts and any(c not in self.schema.names for c in USAGE_COLUMNS):
+            log.warning("%s was started by an earlier version: its rows keep their columns, without token counts "
+                        "and finish reasons (--overwrite or a new --output to get them)", od.path)
+        self.tokens: collections.Counter[str] = collections.Counter()
         self.part_rows = part_rows
         self.retry_ids: set[str] = set(retry_ids or ())
         self.lock = lock
@@ -71,7 +84,11 @@ class RowWriter:
             v = item.extra.get(k)
             row[k] = json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
         row.update(contexts=rag.contexts, rag_answer=rag.rag_answer, rag_status=rag.rag_status, rag_error=rag.rag_error,
-                   retrieve_ms=rag.retrieve_ms, rag_llm_ms=rag.rag_llm_ms)
+                   retrieve_ms=rag.retrieve_ms, rag_llm_ms=rag.rag_llm_ms, rag_prompt_tokens=rag.prompt_tokens,
+                   rag_completion_tokens=rag.completion_tokens, rag_finish_reason=rag.finish_reason,
+                   gen_prompt_tokens=gen.prompt_tokens if gen else None,
+                   gen_completion_tokens=gen.completion_tokens if gen else None,
+                   gen_finish_reason=gen.finish_reason if gen else None)
         if gen is None:
             row.update(generation=None, gen_status="skipped", gen_error=rag.rag_error or "RAG hard failure",
                        generate_ms=None, attempts=rag.attempts, endpoint=rag.endpoint, model=rag.model)
@@ -79,8 +96,11 @@ class RowWriter:
             row.update(generation=gen.generation, generation_json=gen.generation_json, gen_status=gen.gen_status,
                        gen_error=gen.gen_error, generate_ms=gen.generate_ms, attempts=rag.attempts + gen.attempts,
                        endpoint=gen.endpoint or rag.endpoint, model=gen.model or rag.model)
+        for key in ("rag_prompt_tokens", "rag_completion_tokens", "gen_prompt_tokens", "gen_completion_tokens"):
+            if row[key]:
+                self.tokens[key] += row[key]
         if self.on_row is not None:
-            self.on_row(row)
+            self.on_row(item, rag, gen, row)
         self.pending.append(row)
         if len(self.pending) >= self.part_rows:
             self.commit()

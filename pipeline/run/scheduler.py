@@ -317,6 +317,7 @@ class Scheduler:
                     break
                 for it in items:
                     it.t_dispatch = now
+                    it.t_first_dispatch = it.t_first_dispatch or now
                     w.assigned[it.id] = it
                 if w.endpoint:
                     load[w.endpoint] += len(items)
@@ -398,6 +399,12 @@ class Scheduler:
                 if w.kind == RAG and w.endpoint:
                     load[w.endpoint] += len(w.assigned)
         return load
+
+    def in_flight(self) -> dict[str, int]:
+        """Requests in flight per endpoint now (every endpoint with a total, 0 included): generations sent there
+        plus the records its RAG worker holds when RAG workers ask for answers."""
+        load = self._loads()
+        return {e: load[e] for e in self.inflight}
 
     def route(self, item: WorkItem, now: float) -> str:
         """The generation endpoint of a record: the endpoint of its RAG answer while healthy, else the least

@@ -8,7 +8,10 @@ server on background threads inside the calling process. This module is that ent
 pool and ``launch_servers.sh`` start it as a subprocess in its own process group like any other server::
 
     python -m pipeline.servers.cpu_server --model GGUF --host 127.0.0.1 --port 11434 \
-        --n_ctx 2048 --n_parallel 4 --n_threads 1
+        --n_ctx 2048 --n_parallel 4 --n_threads 1 --alias NAME --metrics
+
+``--alias`` is the model name ``/v1/models`` reports (llama.cpp reports the file path without one);
+``--metrics`` turns on llama.cpp's Prometheus endpoint ``GET /metrics`` (``CommonParams.endpoint_metrics``).
 
 Sizes:
     ``--n_ctx`` is the context of **one slot**, tokens; the server allocates ``n_ctx * n_parallel``
@@ -60,7 +63,8 @@ def build_params(args: argparse.Namespace):  # noqa: ANN201 - xllamacpp.CommonPa
     p.cpuparams.n_threads = args.n_threads
     p.cpuparams_batch.n_threads = args.n_threads
     if args.alias:
-        p.model_alias = args.alias
+        p.model_alias = {args.alias}  # a set of names in xllamacpp (a str would become a set of its letters)
+    p.endpoint_metrics = args.metrics  # Prometheus text on GET /metrics
     if args.api_key:
         p.api_keys = [args.api_key]
     return p
@@ -77,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n_threads", type=int, default=1, help="CPU threads for decoding and prompt processing.")
     ap.add_argument("--api_key", default="", help="Require this bearer token on API requests (/health stays open).")
     ap.add_argument("--alias", default="", help="Model name reported by /v1/models (default: the file path).")
+    ap.add_argument("--metrics", action="store_true", help="Serve llama.cpp's Prometheus metrics on GET /metrics.")
     args = ap.parse_args(argv)
     for name in ("port", "n_ctx", "n_parallel", "n_threads"):
         if getattr(args, name) < 1:

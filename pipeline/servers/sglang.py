@@ -1,8 +1,9 @@
 """The SGLang backend: one server per ``servers.tp_size`` GPUs.
 
 Server i runs ``python -m sglang.launch_server --model-path M --host H --port P --tp-size T --nccl-port Q
-[--mem-fraction-static F] [extra args]`` with ``CUDA_VISIBLE_DEVICES`` set to its T physical GPU ids (visible
-GPUs ``i*T .. i*T+T-1``); readiness is ``GET /health``. The flags are checked with SGLang 0.5.23's own parser
+[--mem-fraction-static F] --enable-metrics [extra args]`` with ``CUDA_VISIBLE_DEVICES`` set to its T physical GPU ids (visible
+GPUs ``i*T .. i*T+T-1``); readiness is ``GET /health``; ``--enable-metrics`` serves SGLang's Prometheus
+``GET /metrics``. The flags are checked with SGLang 0.5.23's own parser
 (``ServerArgs.add_cli_args``, tests/test_sglang_managed.py). Several SGLang servers on one node collide
 unless each has its own NCCL port, hence ``servers.nccl_base_port + 100 * slot + 10 * i``.
 """
@@ -101,6 +102,7 @@ class SGLangBackend(Backend):
                 "--tp-size", str(tp),
                 "--nccl-port", str(nccl_port),
                 *(("--mem-fraction-static", str(fraction)) if fraction is not None else ()),
+                "--enable-metrics",
                 *s.extra_args,
             )  # fmt: skip
             specs.append(

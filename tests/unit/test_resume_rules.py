@@ -57,10 +57,12 @@ def test_selection_counts_every_reason_of_its_flags_and_says_what_it_retries() -
 
 def _rows(specs: list[tuple[str, str, str]], finish: list[str | None] | None = None) -> pa.Table:
     """Rows (id, rag_status, gen_status), with a gen_finish_reason column when ``finish`` is given."""
-    table = pa.Table.from_pylist([{"id": i, "query": f"q{i}", "rag_status": r, "gen_status": g, "generation": "x"}
-                                  for i, r, g in specs], schema=row_schema({}))
-    if finish is not None:
-        table = table.append_column("gen_finish_reason", pa.array(finish, pa.string()))
+    table = pa.Table.from_pylist([{"id": i, "query": f"q{i}", "rag_status": r, "gen_status": g, "generation": "x",
+                                   "gen_finish_reason": f}
+                                  for (i, r, g), f in zip(specs, finish or [None] * len(specs), strict=True)],
+                                 schema=row_schema({}))
+    if finish is None:  # a part written before the column existed
+        table = table.drop_columns(["gen_finish_reason"])
     return table
 
 

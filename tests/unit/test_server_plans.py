@@ -70,7 +70,8 @@ def test_sglang_plan_uses_the_given_ports_and_one_log_per_port():
 def test_sglang_command_is_this_python_with_the_checked_flags_in_order():
     (spec,) = sglang.BACKEND.plan(sglang_ctx(ports=(12000,)))
     assert spec.argv == (sys.executable, "-m", "sglang.launch_server", "--model-path", "org/model",
-                         "--host", "127.0.0.1", "--port", "12000", "--tp-size", "1", "--nccl-port", "29500")
+                         "--host", "127.0.0.1", "--port", "12000", "--tp-size", "1", "--nccl-port", "29500",
+                         "--enable-metrics")
 
 
 def test_nccl_ports_are_ten_apart_and_shifted_by_the_slot():
@@ -193,7 +194,8 @@ def test_llamacpp_plan_exact_command_per_port():
     specs = llamacpp.BACKEND.plan(ctx)
     assert [s.argv for s in specs] == [
         (sys.executable, "-m", "pipeline.servers.cpu_server", "--model", "/m.gguf", "--host", "127.0.0.1",
-         "--port", str(p), "--n_ctx", "1024", "--n_parallel", "2", "--n_threads", "3", "--alias", "smol")
+         "--port", str(p), "--n_ctx", "1024", "--n_parallel", "2", "--n_threads", "3", "--alias", "m", "--metrics",
+         "--alias", "smol")
         for p in (12100, 12101)
     ]
     for s in specs:
