@@ -188,7 +188,8 @@ class RepeatAggregator(logging.Filter):
     def summary(self, key: str, g: _Group, now: float) -> str:
         """The summary line of a closed window: ``KEY: N more times in S s (roles); last: MESSAGE``."""
         span_s = min(max(0.0, now - g.t0), self.window_s)
-        who = ", ".join(sorted(r for r in g.roles if r))
+        roles = {r for r in g.roles if r}
+        who = "" if roles == {_state["role"]} else ", ".join(sorted(roles))  # no "(main)" for main's own lines
         return (f"{key}: {g.count} more time{'s' if g.count != 1 else ''} in {span_s:.0f} s"
                 f"{f' ({who})' if who else ''}; last: {g.last}")
 
@@ -266,16 +267,19 @@ def setup(verbosity: int = 0, *, role_name: str = "main") -> None:
     the repeat aggregator. Idempotent (a second call replaces what the first added).
 
     If the process's root logger already has handlers this module did not add (an application or pytest
-    configured logging), no stderr handler is added: theirs receive the records.
+    configured logging), only the role and verbosity are recorded (for the workers): their configuration,
+    handlers and levels, is left as it is.
 
     Args:
         verbosity: -1 (``-q``), 0, 1 (``-v``), 2 (``-vv``).
         role_name: the process's role in log lines.
     """
-    _reset(role_name, verbosity)
     root = logging.getLogger()
     if any(h not in _state["handlers"] for h in root.handlers):
+        with _state_lock:
+            _state.update(role=role_name, verbosity=verbosity)
         return
+    _reset(role_name, verbosity)
     console = _add_handler(_StderrHandler(), verbosity)
     console.addFilter(_NoConsole())
     attach_aggregator(console)

@@ -9,7 +9,10 @@ hang on demand (``POST /fault {"hang": true}``).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from bench.bench_server import launch
+from tests.fixtures.llm import requires_llama
 from tests.runtools import (
     REPO,
     committed_parts,
     read_ids,
     run_args,
     start_run,
-    store_args,
     wait_for_parts,
     wait_no_survivors,
     write_config,
@@ -93,13 +96,17 @@ def test_state_status_progress_and_logs_through_a_stall_a_kill_and_a_resume(tmp_
     completes: `status` says complete."""
     records = write_records(tmp_path, 60)
     out = tmp_path / "out"
+    store = tmp_path / "store"  # a copy without its BM25 index: rank0 builds it, and bm25s logs DEBUG lines then
+    shutil.copytree(example_store.store_cfg.path, store)
+    shutil.rmtree(store / "bm25")
     cfg = write_config(tmp_path, {
         "run": {"progress_interval_s": 1.0, "lock_refresh_s": 0.5, "heartbeat_interval_s": 0.5,
                 "heartbeat_timeout_s": 30.0},
         "generation": {"num_processes": 1}, "retrieval": {"query_batch_size": 2},
         "llm": {"max_concurrency": 2, "read_timeout_s": 2.0},
     })
-    args = run_args(records, out, cfg, "--endpoints", bench.urls[0], *store_args(example_store))
+    args = run_args(records, out, cfg, "--endpoints", bench.urls[0], "--store", str(store), "--collection",
+                    example_store.store_cfg.collection)
     proc, marker = start_run(args)
     err = _Stderr(proc)
     try:
@@ -150,7 +157,8 @@ def test_state_status_progress_and_logs_through_a_stall_a_kill_and_a_resume(tmp_
     assert worker_warning, stderr[-4000:]
     role = worker_warning.group(1) + "-0"
     assert "failures in a row" in (out / "_logs" / f"{role}.log").read_text()
-    assert not [ln for ln in stderr.splitlines() if " DEBUG " in ln], "no DEBUG line at default verbosity"
+    assert not [ln for ln in stderr.splitlines() if "DEBUG" in ln], "no DEBUG line at default verbosity"
+    assert (store / "bm25").is_dir()  # rank0 built the index (bm25s logged at DEBUG meanwhile: not shown)
     log_lines = [ln for ln in stderr.splitlines() if re.match(rf"^{STAMP} (INFO|WARNING|ERROR) ", ln)]
     assert log_lines and all(re.match(rf"^{STAMP} \w+ (main|rag-\d+|gen-\d+) [\w.]+: ", ln) for ln in log_lines)
     assert "[progress]" in (out / "_logs" / "main.log").read_text()
@@ -172,3 +180,40 @@ def test_state_status_progress_and_logs_through_a_stall_a_kill_and_a_resume(tmp_
     assert sorted(read_ids(out)) == sorted(json.loads(x)["id"] for x in records.read_text().splitlines())
     main_log = (out / "_logs" / "main.log").read_text()
     assert main_log.count("run phase: running") == 2 and "run phase: complete" in main_log
+
+
+def test_no_debug_line_at_default_verbosity_although_bm25s_logs_at_debug(tmp_path):
+    """bm25s sets its logger to DEBUG and logs "Building index from tokens" while an ingest builds the BM25 index:
+    shown with -vv (so the line exists), never at the default verbosity, where rag-pipeline's INFO lines are shown
+    in the one format."""
+    from tests.fixtures.store import write_small_corpus
+
+    src = write_small_corpus(tmp_path / "src")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    errs = {}
+    for flags in ((), ("-vv",)):
+        res = subprocess.run([sys.executable, "-m", "pipeline.cli", *flags, "ingest", str(src), "--store",
+                              str(tmp_path / f"store{len(flags)}"), "--collection", "small", "--no-progress"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        errs[flags] = res.stderr
+    assert re.search(rf"^{STAMP} DEBUG main bm25s: Building index", errs[("-vv",)], re.M), errs[("-vv",)][-3000:]
+    default = errs[()]
+    assert "DEBUG" not in default, default
+    assert re.search(rf"^{STAMP} INFO main pipeline\.corpus\.ingest: ", default, re.M), default
+
+
+@requires_llama
+def test_server_start_up_milestones_are_info_lines(llama_server_factory, caplog, monkeypatch):
+    """A real llama.cpp server: started (pid, log), still loading (here every 0.2 s instead of every minute),
+    ready after N s: all at INFO, so the default verbosity shows a long start-up is alive."""
+    from pipeline.servers import pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "LOADING_NOTE_S", 0.2)
+    with caplog.at_level(logging.INFO, logger="pipeline.servers.pool"):
+        pool = llama_server_factory(1)
+    port = pool.specs[0].port
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(m.startswith(f"llamacpp server on port {port} started (pid") for m in infos), infos
+    assert any(m.startswith(f"server on port {port} still loading after") and "last line" in m for m in infos), infos
+    assert any(re.match(rf"server on port {port} is ready after \d+\.\d s", m) for m in infos), infos

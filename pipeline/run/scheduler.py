@@ -390,10 +390,11 @@ class Scheduler:
                             self.cfg.run.max_outage_s)
             else:  # the probes answer, but records failed on every endpoint: a hold, not an outage
                 log.warning("%s dispatch paused: held for %.0f s after records failed on every endpoint (probes: %s)",
-                            stage, h.hold_until - now, _probe_summary(self.health.states(h.urls)))
+                            stage, h.hold_until - now, _probe_summary(self.health.states(h.urls)),
+                            extra={"repeat_key": f"{stage} dispatch held after failures"})
             h.paused_logged = True
         elif not paused and h.paused_logged:
-            log.warning("%s dispatch resumed", stage)
+            log.warning("%s dispatch resumed", stage, extra={"repeat_key": f"{stage} dispatch resumed"})
             h.paused_logged = False
         return paused
 

@@ -147,7 +147,7 @@ class LiveState:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.started_wall = time.time()
-        self.phase = "starting servers"
+        self.phase = ""  # set_phase names the first one
         self.phase_since = self.started_wall
         self.stop_reason: str | None = None
         self.running_since: float | None = None

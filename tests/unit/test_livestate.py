@@ -330,3 +330,55 @@ def _dead_pid() -> int:
     while psutil.pid_exists(pid):
         pid += 1
     return pid
+
+
+def test_a_stop_signal_turns_the_phase_to_draining_then_stopped(tmp_path):
+    class _Signals:
+        name = "SIGTERM"
+
+    s = make(4, inflight=4)
+    live, _ = _live(tmp_path, s)
+    live.parts["signals"] = _Signals()
+    live.set_phase("running")
+    s.stop()
+    live.tick()
+    st = read_state(tmp_path)
+    assert st["phase"] == "draining" and st["stop_reason"] == "SIGTERM received: in-flight records finish"
+    live.finish(complete=False, reason="SIGTERM")
+    st = read_state(tmp_path)
+    assert (st["phase"], st["stop_reason"]) == ("stopped", "SIGTERM")
+
+
+def test_status_text_of_a_running_run_says_heartbeat_rate_eta_and_uncommitted_rows():
+    from pipeline.cli.results import format_status
+
+    live = {"phase": "running", "rate": {"records_per_s": 0.42, "window_s": 300.0, "eta_s": 14.0, "idle_s": 2.0},
+            "endpoints": {A: {"in_flight": 5, "limit": 5, "probe": "up"}}, "paused": {"rag": None, "gen": "held 30 s"}}
+    st = {"path": "out", "total": 20, "done": 14, "committed": 12, "rejected": 0, "complete": False,
+          "rag_status": {"ok": 14}, "gen_status": {"ok": 14},
+          "run": {"state": "running", "host": "node17", "pid": 4242, "heartbeat_age_s": 3.2, "phase": "running",
+                  "phase_since": "2026-12-03T14:02:11+0000", "updated_age_s": 1.0, "live": live, "reason": None}}
+    text = format_status(st)
+    assert text.splitlines()[0] == "out: 14/20 records done (70.0%), running"
+    assert "running (host node17, pid 4242); phase running since 2026-12-03T14:02:11+0000; last heartbeat 3 s ago" in text
+    assert "rate: 0.42 records/s over the last 5 min, ETA 14 s; last row 2 s ago" in text
+    assert "12 rows committed, 2 finished and not committed yet" in text
+    assert f"endpoint {A}: 5/5 in flight, probe up" in text and "gen dispatch paused: held 30 s" in text
+    dead = {**st, "done": 12, "committed": 12,
+            "run": {**st["run"], "state": "stopped", "live": None, "reason": "the run died: process 4242 is gone"}}
+    assert "run: stopped: the run died: process 4242 is gone; host node17, pid 4242; last heartbeat 3 s ago" in \
+        format_status(dead)
+
+
+def test_quiet_and_verbose_flags_set_the_verbosity():
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    try:
+        for flags, want in ((["-q"], -1), ([], 0), (["-v"], 1), (["-vv"], 2), (["-vvv"], 2)):
+            res = CliRunner().invoke(main, [*flags, "config"])
+            assert res.exit_code == 0, res.output
+            assert logs.verbosity() == want, flags
+    finally:
+        logs.setup(0)
