@@ -233,6 +233,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _FileHandler(logging.FileHandler):
+    """A log file that never prints a traceback when it cannot be written (a full disk): the line is dropped
+    (stderr has it) and counted in ``dropped``."""
+
+    dropped = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        self.dropped += 1
+
+
 def _formatter() -> logging.Formatter:
     return logging.Formatter(FORMAT, DATEFMT)
 
@@ -306,7 +316,7 @@ def log_to_file(path: str | Path) -> Iterator[logging.Handler | None]:
 def _open_file(path: Path) -> logging.Handler | None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handler = _FileHandler(path, mode="a", encoding="utf-8")
     except OSError as exc:
         logging.getLogger(__name__).warning("cannot write the log file %s: %s", path, exc.strerror or exc)
         return None
