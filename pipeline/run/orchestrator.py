@@ -273,11 +273,13 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
         if started.get("store_mode") is not None:
             manifest["store"] = started["store_mode"].as_dict()
         with _output_errors(out_dir, "write"):
-            od.write_manifest(manifest)
-        stopped_by = sys.exc_info()[1]
-        live.finish(complete=manifest["complete"], reason=interrupted or signals.name or (
-            f"{type(stopped_by).__name__}: {str(stopped_by).splitlines()[0]}" if stopped_by else None))
-        main_log.close()
+            try:
+                od.write_manifest(manifest)
+            finally:  # the live state's last word, and main.log closed, whatever stopped the run
+                stopped_by = sys.exc_info()[1]
+                live.finish(complete=manifest["complete"], reason=interrupted or signals.name or (
+                    f"{type(stopped_by).__name__}: {(str(stopped_by).splitlines() or [''])[0]}" if stopped_by else None))
+                main_log.close()
     result = RunResult(out_dir, total, n_done_before, writer.processed, manifest["complete"], manifest)
     if not result.complete:
         missing = total - manifest["rows"]
