@@ -41,7 +41,7 @@ def dir_status(path: str | Path) -> dict[str, Any]:
     d = OutputDir(path)
     info = d.run_info()
     stale_s = float(((info.get("config") or {}).get("run") or {}).get("lock_stale_s") or 60.0)
-    for attempt in range(2):
+    for attempt in range(3):
         stats = scan_stats(d.parts())
         manifest = d.manifest()
         rejected = d.rejected_count()
@@ -50,11 +50,13 @@ def dir_status(path: str | Path) -> dict[str, Any]:
         complete = bool(manifest and manifest.get("complete") is True and committed + rejected >= total)
         run = run_liveness(d.path, complete=complete, stale_s=stale_s)
         extra = live_counts(run["live"], committed) if run["live"] is not None else None
-        if run["live"] is None or extra is not None or attempt:
+        if run["live"] is None or extra is not None or attempt == 2:
             break
-        time.sleep(0.5)  # a part was committed after the state was written: the run rewrites it at once
+        time.sleep(0.6)  # a part was committed after the state was written: the run rewrites it within 1 s
     counts = stats.status_counts()
     done = committed
+    if run["live"] is not None and extra is None:  # still committing faster than it rewrites: rows only
+        done = max(committed, int(run["live"].get("rows") or 0))
     if extra is not None:
         done += extra["rows"]
         for col in ("rag_status", "gen_status"):

@@ -2,7 +2,8 @@
 
 :class:`LiveState` is fed by the orchestrator: the phase at each start-up step, every finished row (counts per
 status, errors), and a :meth:`LiveState.tick` from the main loop (every ~0.2 s) that rewrites the file when
-``run.progress_interval_s`` passed or a part was committed, whether or not records complete. It is written from
+``run.progress_interval_s`` passed or a part was committed (at most once a second), whether or not records
+complete. It is written from
 the main loop, never from a thread of its own: a state that stops being rewritten means the loop is stuck,
 while the lock's heartbeat thread (:mod:`pipeline.output.lock`, the one liveness signal) says whether the
 process lives. Readers: :mod:`pipeline.output.livestate` (``rag-pipeline status``).
@@ -45,6 +46,9 @@ RATE_WINDOW_S = 300.0
 """Records/s and the ETA are measured over the last this many seconds (or 5 progress intervals if longer)."""
 RATE_RESOLUTION_S = 1.0
 """Samples of the finished-row count closer together than this are merged (bounded memory: window / this)."""
+COMMIT_WRITE_MIN_S = 1.0
+"""After a commit the file is rewritten at the next tick, but at most once per this many seconds (a run committing
+a part per row would otherwise write it for every row)."""
 MAX_ERROR_KINDS = 1000
 """Distinct error texts counted in the state; beyond it the rarest are folded into ``(other errors)``."""
 ERROR_CHARS = 200
@@ -199,8 +203,8 @@ class LiveState:
             self.rate.add(now, self.rows)
         if self.progress is not None:
             self.progress.tick()
-        commits = self._commits()
-        if now - self.last_write >= self.interval_s or commits != self._written_commits:
+        since_s = now - self.last_write
+        if since_s >= self.interval_s or (since_s >= COMMIT_WRITE_MIN_S and self._commits() != self._written_commits):
             self.write(now)
 
     def finish(self, *, complete: bool, reason: str | None) -> None:

@@ -286,10 +286,13 @@ def test_state_is_rewritten_every_interval_and_after_a_commit_without_records(tm
         clock.t = k * 0.2
         live.tick()
     assert written == pytest.approx([5.0, 10.0])
-    writer.od.ledger = {"r9"}  # a part was committed: written at the next tick, not 5 s later
-    clock.t = 12.2
+    writer.od.ledger = {"r9"}  # a part was committed: written at the next tick a second after the last write
+    clock.t = 10.4
     live.tick()
-    assert written[-1] == pytest.approx(12.2)
+    assert written[-1] == pytest.approx(10.0)
+    clock.t = 11.0
+    live.tick()
+    assert written[-1] == pytest.approx(11.0)
     assert read_state(tmp_path)["updated_unix"] >= first
 
 
