@@ -251,7 +251,9 @@ class RunConfig:
     reset_collection: bool = _f(False, "Rank0 deletes and recreates the collection before ingesting.")
     overwrite: bool = _f(False, "Discard an existing output directory instead of resuming.")
     shard: str = _f("", "'I/N': process partition I of N of the input (by record index).")
-    progress_interval_s: float = _f(30.0, "Seconds between plain progress lines when stderr is not a terminal.")
+    progress_interval_s: float = _f(
+        30.0, "Seconds between plain progress lines (stderr not a terminal, or --no-progress) and rewrites of _state.json."
+    )
     retry_failed: bool = _f(
         False, "Re-process the committed rows with rag_status hard_fail or gen_status failed or invalid_output."
     )

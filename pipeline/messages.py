@@ -11,6 +11,8 @@ reads):
 :class:`Fatal`      the worker failed as a whole; the traceback crosses the process as text
 :class:`RagResults` one :class:`RagResult` per record of a micro-batch (or one, when its LLM answer came back)
 :class:`GenResults` one :class:`GenResult` per record
+:class:`LogLine`    a log record of the worker that the run's stderr shows (:mod:`pipeline.logs`); logged by
+                    main's channel reader, never forwarded to the scheduler
 ==================  ==============================================================================
 
 A failed result carries ``retry_cause``: ``"llm"`` when its LLM request failed with retryable errors only
@@ -182,5 +184,23 @@ class GenResults:
     results: list[GenResult]
 
 
-WorkerMessage = Heartbeat | Ready | Fatal | RagResults | GenResults
+@dataclass
+class LogLine:
+    """A worker's log record, sent to main to be shown on the run's stderr (:func:`pipeline.logs.emit_forwarded`).
+
+    Attributes:
+        role: the worker's role and rank (``gen-2``); ``created``: when it was logged (seconds since the epoch);
+        levelno: the :mod:`logging` level; ``name``: the logger; ``text``: the formatted message (with the
+        traceback, if any); ``repeat_key``: the aggregation key of a repeated event, or None.
+    """
+
+    role: str
+    created: float
+    levelno: int
+    name: str
+    text: str
+    repeat_key: str | None = None
+
+
+WorkerMessage = Heartbeat | Ready | Fatal | RagResults | GenResults | LogLine
 """Anything a worker sends to main."""

@@ -14,6 +14,7 @@ whole pool) and sends each process at most ``threads`` items; the process runs o
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import traceback
@@ -23,8 +24,11 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.llm.outcome import NoEndpointAvailable, Overloaded, RequestFailed, bad_endpoints, retry_cause
 from pipeline.llm.usage import FINISH_LENGTH
+from pipeline.logs import LogSetup, setup_worker
 from pipeline.messages import Fatal, GenResult, GenResults, Ready, WorkItem
 from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heartbeat
+
+log = logging.getLogger(__name__)
 
 
 def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: WorkItem,
@@ -103,7 +107,8 @@ class _Usage:
 
 
 def generation_worker_main(
-    name: str, cfg: Config, endpoints: list[str], threads: int, inbox: Any, outbox: Any, parent_pid: int
+    name: str, cfg: Config, endpoints: list[str], threads: int, inbox: Any, outbox: Any, parent_pid: int,
+    log_setup: Any = None,
 ) -> None:
     """Process entry point (spawned). A fatal error is sent as :class:`pipeline.messages.Fatal`.
 
@@ -114,9 +119,13 @@ def generation_worker_main(
         inbox: queue of ``list[WorkItem]`` or None (sentinel).
         outbox: the write end of this worker's own result pipe, receiving ``GenResults``.
         parent_pid: the main process; the worker exits if it disappears.
+        log_setup: the :class:`pipeline.logs.LogSetup` of this process (role, verbosity, its log file); None =
+            role ``name``, default verbosity, no file.
     """
     ignore_sigint()
     outbox = ResultChannel(outbox)
+    setup_worker(log_setup or LogSetup(name), outbox.put)
+    log.debug("%s started (pid %d, %d threads)", name, os.getpid(), threads)
     start_heartbeat(outbox, name, cfg.run.heartbeat_interval_s, parent_pid)
     try:
         from pipeline.llm.client import LLMClient

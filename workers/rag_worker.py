@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.logs import LogSetup, setup_worker
 from pipeline.messages import STORE_CAUSE, Fatal, RagResult, RagResults, Ready, WorkItem
 from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heartbeat
 
@@ -91,6 +92,7 @@ def rag_worker_main(
     inbox: Any,
     outbox: Any,
     parent_pid: int,
+    log_setup: Any = None,
 ) -> None:
     """Process entry point (spawned). Never raises: a fatal error is sent as :class:`pipeline.messages.Fatal`.
 
@@ -106,10 +108,14 @@ def rag_worker_main(
         inbox: multiprocessing queue of ``list[WorkItem]`` or None (sentinel).
         outbox: the write end of this worker's own result pipe (see workers.protocol).
         parent_pid: the main process; the worker exits if it disappears.
+        log_setup: the :class:`pipeline.logs.LogSetup` of this process (role, verbosity, its log file); None =
+            role ``name``, default verbosity, no file.
     """
     ignore_sigint()
     outbox = ResultChannel(outbox)
+    setup_worker(log_setup or LogSetup(name), outbox.put)
     start_heartbeat(outbox, name, cfg.run.heartbeat_interval_s, parent_pid)
+    log.debug("%s started (pid %d, device %s, endpoint %s)", name, os.getpid(), device, endpoint)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")

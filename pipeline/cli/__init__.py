@@ -7,7 +7,6 @@ error's exit code; no traceback for user errors.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -78,14 +77,17 @@ def _commands() -> list[click.Command]:
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="rag-pipeline")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True,
+              help="More logging: -v debug lines of rag-pipeline, -vv of every library too (default: info).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only (progress lines stay).")
+def main(verbose: int, quiet: bool) -> None:
     """rag-pipeline: offline, multi-GPU batch retrieval-augmented generation.
 
     JSONL records + a document corpus in, one Parquet row per record out.
     """
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.logs import setup
+
+    setup(-1 if quiet else min(verbose, 2))
 
 
 if __name__ == "__main__":

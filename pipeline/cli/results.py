@@ -17,13 +17,56 @@ def _counts(counts: dict[str, int]) -> str:
 def _line(name: str, st: dict[str, Any]) -> list[str]:
     total = st["total"]
     pct = f" ({100.0 * st['done'] / total:.1f}%)" if total else ""
-    state = "complete" if st["complete"] else "incomplete"
+    run = st.get("run")
+    state = run["state"] if run else ("complete" if st["complete"] else "incomplete")
     rej = f", {st['rejected']} rejected" if st.get("rejected") else ""
-    return [
-        f"{name}: {st['done']}/{total} records done{pct}{rej}, {state}",
+    lines = [f"{name}: {st['done']}/{total} records done{pct}{rej}, {state}"]
+    if run:
+        lines += _run_lines(run, st)
+    return lines + [
         f"  rag_status  {_counts(st['rag_status'])}",
         f"  gen_status  {_counts(st['gen_status'])}",
     ]
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds} s" if seconds < 120 else (f"{seconds // 60} min" if seconds < 7200 else f"{seconds // 3600} h")
+
+
+def _run_lines(run: dict[str, Any], st: dict[str, Any]) -> list[str]:
+    """What the run is doing (or how it ended): from pipeline.output.livestate.run_liveness."""
+    out = []
+    where = f"host {run['host']}, pid {run['pid']}" if run.get("host") else ""
+    beat = f"last heartbeat {_age(run['heartbeat_age_s'])} ago" if run.get("heartbeat_age_s") is not None else ""
+    if run["state"] == "running":
+        phase = f"phase {run.get('phase') or '?'}" + (f" since {run['phase_since']}" if run.get("phase_since") else "")
+        out.append("  run: " + "; ".join(x for x in (f"running ({where})", phase, beat) if x))
+        live = run.get("live") or {}
+        rate = live.get("rate") or {}
+        if rate:
+            eta = rate.get("eta_s")
+            rps = rate.get("records_per_s")
+            rate_text = (f"{rps:.2f} records/s over the last {_age(rate.get('window_s'))}" if rps is not None
+                         else "no rate yet")
+            out.append(f"  rate: {rate_text}, ETA {_age(eta) if eta is not None else '-'}; last row "
+                       f"{_age(rate.get('idle_s'))} ago; state updated {_age(run.get('updated_age_s'))} ago")
+        uncommitted = st["done"] - st.get("committed", st["done"])
+        if uncommitted:
+            out.append(f"  {st.get('committed')} rows committed, {uncommitted} finished and not committed yet")
+        for url, ep in (live.get("endpoints") or {}).items():
+            out.append(f"  endpoint {url}: {ep.get('in_flight', 0)}/{ep.get('limit', '?')} in flight, "
+                       f"probe {ep.get('probe', '?')}")
+        for stage, why in (live.get("paused") or {}).items():
+            if why:
+                out.append(f"  {stage} dispatch paused: {why}")
+    else:
+        details = [x for x in (run.get("reason"), where, beat) if x]
+        if run["state"] == "stopped" and details:
+            out.append("  run: stopped: " + "; ".join(details))
+    return out
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -33,7 +76,12 @@ def format_status(st: dict[str, Any]) -> str:
         n = st["n_shards"]
         for sh in st["shards"]:
             done, total = sh["done"], sh["total"]
-            state = "complete" if sh["complete"] else ("running or stopped" if sh["manifest"] else "started")
+            run = sh.get("run") or {}
+            state = run.get("state") or ("complete" if sh["complete"] else "incomplete")
+            if state == "running" and run.get("heartbeat_age_s") is not None:
+                state += f" (last heartbeat {_age(run['heartbeat_age_s'])} ago)"
+            elif state == "stopped" and run.get("reason"):
+                state += f" ({run['reason']})"
             lines.append(f"  shard {sh['index']}/{n}: {done}/{total} done, {state}")
         for i in st["missing_shards"]:
             lines.append(f"  shard {i}/{n}: not started (no shard-{i}-of-{n}/)")

@@ -471,27 +471,35 @@ class LLMClient:
             if time.monotonic() < ep.open_until or ep.probing:
                 return False
             ep.probing = True
-            log.info("probing endpoint %s after its cool-down", ep.url)
+            log.debug("probing endpoint %s after its cool-down", ep.url)
             return True
 
     def _record(self, ep: _Endpoint, ok: bool) -> None:
+        """Count an attempt's outcome for the breaker. Only its state changes are logged (opened: WARNING; closed
+        again: WARNING, as the recovery of a warned condition); a failed probe or a failure of a request that was
+        already in flight re-arms the cool-down at DEBUG. Both WARNINGs carry a ``repeat_key``: the run's
+        processes each log them, main's stderr aggregates them (:mod:`pipeline.logs`)."""
         with self._lock:
             ep.probing = False
+            was_open = ep.failures >= self.cfg.breaker_failures
             if ok:
-                if ep.failures >= self.cfg.breaker_failures:
-                    log.warning("endpoint %s is back", ep.url)
+                if was_open:
+                    log.warning("endpoint %s answers again: circuit breaker closed", ep.url,
+                                extra={"repeat_key": f"endpoint {ep.url} answers again"})
                 ep.failures = 0
                 return
             ep.errors += 1
             ep.failures += 1
             if ep.failures >= self.cfg.breaker_failures:
                 ep.open_until = time.monotonic() + self.cfg.breaker_cooldown_s
-                log.warning(
-                    "endpoint %s failed %d times in a row: skipping it for %g s",
-                    ep.url,
-                    ep.failures,
-                    self.cfg.breaker_cooldown_s,
-                )
+                until = time.strftime("%H:%M:%S", time.localtime(time.time() + self.cfg.breaker_cooldown_s))
+                if was_open:
+                    log.debug("endpoint %s still failing (%d in a row): skipped until %s", ep.url, ep.failures,
+                              until)
+                else:
+                    log.warning("endpoint %s: %d failures in a row: skipped until %s (llm.breaker_cooldown_s = "
+                                "%g s), then probed", ep.url, ep.failures, until, self.cfg.breaker_cooldown_s,
+                                extra={"repeat_key": f"endpoint {ep.url} skipped after failures"})
 
     def _request(
         self,

@@ -82,6 +82,38 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
+def inspect_lock(directory: str | Path, *, stale_s: float = 60.0) -> dict[str, Any] | None:
+    """The holder of a run directory's lock as a reader (``rag-pipeline status``) sees it, by the same staleness
+    rules as :meth:`DirLock.acquire`; never takes, refreshes or changes the lock.
+
+    Args:
+        directory: the run directory; ``stale_s``: the run's ``run.lock_stale_s``.
+
+    Returns:
+        None when there is no lock file; else ``{"host", "pid", "started", "heartbeat_age_s" (float, by the
+        filesystem's clock), "alive" (bool), "reason" (why it is stale, or None while alive)}``.
+    """
+    lock = DirLock(directory, stale_s=stale_s)
+    info = _read(lock.path)
+    if info is None:
+        return None
+    try:
+        mtime = lock.path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        fs_now = lock._fs_now()
+    except OSError:  # a directory the reader may not write to
+        fs_now = time.time()
+    age_s = max(0.0, fs_now - mtime)
+    if info:
+        reason = lock.stale_reason(info, mtime)
+    else:  # being written by its creator right now, or corrupt: judge by its age only
+        reason = None if age_s <= max(stale_s, 2.0) else "unreadable lock file"
+    return {"host": info.get("host"), "pid": info.get("pid"), "started": info.get("started"),
+            "heartbeat_age_s": round(age_s, 1), "alive": reason is None, "reason": reason}
+
+
 class DirLock:
     """The lock of one run directory (see the module docstring). Use as a context manager or acquire/release.
 

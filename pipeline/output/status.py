@@ -17,37 +17,64 @@ from pipeline.output.stats import scan_stats
 
 
 def dir_status(path: str | Path) -> dict[str, Any]:
-    """Status of one run (or shard, or merged) directory.
+    """Status of one run (or shard, or merged) directory, with whether a run is working on it now.
 
     Returns:
-        ``{"path", "shard", "input", "total", "done", "rejected", "complete", "manifest", "rag_status",
-        "gen_status"}``: ``total`` from ``_run.json`` (records expected), ``done`` committed rows,
+        ``{"path", "shard", "input", "total", "done", "committed", "rejected", "complete", "manifest",
+        "rag_status", "gen_status", "run"}``: ``total`` from ``_run.json`` (records expected), ``committed``
+        rows in committed parts, ``done`` = committed rows plus, while a run is running, the rows it finished
+        and has not committed yet (from its ``_state.json``: the counts its progress line shows),
         ``rejected`` lines of ``_rejected.jsonl``, ``manifest`` whether ``_manifest.json`` exists,
-        ``complete`` = the manifest says ``"complete": true`` and done + rejected >= total; the two
-        status fields map each value (``"null"`` for a missing one) to a row count.
+        ``complete`` = the manifest says ``"complete": true`` and committed + rejected >= total; the two
+        status fields map each value (``"null"`` for a missing one) to a row count (uncommitted rows of a
+        running run included); ``run``: :func:`pipeline.output.livestate.run_liveness` (running / stopped /
+        complete, heartbeat age, phase, and for a running run its live state under ``"live"``).
 
     Raises:
         InputError: ``_run.json`` missing or invalid.
         RunError: a committed part is unreadable.
     """
+    import time
+
+    from pipeline.output.livestate import live_counts, run_liveness
+
     d = OutputDir(path)
     info = d.run_info()
-    stats = scan_stats(d.parts())
-    manifest = d.manifest()
-    rejected = d.rejected_count()
-    total = int(info.get("total_records") or 0)
-    done = stats.rows
-    complete = bool(manifest and manifest.get("complete") is True and done + rejected >= total)
+    stale_s = float(((info.get("config") or {}).get("run") or {}).get("lock_stale_s") or 60.0)
+    for attempt in range(3):
+        stats = scan_stats(d.parts())
+        manifest = d.manifest()
+        rejected = d.rejected_count()
+        total = int(info.get("total_records") or 0)
+        committed = stats.rows
+        complete = bool(manifest and manifest.get("complete") is True and committed + rejected >= total)
+        run = run_liveness(d.path, complete=complete, stale_s=stale_s)
+        extra = live_counts(run["live"], committed) if run["live"] is not None else None
+        if run["live"] is None or extra is not None or attempt == 2:
+            break
+        time.sleep(0.6)  # a part was committed after the state was written: the run rewrites it within 1 s
+    counts = stats.status_counts()
+    done = committed
+    if run["live"] is not None and extra is None:  # still committing faster than it rewrites: rows only
+        done = max(committed, int(run["live"].get("rows") or 0))
+    if extra is not None:
+        done += extra["rows"]
+        for col in ("rag_status", "gen_status"):
+            merged = dict(counts[col])
+            add_counts(merged, extra[col])
+            counts[col] = dict(sorted(merged.items()))
     return {
         "path": str(d.path),
         "shard": info.get("shard"),
         "input": info.get("input"),
         "total": total,
         "done": done,
+        "committed": committed,
         "rejected": rejected,
         "complete": complete,
         "manifest": manifest is not None,
-        **stats.status_counts(),
+        **counts,
+        "run": run,
     }
 
 

@@ -12,6 +12,8 @@ thread per channel does the blocking ``recv()`` and moves whole messages into on
 
 - a torn message (the writer died mid-send) ends *that* channel with ``EOFError``; nothing else is affected;
 - a writer stopped mid-send (SIGSTOP) blocks only its own reader thread until main kills the worker (then EOF);
+- a worker's log lines (:class:`pipeline.messages.LogLine`) are logged by the reader thread itself, so they
+  reach the run's stderr even while the main loop is busy;
 - every message received counts as a sign of life: :attr:`ChannelReader.last_seen` (monotonic seconds) is the
   heartbeat clock of the worker (``workers.protocol.start_heartbeat`` sends a beat every few seconds).
 
@@ -27,7 +29,8 @@ import threading
 import time
 from typing import Any
 
-from pipeline.messages import Heartbeat
+from pipeline.logs import emit_forwarded
+from pipeline.messages import Heartbeat, LogLine
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,12 @@ class ChannelReader:
                     return
                 self.last_seen = time.monotonic()
                 if isinstance(msg, Heartbeat):  # a sign of life only: not forwarded
+                    continue
+                if isinstance(msg, LogLine):  # the worker's log line: to main's log now, not to the scheduler
+                    try:
+                        emit_forwarded(msg)
+                    except Exception:  # noqa: BLE001 - a bad log line must not end the channel
+                        log.debug("unprintable log line from %s", getattr(self.tag, "name", self.tag))
                     continue
                 self.merged.put((self.tag, msg))
         finally:

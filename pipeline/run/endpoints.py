@@ -71,7 +71,7 @@ class EndpointHealth:
             if self._bad_reports[e] >= self.breaker_failures and self.healthy(e, now):
                 self._unhealthy_until[e] = now + self.breaker_cooldown_s
                 log.warning("endpoint %s failing: generations routed to other endpoints for %g s", e,
-                            self.breaker_cooldown_s)
+                            self.breaker_cooldown_s, extra={"repeat_key": f"endpoint {e} failing"})
         if served_by and served_by not in failed:
             self._bad_reports[served_by] = 0
 

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -152,18 +153,23 @@ def _output_errors(out_dir: Path, what: str) -> Iterator[None]:
 class _Started:
     """What start-up made so far (each None until made): read by the manifest whatever happened."""
 
+    signals: StopSignals | None = None
     servers: Servers | None = None
     store_mode: Any = None
     scheduler: Any = None
+    workers: Any = None
     metrics: Any = None
+    progress: Any = None
 
 
 def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, int] | None, lock: Any) -> RunResult:
     """:func:`run_pipeline` once the output directory is locked."""
     from pipeline.dataset.records import iter_records, scan_input, scan_input_cached
+    from pipeline.logs import log_to_file
     from pipeline.output import OutputDir, input_fingerprint, shard_size
     from pipeline.run.identity import result_settings, run_identity
     from pipeline.run.rows import RowWriter
+    from pipeline.run.state import LiveState
     from pipeline.store.preflight import check_store
 
     t_start = time.monotonic()
@@ -204,6 +210,7 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
     metrics: Any = None
 
     def on_row(item: Any, rag: Any, gen: Any, row: dict) -> None:
+        live.row(row)
         if progress_view is not None:
             progress_view.finished_one(row.get("rag_status"), row.get("gen_status"))
         if metrics is not None:
@@ -212,7 +219,11 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
     writer = RowWriter(od, scan.extra_types, part_rows=cfg.run.part_rows, retry_ids=retry_ids, lock=lock,
                        on_row=on_row)
     signals = StopSignals()
-    started = _Started()  # what start-up made, for the manifest
+    started = _Started(signals=signals)  # what start-up made, for the manifest and the live state
+    live = LiveState(out_dir, total=total, done_before=n_done_before, interval_s=cfg.run.progress_interval_s,
+                     writer=writer, parts=started)
+    main_log = contextlib.ExitStack()
+    main_log.enter_context(log_to_file(out_dir / "_logs" / "main.log"))
     interrupted: str | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -222,16 +233,19 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                 from pipeline.run.metrics import start_metrics
 
                 metrics = started.metrics = start_metrics(cfg, stack)  # before any server
+                live.set_phase("starting servers")
                 servers = _start_servers(cfg, out_dir, signals, stack)
                 started.servers = servers
                 store_mode, worker_cfg, store_sup = _share_store(cfg, servers, out_dir, signals, stack)
                 started.store_mode = store_mode
+                live.set_phase("starting workers")
                 scheduler, workers = _start_workers(worker_cfg, servers, records, store_sup, signals, out_dir, stack)
-                started.scheduler = scheduler
+                started.scheduler, started.workers = scheduler, workers
                 from pipeline.run.progress import RunProgress
 
                 progress_view = RunProgress(total, n_done_before, enabled=progress,
-                                            interval_s=cfg.run.progress_interval_s)
+                                            interval_s=cfg.run.progress_interval_s, rate_source=live.recent)
+                started.progress = progress_view
                 stack.callback(progress_view.close)
 
                 def commit_at_exit() -> None:
@@ -242,7 +256,8 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                         od.apply_retries()
 
                 stack.callback(commit_at_exit)
-                _schedule(cfg, scheduler, workers, writer, signals, servers, store_sup, progress_view, metrics)
+                live.set_phase("running")
+                _schedule(cfg, scheduler, workers, writer, signals, servers, store_sup, progress_view, live, metrics)
             else:
                 stack.callback(writer.commit)
     except (Interrupted, RunError, OutageError) as exc:
@@ -271,7 +286,13 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
 
             manifest["metrics"] = metrics_report(started.metrics, servers.pool)
         with _output_errors(out_dir, "write"):
-            od.write_manifest(manifest)
+            try:
+                od.write_manifest(manifest)
+            finally:  # the live state's last word, and main.log closed, whatever stopped the run
+                stopped_by = sys.exc_info()[1]
+                live.finish(complete=manifest["complete"], reason=interrupted or signals.name or (
+                    f"{type(stopped_by).__name__}: {(str(stopped_by).splitlines() or [''])[0]}" if stopped_by else None))
+                main_log.close()
     result = RunResult(out_dir, total, n_done_before, writer.processed, manifest["complete"], manifest)
     if not result.complete:
         missing = total - manifest["rows"]
@@ -280,9 +301,10 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
 
 
 def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: StopSignals, servers: Servers,
-              store_sup: Any, progress_view: Any, metrics: Any = None) -> None:
+              store_sup: Any, progress_view: Any, live: Any = None, metrics: Any = None) -> None:
     """The scheduling loop: feed the scheduler its events, carry out its decisions, until every record has a
-    row or a signal, a fatal error or an outage stops the run.
+    row or a signal, a fatal error or an outage stops the run. Every pass ticks ``live``
+    (:class:`pipeline.run.state.LiveState`: the state file, the progress line), records or not.
 
     Raises:
         Interrupted: a stop signal (after the grace period, or at once on the second one).
@@ -330,6 +352,8 @@ def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: S
             store_sup.watch()
         if writer.due(time.monotonic()):
             writer.commit()
+        if live is not None:
+            live.tick()
 
 
 def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: contextlib.ExitStack) -> Servers:

@@ -125,6 +125,11 @@ class StageHealth:
     paused_logged: bool = False
 
 
+def _probe_summary(states: dict[str, str]) -> str:
+    """``all up`` when every endpoint's probe is up, else the states."""
+    return "all up" if states and all(v == "up" for v in states.values()) else str(states)
+
+
 class Scheduler:
     """Record flow of one run (see the module docstring for the rules).
 
@@ -380,14 +385,33 @@ class Scheduler:
                 f"{self.health.states(h.urls)}")
         paused = down or now < h.hold_until
         if paused and not h.paused_logged:
-            log.warning("%s endpoints unavailable (%s): %s dispatch paused until one answers (at most "
-                        "run.max_outage_s = %g s)", stage, self.health.states(h.urls), stage,
-                        self.cfg.run.max_outage_s)
+            if down:
+                log.warning("%s endpoints unavailable (%s): %s dispatch paused until one answers (at most "
+                            "run.max_outage_s = %g s)", stage, self.health.states(h.urls), stage,
+                            self.cfg.run.max_outage_s)
+            else:  # the probes answer, but records failed on every endpoint: a hold, not an outage
+                log.warning("%s dispatch paused: held for %.0f s after records failed on every endpoint (probes: %s)",
+                            stage, h.hold_until - now, _probe_summary(self.health.states(h.urls)),
+                            extra={"repeat_key": f"{stage} dispatch held after failures"})
             h.paused_logged = True
         elif not paused and h.paused_logged:
-            log.warning("%s dispatch resumed", stage)
+            log.warning("%s dispatch resumed", stage, extra={"repeat_key": f"{stage} dispatch resumed"})
             h.paused_logged = False
         return paused
+
+    def paused(self, stage: str, now: float) -> str | None:
+        """Why dispatch of ``stage`` (``rag`` / ``gen``) is paused now (``"store down"``, ``"endpoints down"``,
+        ``"held N s"``), or None; read only (no outage clock, no log)."""
+        h = self.stages[stage]
+        if stage == RAG and self.store_down:
+            return "store down"
+        if stage == RAG and not self._answer:
+            return None
+        if not self.health.any_up(h.urls):
+            return "endpoints down"
+        if now < h.hold_until:
+            return f"held {h.hold_until - now:.0f} s"
+        return None
 
     # ------------------------------------------------------------------ routing
     def _loads(self) -> collections.Counter[str]:

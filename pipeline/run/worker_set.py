@@ -79,7 +79,7 @@ class WorkerSet:
         endpoints: the RAG workers' endpoints; ``gen_endpoints``: the generation processes' endpoints.
         rag_targets: managed SGLang servers already ready (RAG slot k -> the k-th); empty otherwise.
         n_gpus: GPUs this process sees (RAG workers beyond the targets embed on ``cuda:slot`` or the CPU).
-        log_dir: where rank0's traceback is written.
+        log_dir: where rank0's traceback and each worker's log (``<name>.log``) are written.
     """
 
     def __init__(self, cfg: Config, scheduler: Scheduler, *, endpoints: list[str], gen_endpoints: list[str],
@@ -98,6 +98,7 @@ class WorkerSet:
     # ------------------------------------------------------------------ spawning
     def spawn(self, kind: str, slot: int, rank0: bool = False) -> WorkerProcess:
         """Start worker ``{kind}-{slot}`` and register it with the scheduler."""
+        from pipeline.logs import child_setup
         from pipeline.run.channels import ChannelReader, open_channel
         from workers.generation import generation_worker_main
         from workers.rag_worker import rag_worker_main
@@ -121,12 +122,14 @@ class WorkerSet:
             threads = self.scheduler.inflight.get(endpoint or "", 1)
             args = (name, rank0, self.cfg, endpoint, self.endpoints, device, self._cpu_threads(), threads,
                     inbox, write_end, os.getpid())
-            proc = self.ctx.Process(target=rag_worker_main, args=args, name=name, daemon=True)
+            proc = self.ctx.Process(target=rag_worker_main, args=args, name=name, daemon=True,
+                                    kwargs={"log_setup": child_setup(name, self.log_dir)})
         else:
             endpoint = None
             args = (name, self.cfg, self.gen_endpoints, self.scheduler.gen_threads_per_process(), inbox, write_end,
                     os.getpid())
-            proc = self.ctx.Process(target=generation_worker_main, args=args, name=name, daemon=True)
+            proc = self.ctx.Process(target=generation_worker_main, args=args, name=name, daemon=True,
+                                    kwargs={"log_setup": child_setup(name, self.log_dir)})
         proc.start()
         write_end.close()  # only the worker holds the write end now: its death is end-of-file for the reader
         log.info("started %s (pid %s)", name, proc.pid)

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 PORT_SEARCH_SPAN = 200
 """Ports tried per server, from its nominal port up, before giving up."""
+LOADING_NOTE_S = 60.0
+"""A starting server that is not ready yet is logged (INFO, with its log's last line) this often, so a run
+waiting through a long model load (``servers.startup_timeout_s``) never looks hung."""
 
 
 @dataclass
@@ -70,6 +73,7 @@ class ServerState:
     ready_after_s: float | None = None
     error: str | None = None
     skipped_ports: list[int] = dataclasses.field(default_factory=list)
+    noted_at: float = 0.0  # monotonic time of the last "still loading" line
 
 
 class ServerPool:
@@ -233,7 +237,7 @@ class ServerPool:
     def _launch(self, spec: ServerSpec, *, append: bool, restart: bool = False) -> None:
         """Start ``spec``'s process (status ``starting``; ``restarting`` for :meth:`restart` of a server that
         was ready, so that :meth:`poll_startup` does not report it as a server joining the run)."""
-        log.info("starting %s server on port %d: %s", spec.backend, spec.port, spec.shell_command())
+        log.debug("starting %s server on port %d: %s", spec.backend, spec.port, spec.shell_command())
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(spec.log_path, "ab" if append else "wb") as logf:
             try:
@@ -257,6 +261,9 @@ class ServerPool:
         if st.status == "planned":
             st.first_started_at = st.started_at
         st.status = "restarting" if restart else "starting"
+        st.noted_at = st.started_at
+        log.info("%s server on port %d started (pid %d, attempt %d; log %s)", spec.backend, spec.port, proc.pid,
+                 st.attempts, spec.log_path)
 
     def poll_startup(self, *, log_failed: bool = True) -> list[ServerSpec]:
         """Check the starting servers once, without blocking (one health request each).
@@ -290,6 +297,7 @@ class ServerPool:
                     error = f"server on port {s.port} not ready after {timeout_s:g} s (servers.startup_timeout_s)"
                     stop_processes([proc], self.cfg.servers.shutdown_timeout_s)
                 else:
+                    self._note_loading(s, st)
                     continue
                 del self._procs[s.port]
                 st.error = error
@@ -308,6 +316,16 @@ class ServerPool:
                     log.error("%s; giving up after %d attempt(s), the run goes on without it; last log lines (%s):\n%s",
                               st.error, st.attempts, s.log_path, tail)
         return ready
+
+    def _note_loading(self, s: ServerSpec, st: ServerState) -> None:
+        """Log a starting server that is still loading, every :data:`LOADING_NOTE_S` seconds."""
+        now = time.monotonic()
+        if now - st.noted_at < LOADING_NOTE_S:
+            return
+        st.noted_at = now
+        last = log_tail(s.log_path, 1).strip()[:160]
+        log.info("server on port %d still loading after %.0f s (servers.startup_timeout_s = %g s); its log's last "
+                 "line: %s", s.port, now - st.started_at, self.cfg.servers.startup_timeout_s, last)
 
     def wait_ready(self, first_only: bool = False, abort: Callable[[], bool] | None = None, *,
                    all_required: bool = False) -> list[str]:
