@@ -280,7 +280,10 @@ class LiveState:
         scheduler = getattr(self.parts, "scheduler", None)
         servers = getattr(self.parts, "servers", None)
         workers = getattr(self.parts, "workers", None)
+        metrics = getattr(self.parts, "metrics", None)
         probes = servers.monitor.states() if servers is not None and servers.monitor is not None else {}
+        if metrics is not None and metrics.url:
+            out["metrics_url"] = metrics.url
         if scheduler is not None:
             out["retrieved"] = self.done_before + scheduler.retrieved
             out["outstanding"] = scheduler.outstanding()

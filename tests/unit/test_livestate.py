@@ -386,3 +386,10 @@ def test_quiet_and_verbose_flags_set_the_verbosity():
             assert logs.verbosity() == want, flags
     finally:
         logs.setup(0)
+
+
+def test_state_names_the_metrics_url_when_metrics_are_on(tmp_path):
+    live, _ = _live(tmp_path)
+    assert "metrics_url" not in live.snapshot(0.0)
+    live.parts.metrics = SimpleNamespace(url="http://127.0.0.1:9400/metrics")
+    assert live.snapshot(0.0)["metrics_url"] == "http://127.0.0.1:9400/metrics"
