@@ -8,14 +8,14 @@ export ANONYMIZED_TELEMETRY := False
 
 .PHONY: setup run test test-fast lint bench clean
 
-setup:            ## idempotent: apt packages, .venv, torch CPU, project, xllamacpp (prebuilt), SmolLM2
+setup:            ## idempotent: .venv, torch CPU, project, xllamacpp (prebuilt), SmolLM2; no root, no system package
 	bash scripts/setup.sh
 
-run: setup        ## the main job on the bundled example data (CPU: a llama.cpp SmolLM2 server is started)
+run: setup        ## the main job on the bundled example data (CPU: a llama.cpp SmolLM2 server is started); no root
 	$(RP) run --input data/example/records.jsonl --output output/example \
 		--store data/store --collection example --ingest data/example/corpus.jsonl
 
-test:             ## the whole test suite: the unit tier first, then real components (setup + SGLang's parser)
+test:             ## the whole suite, unit tier first; setup + test-only deps (SGLang's parser; apt: Slurm, munge, shellcheck, chromium)
 	RAG_PIPELINE_TEST_DEPS=1 bash scripts/setup.sh
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests/unit
@@ -25,7 +25,8 @@ test-fast:        ## the unit tier only: no process started, no model loaded (se
 	RAG_PIPELINE_TEST_DEPS=1 bash scripts/setup.sh
 	$(PY) -m pytest -q tests/unit
 
-lint: setup
+lint:             ## ruff + shellcheck (a test-only system package: installed with the test deps)
+	RAG_PIPELINE_TEST_DEPS=1 bash scripts/setup.sh
 	$(VENV)/bin/ruff check .
 	shellcheck launch_servers.sh scripts/*.sh .ci/run
 

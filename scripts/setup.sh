@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Idempotent setup: system packages (apt), .venv, Python packages, the prebuilt CPU LLM server (xllamacpp).
+# Idempotent setup: .venv, Python packages, the prebuilt CPU LLM server (xllamacpp); with
+# RAG_PIPELINE_TEST_DEPS=1 also what only the tests need, system packages included.
 # Usage: bash scripts/setup.sh            (called by `make setup`, `make run`, `make test`, .ci/run)
 # Env:   PYTHON (interpreter to create .venv with, default python3)
-#        RAG_PIPELINE_SKIP_APT=1 (do not touch system packages)
-#        RAG_PIPELINE_TEST_DEPS=1 (also the test-only SGLang argument parser and the chromium +
-#          chromium-driver apt packages of the report's browser test; `make test` sets it)
+#        RAG_PIPELINE_TEST_DEPS=1 (`make test` sets it): also the test-only SGLang argument parser and the
+#          test-only system packages (apt; sudo when not root). Without it no system package is installed and
+#          sudo is never called: `make run` needs no root.
+#        RAG_PIPELINE_SKIP_APT=1 (do not touch system packages even with RAG_PIPELINE_TEST_DEPS=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,22 +16,22 @@ XLLAMACPP_VERSION=2026.10.11549   # keep in step with pyproject.toml and scripts
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# --- 1. system packages -------------------------------------------------------------------
-# slurm-wlm + munge: the real single-node Slurm used by the Slurm tests; shellcheck: lints launch_servers.sh.
-APT_PKGS=(slurm-wlm munge shellcheck gettext-base procps)
-# chromium + chromium-driver: the headless browser tests/test_report.py opens the HTML report in (test-only).
-if [ "${RAG_PIPELINE_TEST_DEPS:-0}" = 1 ]; then
-  APT_PKGS+=(chromium chromium-driver)
-fi
-if [ "${RAG_PIPELINE_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null 2>&1; then
+# --- 1. system packages: test-only -----------------------------------------------------------
+# `run` needs none (`submit` uses the cluster's own Slurm). The tests need: slurm-wlm + munge (the real
+# single-node Slurm of the Slurm tests), shellcheck (lints launch_servers.sh and the scripts), procps (`ps` in
+# tests/test_serve_store.py) and gettext-base, chromium + chromium-driver (the headless browser
+# tests/test_report.py opens the HTML report in).
+TEST_APT_PKGS=(slurm-wlm munge shellcheck gettext-base procps chromium chromium-driver)
+if [ "${RAG_PIPELINE_TEST_DEPS:-0}" = 1 ] && [ "${RAG_PIPELINE_SKIP_APT:-0}" != 1 ] &&
+  command -v apt-get >/dev/null 2>&1; then
   missing=()
-  for p in "${APT_PKGS[@]}"; do
+  for p in "${TEST_APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" = 0 ] || SUDO="sudo"
-    log "installing system packages: ${missing[*]}"
+    log "installing test-only system packages: ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
   fi

@@ -15,7 +15,6 @@ from pipeline.evaluation.answers import (
     exact_match,
     load_references,
     normalize_answer,
-    parse_label,
     token_f1,
 )
 from pipeline.output import OutputDir, input_fingerprint, row_schema
@@ -40,17 +39,6 @@ def test_token_f1_hand_checked():
     assert token_f1("nothing", ["else"]) == 0.0
     assert token_f1("", [""]) == 1.0 and token_f1("a", ["word"]) == 0.0  # "a" normalises to empty
     assert token_f1("red", ["blue", "red"]) == 1.0
-
-
-def test_label_parsing_rule():
-    labels = ["yes", "no", "maybe"]
-    assert parse_label("Yes, it does.", labels) == "yes"
-    assert parse_label("The answer is: NO. Maybe later.", labels) == "no"  # first allowed label wins
-    assert parse_label("Nobody knows", labels) is None  # whole words only
-    assert parse_label(None, labels) is None
-    assert parse_label("no", labels, structured={"label": "Maybe"}) == "maybe"  # generation_json wins
-    assert parse_label("no", labels, structured={"label": "perhaps"}) is None
-    assert parse_label("it is not supported here", ["supported", "not supported"]) == "not supported"
 
 
 def _write_refs(tmp_path, lines):
@@ -123,7 +111,7 @@ def test_eval_answers_overall_and_per_rag_status(tmp_path):
     rep = evaluate_answers(out, load_references(refs_path))
     o = rep.overall
     assert rep.missing == 1 and rep.missing_ids == ["6"] and rep.unreferenced == 1 and rep.references == 6
-    assert o["records"] == 5 and o["answers"] == 3 and o["labels"] == 3 and o["gold_doc_records"] == 3
+    assert o["records"] == 5 and o["answers"] == 3 and o["label_records"] == 3 and o["gold_doc_records"] == 3
     assert o["exact_match"] == pytest.approx(1 / 3)  # 1 exact, 2 partial, 4 no prediction
     assert o["f1"] == pytest.approx((1 + 8 / 9 + 0) / 3)
     assert o["label_accuracy"] == pytest.approx(2 / 3) and o["unparsed_labels"] == 1  # 3 yes, 5 no (json), 4 none

@@ -4,7 +4,7 @@ A wheel of the project is built and installed into a new virtual environment tha
 dependencies of the test environment (a ``.pth`` line to its site-packages) but not the project's source tree
 (the editable finder of the test environment is not loaded there). Then, from an empty directory, `run` with what
 it must be told (input, output, a store and collection) and `--ingest data/example/corpus.jsonl`: the bundled
-default config, prompt templates and example corpus must be found inside the installed package
+default config, prompt templates, example corpus and label schema must be found inside the installed package
 (pipeline/resources.py); and `run --input --output` alone is refused (no store is ever taken by default).
 """
 
@@ -51,18 +51,21 @@ def installed_python(tmp_path_factory) -> Path:
 
 def test_installed_package_has_no_source_tree_and_finds_its_files(installed_python, tmp_path):
     code = (
-        "import json, pipeline, pipeline.config as c, pipeline.resources as r\n"
+        "import json, pipeline, pipeline.config as c, pipeline.resources as r, pipeline.llm.structured as s\n"
         "print(json.dumps({'pkg': pipeline.__file__, 'default': str(c.DEFAULT_CONFIG_FILE),"
         " 'prompt': str(r.resolve_bundled('configs/prompts/generate.txt')),"
-        " 'corpus': str(r.resolve_bundled('data/example/corpus.jsonl'))}))\n"
+        " 'corpus': str(r.resolve_bundled('data/example/corpus.jsonl')),"
+        " 'schema': str(r.resolve_bundled('configs/schemas/label.json')),"
+        " 'labels': s.load_schema('configs/schemas/label.json')['properties']['label']['enum']}))\n"
     )
     res = subprocess.run([str(installed_python), "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          timeout=60, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
     assert not got["pkg"].startswith(str(REPO)), got  # really the installed copy
-    for key in ("default", "prompt", "corpus"):
+    for key in ("default", "prompt", "corpus", "schema"):
         assert "site-packages" in got[key] and Path(got[key]).is_file(), got
+    assert got["labels"] == ["yes", "no", "maybe"]  # --response-format configs/schemas/label.json, from anywhere
 
 
 def test_installed_run_of_the_bundled_example_from_any_directory(installed_python, tmp_path):

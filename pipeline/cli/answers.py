@@ -27,9 +27,11 @@ def eval_answers_cmd(output: str, references: str, id_field: str, answer_field: 
                      doc_ids_field: str, labels: str | None, prediction: str, json_out: str | None) -> None:
     """Score OUTPUT (a run directory or a sharded root) against --references.
 
-    Exact match and token F1 (SQuAD normalisation), label accuracy (first allowed label in the generated text,
-    or the label field of generation_json), context recall (gold document among the contexts), each overall
-    and per rag_status.
+    Exact match and token F1 (SQuAD normalisation), label accuracy over the records with a reference label (the
+    label field of generation_json, else the one allowed label found in the text; two or more different labels
+    are ambiguous, none is no label found: both unparsed and wrong), counts per predicted label, the confusion
+    matrix, the majority-class baseline, context recall (gold document among the contexts), each overall and
+    per rag_status.
 
     Example: rag-pipeline eval-answers output/run --references refs.jsonl --labels yes,no,maybe --json r.json
     """

@@ -18,11 +18,14 @@ Draft 2020-12 when the schema names none).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 REASK = (
     "\n\nYour previous reply was not valid JSON for the required schema ({error}). "
@@ -31,8 +34,16 @@ REASK = (
 """Appended to the prompt when a reply is re-asked (``{error}``: the validation error, shortened)."""
 
 
+BUNDLED_SCHEMAS = ("configs/schemas/label.json",)
+"""JSON Schemas shipped with the package, usable by these names from any directory (:func:`load_schema`)."""
+
+
 def load_schema(path: str | Path) -> dict[str, Any]:
     """Read and check a JSON Schema file.
+
+    ``path`` is the user's file when it exists (absolute, or relative to the current directory), else the bundled
+    copy of a ``configs/...`` name such as ``configs/schemas/label.json``
+    (:func:`pipeline.resources.resolve_bundled`), so a bundled schema works after ``pip install`` from anywhere.
 
     Raises:
         pipeline.errors.ConfigError: missing/unreadable file, invalid JSON (line and column), not an object,
@@ -40,11 +51,16 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     """
     import jsonschema
 
-    p = Path(path)
+    from pipeline.resources import resolve_bundled
+
+    p = resolve_bundled(path)
+    if p != Path(path).expanduser():
+        log.debug("response_format %s: not found from here; using the bundled copy %s", path, p)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read response_format schema: {getattr(exc, 'strerror', None) or exc}") from None
+        raise ConfigError(f"{p}: cannot read response_format schema: {getattr(exc, 'strerror', None) or exc} "
+                          f"(bundled schemas: {', '.join(BUNDLED_SCHEMAS)})") from None
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
