@@ -21,8 +21,8 @@ test:             ## the whole suite, unit tier first; setup + test-only deps (S
 	$(PY) -m pytest -q tests/unit
 	$(PY) -m pytest -q --ignore=tests/unit
 
-test-fast:        ## the unit tier only: no process started, no model loaded (seconds)
-	RAG_PIPELINE_TEST_DEPS=1 bash scripts/setup.sh
+test-fast:        ## the unit tier only: no process started, no model loaded (seconds); no system package needed
+	bash scripts/setup.sh
 	$(PY) -m pytest -q tests/unit
 
 lint:             ## ruff + shellcheck (a test-only system package: installed with the test deps)
