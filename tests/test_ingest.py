@@ -266,7 +266,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, case):
         source, expected, extra = str(src), "Error: Invalid value for '--on-error'", ["--on-error", "ignore"]
     res = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "ingest", source, "--store", str(tmp_path / "store"),
-         "--no-progress", *extra],
+         "--collection", "docs", "--no-progress", *extra],
         capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 2, res.stderr

@@ -136,7 +136,8 @@ def _prepare(out: Path, inp: Path, overrides: dict | None = None, *, overwrite: 
              allow: bool = False) -> OutputDir:
     cfg = load_config(None, overrides or {})
     od = OutputDir(out)
-    od.prepare(input_path=inp, fingerprint=input_fingerprint(inp), shard=None, total_records=4,
+    total = min(4, cfg.run.limit) if cfg.run.limit else 4  # the records of the 4-line input the run would hold
+    od.prepare(input_path=inp, fingerprint=input_fingerprint(inp), shard=None, total_records=total,
                config=cfg.to_dict(), overwrite=overwrite, identity=run_identity(cfg),
                settings=result_settings(cfg), allow_config_change=allow)
     return od
