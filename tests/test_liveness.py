@@ -227,7 +227,9 @@ def test_outage_longer_than_max_outage_stops_resumable_with_exit_75(tmp_path, ex
     assert "Traceback" not in text
     first = read_rows(out)
     assert 1 <= len(first) < 16
-    assert all(r["rag_status"] == "ok" and r["gen_status"] == "ok" for r in first)
+    assert all(r["rag_status"] == "ok" and r["gen_status"] == "ok" for r in first), [
+        (r["id"], r["rag_status"], r["rag_error"], r["gen_status"], r["gen_error"]) for r in first
+        if r["rag_status"] != "ok" or r["gen_status"] != "ok"]
     assert wait_no_survivors(marker) == []
     bench.fault({})
     proc, marker = start_run(args)

@@ -248,6 +248,14 @@ class ReportStats:
         for c in self.finish_columns:
             _count_capped(self.finish[c], table.column(c), MAX_VALUES)
 
+    def drop_empty_token_columns(self) -> None:
+        """Forget token and finish-reason columns that hold no value in any row (columns of the row schema
+        written by a run whose servers reported no usage): the report then says there are no token counts."""
+        self.token_columns = tuple(c for c in self.token_columns if self.tokens[c].n)
+        self.tokens = {c: self.tokens[c] for c in self.token_columns}
+        self.finish_columns = tuple(c for c in self.finish_columns if set(self.finish[c]) - {NULL})
+        self.finish = {c: self.finish[c] for c in self.finish_columns}
+
     def _fold_endpoints(self) -> None:
         totals: collections.Counter[str] = collections.Counter()
         for (ep, _), n in self.endpoint_status.items():
@@ -394,6 +402,7 @@ def scan_report(path: str | Path) -> ReportStats:
         stats.add_part(mtime, rows)
     for batch in iter_part_batches(parts, stats.columns(), types):
         stats.add(batch)
+    stats.drop_empty_token_columns()
     return stats
 
 

@@ -164,7 +164,9 @@ class LiveState:
         """Enter ``phase`` (see :data:`pipeline.output.livestate.LIVE_PHASES`) and write the file now."""
         if phase != self.phase:
             self.phase, self.phase_since = phase, time.time()
-            log.info("run phase: %s%s", phase, f" ({reason})" if reason else "")
+            # a stop's reason is the command's own error line: logged here at DEBUG only (one line per error)
+            log.log(logging.DEBUG if phase == "stopped" else logging.INFO, "run phase: %s%s", phase,
+                    f" ({reason})" if reason else "")
         if reason:
             self.stop_reason = reason
         if phase in ("running", "draining") and self.running_since is None:
