@@ -30,9 +30,40 @@ STORE_CAUSE = "store"
 :data:`pipeline.llm.outcome.LLM_CAUSE`)."""
 
 
+@dataclass(kw_only=True)
+class LLMStageResult:
+    """What one LLM stage (the RAG answer or the generation) reports about its requests, beside its text.
+
+    Attributes:
+        attempts: HTTP attempts of the stage's requests, retries included.
+        endpoint: the endpoint that answered (a RAG answer's endpoint is where the record's generation goes);
+            ``model``: the model name it reported.
+        bad_endpoints: endpoints on which an attempt failed with a connection error, timeout or 5xx.
+        unavailable: no endpoint was reachable; ``overloaded``: overload outlasted ``llm.overload_timeout_s``.
+        retry_cause: ``"llm"``, ``"store"`` or None (see the module docstring).
+        requests: LLM requests made (a re-ask of ``generation.response_format`` is one more).
+        prompt_tokens, completion_tokens: the ``usage`` the server reported, summed over the stage's replies;
+            None when no reply carried usage.
+        finish_reason: why the reply in the row ended, as the server says (``"stop"``, ``"length"`` = cut by
+            the stage's ``max_tokens``, ...); None without a reply.
+    """
+
+    attempts: int = 0
+    endpoint: str | None = None
+    model: str | None = None
+    bad_endpoints: list[str] = field(default_factory=list)
+    unavailable: bool = False
+    overloaded: bool = False
+    retry_cause: str | None = None
+    requests: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+
 @dataclass
-class RagResult:
-    """What a RAG worker made of one record.
+class RagResult(LLMStageResult):
+    """What a RAG worker made of one record (and, from :class:`LLMStageResult`, its answer request's report).
 
     Attributes:
         id: the record id.
@@ -42,17 +73,6 @@ class RagResult:
         rag_status: ``ok`` | ``soft_fail`` | ``hard_fail``; ``rag_error``: why, for failures.
         retrieve_ms: wall time of the record's retrieval micro-batch; ``rag_llm_ms``: the answer request's
             latency (retries included), milliseconds.
-        attempts: LLM request attempts.
-        endpoint: the endpoint that produced the answer (the record's generation goes there); ``model``: the
-            model id it reported.
-        bad_endpoints: endpoints on which an attempt failed with a connection error, timeout or 5xx.
-        unavailable: no endpoint was reachable; ``overloaded``: overload outlasted ``llm.overload_timeout_s``.
-        retry_cause: ``"llm"``, ``"store"`` or None (see the module docstring).
-        requests: LLM requests made (0 or 1; ``attempts`` counts their HTTP attempts, retries included).
-        prompt_tokens, completion_tokens: the ``usage`` the server reported for the answer, None when no request
-            got a reply with usage.
-        finish_reason: why the answer ended, as the server says (``"stop"``, ``"length"`` = cut by
-            ``rag.max_tokens``, ...), None without a reply.
     """
 
     id: str
@@ -62,17 +82,6 @@ class RagResult:
     rag_error: str | None = None
     retrieve_ms: float | None = None
     rag_llm_ms: float | None = None
-    attempts: int = 0
-    endpoint: str | None = None
-    model: str | None = None
-    bad_endpoints: list[str] = field(default_factory=list)
-    unavailable: bool = False
-    overloaded: bool = False
-    retry_cause: str | None = None
-    requests: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -81,8 +90,8 @@ class RagResult:
 
 
 @dataclass
-class GenResult:
-    """What a generation process made of one record.
+class GenResult(LLMStageResult):
+    """What a generation process made of one record (and, from :class:`LLMStageResult`, its requests' report).
 
     Attributes:
         id: the record id.
@@ -91,12 +100,6 @@ class GenResult:
         gen_status: ``ok`` | ``failed`` | ``invalid_output`` (``skipped`` is decided by main, never sent).
         gen_error: why, for failures.
         generate_ms: the request's latency (retries and re-asks included), milliseconds.
-        attempts, endpoint, model, bad_endpoints, unavailable, overloaded, retry_cause: as in :class:`RagResult`.
-        requests: LLM requests made (a re-ask of ``generation.response_format`` is one more).
-        prompt_tokens, completion_tokens: ``usage`` summed over every reply (re-asks included), None when no
-            reply carried usage.
-        finish_reason: the last reply's (the one in the row): ``"stop"``, ``"length"`` = cut by
-            ``generation.max_tokens``, ...; None without a reply.
     """
 
     id: str
@@ -105,17 +108,6 @@ class GenResult:
     gen_status: str = "ok"
     gen_error: str | None = None
     generate_ms: float | None = None
-    attempts: int = 0
-    endpoint: str | None = None
-    model: str | None = None
-    bad_endpoints: list[str] = field(default_factory=list)
-    unavailable: bool = False
-    overloaded: bool = False
-    retry_cause: str | None = None
-    requests: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    finish_reason: str | None = None
 
     @property
     def failed(self) -> bool:

@@ -128,7 +128,7 @@ def serve_cmd(config_file: str | None, dry_run: bool, num: int | None, all_or_no
     (SIGTERM, then SIGKILL after servers.shutdown_timeout_s) on Ctrl-C or SIGTERM; exits non-zero if a
     server dies. Arguments after `--` are appended to every server command.
 
-    Example: rag-pipeline serve --cpu-servers 2 --base-port 11434 -- --seed 7
+    Example: rag-pipeline serve --cpu-servers 2 --base-port 11434 -- --alias my-model
     """
     from pipeline.errors import RagPipelineError
 
