@@ -57,6 +57,18 @@ def run_dirs(path: str | Path) -> list[Path]:
     return shards
 
 
+def read_part_footer(part: Path) -> pq.FileMetaData:
+    """The Parquet footer of one committed part (schema and row count, no data read).
+
+    Raises:
+        RunError: the part is unreadable.
+    """
+    try:
+        return pq.read_metadata(part)
+    except (OSError, pa.ArrowException) as exc:
+        raise RunError(f"{part}: cannot read committed part: {exc}") from None
+
+
 def read_part_schema(part: Path) -> pa.Schema:
     """Schema of one committed part (footer only).
 

@@ -31,7 +31,7 @@ from pipeline.errors import InputError, RunError
 from pipeline.output.files import atomic_write_bytes, atomic_write_json, fsync_dir, now, read_json
 from pipeline.output.ledger import Ledger
 from pipeline.output.lock import LOCK_FILE
-from pipeline.output.reading import PART_RE, RETRY_PART_RE, RUN_FILE, part_paths
+from pipeline.output.reading import PART_RE, RETRY_PART_RE, RUN_FILE, part_paths, read_part_footer
 from pipeline.output.resume import COLUMNS as RETRY_COLUMNS
 from pipeline.output.resume import (
     FINISH_REASON_COLUMN,
@@ -340,7 +340,7 @@ class OutputDir:
             return sel
         if truncated:
             for part in parts:
-                meta = _footer(part)
+                meta = read_part_footer(part)
                 if FINISH_REASON_COLUMN not in meta.schema.to_arrow_schema().names:
                     sel.rows_without_finish_reason += meta.num_rows
         for batch in scan_batches(parts, list(RETRY_COLUMNS), {FINISH_REASON_COLUMN: pa.string()}):
@@ -528,18 +528,6 @@ def _write_atomic(table: pa.Table, dest: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _footer(path: Path) -> pq.FileMetaData:
-    """The Parquet footer of a committed part (schema and row count, no data read).
-
-    Raises:
-        RunError: the part is unreadable.
-    """
-    try:
-        return pq.read_metadata(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise RunError(f"{path}: cannot read committed part: {exc}") from None
 
 
 def _read(path: Path, columns: list[str] | None = None) -> pa.Table:

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.errors import RunError
-from pipeline.output.reading import iter_part_batches, part_paths, run_dirs
+from pipeline.output.reading import iter_part_batches, part_paths, read_part_footer, run_dirs
 from pipeline.output.rundir import OutputDir
 from pipeline.output.schema import ERROR_COLUMNS, LATENCY_COLUMNS, STATUS_COLUMNS
 from pipeline.output.stats import ErrorGroups
@@ -384,10 +383,10 @@ def scan_report(path: str | Path) -> ReportStats:
         manifest = od.manifest()
         info.complete_dirs += bool(manifest and manifest.get("complete") is True)
         for part in part_paths(d):
+            meta = read_part_footer(part)
             try:
-                meta = pq.read_metadata(part)
                 mtime = os.stat(part).st_mtime
-            except (OSError, pa.ArrowException) as exc:
+            except OSError as exc:
                 raise RunError(f"{part}: cannot read committed part: {exc}") from None
             schema = meta.schema.to_arrow_schema()
             for c in (*TOKEN_COLUMNS, *FINISH_COLUMNS):
