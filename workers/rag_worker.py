@@ -208,7 +208,7 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
 
     try:
         while True:
-            items = get_work(inbox, parent_pid)
+            items = get_work(inbox, parent_pid, client)
             if items is None:
                 break
             t0 = time.perf_counter()

@@ -298,6 +298,12 @@ def _classify(exc: requests.RequestException) -> _AttemptError:
 # ----------------------------------------------------------------------------------------------
 
 
+def _base_url(url: str) -> str:
+    """An endpoint's key: its base URL without a trailing ``/`` or ``/v1``."""
+    key = url.strip().rstrip("/")
+    return key[:-3] if key.endswith("/v1") else key
+
+
 class LLMClient:
     """Client for a pool of OpenAI-compatible endpoints (``/v1/chat/completions``, ``/v1/completions``).
 
@@ -427,6 +433,25 @@ class LLMClient:
                 for ep in self._eps.values()
             }
 
+    def endpoints_up(self, urls: list[str] | tuple[str, ...]) -> list[str]:
+        """End the cool-down of the open breakers of ``urls`` (another observer, main's health probe, saw them
+        answer): the next request to each is the half-open probe, and its success closes the breaker. Endpoints
+        this client does not use, and closed breakers, are left as they are.
+
+        Returns:
+            the URLs whose cool-down was ended.
+        """
+        ended = []
+        with self._lock:
+            for url in urls:
+                ep = self._eps.get(_base_url(url))
+                if ep is not None and ep.failures >= self.cfg.breaker_failures and ep.open_until > 0.0:
+                    ep.open_until = 0.0
+                    ended.append(ep.url)
+        for url in ended:
+            log.debug("endpoint %s is up by main's probe: probed before its cool-down ends", url)
+        return ended
+
     def close(self) -> None:
         """Close the session this client created (not one passed in)."""
         if self._own_session:
@@ -443,8 +468,7 @@ class LLMClient:
         return {"temperature": self.cfg.temperature if temperature is None else temperature, "stream": False}
 
     def _endpoint(self, url: str) -> _Endpoint:
-        key = url.strip().rstrip("/")
-        key = key[:-3] if key.endswith("/v1") else key
+        key = _base_url(url)
         with self._lock:
             ep = self._eps.get(key)
             if ep is None:
