@@ -152,7 +152,7 @@ def main() -> int:
     failures: list[str] = []
     try:
         per_record_s = 2  # retrieve+answer: two LLM requests per record
-        n = max(10, int(servers.ideal_requests_per_s() / per_record_s * (args.duration_s - args.stall_s)))
+        n = max(10, int(servers.ideal_requests_per_s / per_record_s * (args.duration_s - args.stall_s)))
         records = write_records(work / "records.jsonl", n)
         out = work / "out"
         cfg = write_config(work / "config.toml", {"run": {"progress_interval_s": args.interval_s}})
