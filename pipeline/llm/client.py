@@ -498,8 +498,9 @@ class LLMClient:
             log.debug("probing endpoint %s after its cool-down", ep.url)
             return True
 
-    def _record(self, ep: _Endpoint, ok: bool) -> None:
-        """Count an attempt's outcome for the breaker. Only its state changes are logged (opened: WARNING; closed
+    def _record(self, ep: _Endpoint, ok: bool, why: str = "") -> None:
+        """Count an attempt's outcome for the breaker (``why``: the failed attempt's outcome and detail, shown
+        when the breaker opens). Only its state changes are logged (opened: WARNING; closed
         again: WARNING, as the recovery of a warned condition); a failed probe or a failure of a request that was
         already in flight re-arms the cool-down at DEBUG. Both WARNINGs carry a ``repeat_key``: the run's
         processes each log them, main's stderr aggregates them (:mod:`pipeline.logs`)."""
@@ -521,8 +522,9 @@ class LLMClient:
                     log.debug("endpoint %s still failing (%d in a row): skipped until %s", ep.url, ep.failures,
                               until)
                 else:
-                    log.warning("endpoint %s: %d failures in a row: skipped until %s (llm.breaker_cooldown_s = "
-                                "%g s), then probed", ep.url, ep.failures, until, self.cfg.breaker_cooldown_s,
+                    log.warning("endpoint %s: %d failures in a row (last: %s): skipped until %s "
+                                "(llm.breaker_cooldown_s = %g s), then probed", ep.url, ep.failures,
+                                why[:200] or "?", until, self.cfg.breaker_cooldown_s,
                                 extra={"repeat_key": f"endpoint {ep.url} skipped after failures"})
 
     def _request(
@@ -592,7 +594,7 @@ class LLMClient:
                 if not err.retryable:
                     self._record(ep, ok=True)  # the server answered: it is up
                     raise RequestFailed(f"{ep.url}{path}: {err.outcome}: {err.detail}", attempts) from None
-                self._record(ep, ok=False)
+                self._record(ep, ok=False, why=f"{err.outcome}: {err.detail}")
                 connect_failures += err.connect_failure
                 log.debug("attempt on %s failed (%s): trying the next endpoint", ep.url, err.outcome)
                 continue
