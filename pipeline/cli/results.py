@@ -120,23 +120,31 @@ def status_cmd(output_dir: str, as_json: bool) -> None:
     "-o",
     type=click.Path(file_okay=False),
     default=None,
-    help="Merged directory (default DIR/merged; an earlier merge output there is replaced).",
+    help="Merged directory, outside DIR (default DIR.merged beside it; an earlier merge output there is replaced).",
 )
+@click.option("--ordered", is_flag=True,
+              help="Write the rows in input order (by input_index), sorted out of core in bounded memory.")
+@click.option("--memory-limit-mb", default=1024, show_default=True, type=int,
+              help="With --ordered: memory of the sort (MiB); it spills to disk beyond.")
 @handle_errors
-def merge_cmd(dir_: str, output: str | None) -> None:
+def merge_cmd(dir_: str, output: str | None, ordered: bool, memory_limit_mb: int) -> None:
     """Combine the shards of DIR into one output, verifying every input id appears exactly once.
 
     Reads the input named in the shards' _run.json; a duplicate, missing or unknown id is an error that
-    lists a few of them (nothing is written then). Prints counts per status.
+    lists a few of them (nothing is written then). Prints counts per status. The merge output lies outside DIR
+    (default DIR.merged), so that reading DIR and reading the merge output each give every record once.
     """
     from pathlib import Path
 
-    from pipeline.output import merge_shards
+    from pipeline.output import default_merge_dir, merge_shards
 
-    out = Path(output) if output else Path(dir_) / "merged"
-    m = merge_shards(dir_, out)
+    if memory_limit_mb < 64:
+        raise click.BadParameter(f"{memory_limit_mb}: must be >= 64", param_hint="--memory-limit-mb")
+    out = Path(output) if output else default_merge_dir(dir_)
+    m = merge_shards(dir_, out, ordered=ordered, memory_limit_mb=memory_limit_mb)
     click.echo(
         f"merged {m['rows']} rows of {m['total_records']} records from {m['n_shards']} shard(s) into {out}"
+        + (" in input order" if ordered else "")
         + (f" ({m['rejected']} rejected input lines)" if m["rejected"] else "")
     )
     for col, counts in m["counts"].items():
