@@ -109,13 +109,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     """
     from pipeline.output import parse_shard, shard_dir
     from pipeline.output.lock import DirLock
-    from pipeline.run.required import require_run_names
+    from pipeline.run.required import check_response_format, require_run_names
 
     cfg = require_run_names(cfg)  # no input, output, store or collection by default: one line, nothing created
-    if cfg.generation.response_format:  # a bad schema is a config error before any server starts
-        from pipeline.llm.structured import load_schema
-
-        load_schema(cfg.generation.response_format)
+    check_response_format(cfg)  # a bad schema is a config error before any server starts
     shard = parse_shard(cfg.run.shard) if cfg.run.shard else None
     out_root = Path(cfg.run.output)
     out_dir = shard_dir(out_root, *shard) if shard else out_root

