@@ -94,6 +94,32 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_slurm(sl: dict[str, Any]) -> list[str]:
+    """Text lines of :func:`pipeline.slurm.tasks.slurm_status`: one per array task, one for the merge job."""
+    lines = [f"  Slurm: array job {sl['array_job_id']} ({sl['n_shards']} task(s)), merge job "
+             f"{sl['merge_job_id'] or '-'}" + ("" if sl["queue_known"] else "; squeue unavailable: states from the "
+                                                                            "tasks' own records")]
+
+    def one(label: str, t: dict[str, Any]) -> str:
+        state = t["state"]
+        if t.get("reason"):
+            state += f" ({t['reason']})"
+        if t["state"] == "failed":
+            state += f", exit {t['exit_code']}"
+        if t["state"] in ("running", "done", "failed", "requeued", "lost") and t.get("host"):
+            state += f" on {t['host']}"
+        if t.get("at") and not t.get("reason"):
+            state += f" at {t['at']}"
+        if t["state"] in ("failed", "lost", "requeued"):
+            state += f"; log {t['log_err']}"
+        return f"  {label} ({t['job']}): {state}"
+
+    lines += [one(f"task {t['index']}", t) for t in sl["tasks"]]
+    if sl.get("merge"):
+        lines.append(one("merge", sl["merge"]) + f" -> {sl['merge_output']}")
+    return lines
+
+
 @click.command("status")
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -101,16 +127,29 @@ def format_status(st: dict[str, Any]) -> str:
 def status_cmd(output_dir: str, as_json: bool) -> None:
     """Records done / total, counts per status, per shard, and whether OUTPUT_DIR is complete.
 
-    OUTPUT_DIR is a run directory or the root of a sharded run (shard-I-of-N/ directories).
-    Exit status 0 whether or not the run is complete (see "complete" in the output).
+    OUTPUT_DIR is a run directory or the root of a sharded run (shard-I-of-N/ directories). For a root submitted
+    with `submit`, each array task (pending, running, done, failed with its exit code and log) and the merge job
+    too, also before any task wrote a row. Exit status 0 whether or not the run is complete (see "complete").
     """
+    from pipeline.errors import InputError
     from pipeline.output import run_status
+    from pipeline.slurm.tasks import is_slurm_root, slurm_status
 
-    st = run_status(output_dir)
+    sl = slurm_status(output_dir) if is_slurm_root(output_dir) else None
+    try:
+        st: dict[str, Any] | None = run_status(output_dir)
+    except InputError:
+        if sl is None:
+            raise
+        st = None  # submitted, but no task has written its shard directory
     if as_json:
-        click.echo(json.dumps(st, indent=2))
-    else:
-        click.echo(format_status(st))
+        out = st if st is not None else {"path": output_dir, "sharded": True, "complete": False, "shards": []}
+        click.echo(json.dumps({**out, "slurm": sl} if sl is not None else out, indent=2))
+        return
+    lines = [format_status(st)] if st is not None else [f"{output_dir}: no shard has written anything yet"]
+    if sl is not None:
+        lines += format_slurm(sl)
+    click.echo("\n".join(lines))
 
 
 @click.command("merge")

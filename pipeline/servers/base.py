@@ -112,6 +112,7 @@ class Backend(abc.ABC):
             ConfigError: the configuration does not allow any server (no GPU, a bad count).
         """
 
+    @abc.abstractmethod
     def check_settings(self, cfg: Config) -> None:
         """The settings this backend needs whatever the machine (the model named or installed): the part of
         :meth:`plan` that can be checked where no server will run, e.g. on a login node before ``submit``.
