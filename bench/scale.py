@@ -127,7 +127,7 @@ def synthetic_run(
                 endpoint="http://127.0.0.1:1", model="bench-model")
             if vary is not None and (changed := vary(idx, rag, gen)) is not None:
                 rag, gen = changed
-            run.finish(WorkItem(rid, f"question {idx}", {"topic": idx % 7}), rag, gen)
+            run.finish(WorkItem(rid, f"question {idx}", {"topic": idx % 7}, index=idx), rag, gen)
     run.commit()
     return commit_s[: parts]
 
