@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any
 
@@ -94,8 +95,13 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TASK_LINES = 20
+"""Most array tasks listed one per line by `status` (beyond: counts per state and the tasks not done)."""
+
+
 def format_slurm(sl: dict[str, Any]) -> list[str]:
-    """Text lines of :func:`pipeline.slurm.tasks.slurm_status`: one per array task, one for the merge job."""
+    """Text lines of :func:`pipeline.slurm.tasks.slurm_status`: one per array task (a long array: counts per
+    state and the tasks not done, at most :data:`TASK_LINES`), one for the merge job."""
     lines = [f"  Slurm: array job {sl['array_job_id']} ({sl['n_shards']} task(s)), merge job "
              f"{sl['merge_job_id'] or '-'}" + ("" if sl["queue_known"] else "; squeue unavailable: states from the "
                                                                             "tasks' own records")]
@@ -114,7 +120,14 @@ def format_slurm(sl: dict[str, Any]) -> list[str]:
             state += f"; log {t['log_err']}"
         return f"  {label} ({t['job']}): {state}"
 
-    lines += [one(f"task {t['index']}", t) for t in sl["tasks"]]
+    tasks = sl["tasks"]
+    if len(tasks) > TASK_LINES:  # a long array: counts per state, then only the tasks that are not done
+        counts = collections.Counter(t["state"] for t in tasks)
+        lines.append("  tasks: " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        tasks = [t for t in tasks if t["state"] != "done"]
+    lines += [one(f"task {t['index']}", t) for t in tasks[:TASK_LINES]]
+    if len(tasks) > TASK_LINES:
+        lines.append(f"  ... {len(tasks) - TASK_LINES} more (status --json lists every task)")
     if sl.get("merge"):
         lines.append(one("merge", sl["merge"]) + f" -> {sl['merge_output']}")
     return lines
@@ -131,17 +144,13 @@ def status_cmd(output_dir: str, as_json: bool) -> None:
     with `submit`, each array task (pending, running, done, failed with its exit code and log) and the merge job
     too, also before any task wrote a row. Exit status 0 whether or not the run is complete (see "complete").
     """
-    from pipeline.errors import InputError
-    from pipeline.output import run_status
+    from pipeline.output import is_run_dir, run_status, shard_dirs
     from pipeline.slurm.tasks import is_slurm_root, slurm_status
 
     sl = slurm_status(output_dir) if is_slurm_root(output_dir) else None
-    try:
-        st: dict[str, Any] | None = run_status(output_dir)
-    except InputError:
-        if sl is None:
-            raise
-        st = None  # submitted, but no task has written its shard directory
+    st: dict[str, Any] | None = None
+    if sl is None or shard_dirs(output_dir) or is_run_dir(output_dir):
+        st = run_status(output_dir)  # else: submitted, but no task has written its shard directory yet
     if as_json:
         out = st if st is not None else {"path": output_dir, "sharded": True, "complete": False, "shards": []}
         click.echo(json.dumps({**out, "slurm": sl} if sl is not None else out, indent=2))

