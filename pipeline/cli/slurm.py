@@ -139,9 +139,10 @@ def submit_cmd(
 
 
 def _preflight(opts, dry_run: bool) -> None:
-    """Run the tasks' own checks here, before anything is written or submitted (:func:`pipeline.run.required.preflight`:
-    names, prompts, response format, store and collections, LLM settings, the whole input and its fields), so that
-    an array whose every task would stop with the same error is never queued.
+    """Run the tasks' own checks here, before anything is written or submitted
+    (:func:`pipeline.run.required.preflight`: names, prompts, response format, store and collections, LLM
+    settings, the whole input and its fields), so that an array whose every task would stop with the same error
+    is never queued.
 
     The run options are parsed by `run`'s own parser and built into the configuration as each task builds it. The
     input scan is kept in ``OUTPUT/_input_scan.json`` for the tasks to reuse (only when every check passed). A dry
