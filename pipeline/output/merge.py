@@ -377,9 +377,12 @@ def _sorted_tables(parts: list[Path], out: Path, rows_per_part: int, memory_limi
 
     Raises:
         InputError: a row with a null ``input_index``.
-        RunError: DuckDB failed (an unreadable part, the disk full).
+        RunError: DuckDB is not installed, or it failed (an unreadable part, the disk full).
     """
-    import duckdb
+    try:
+        import duckdb
+    except ImportError:
+        raise RunError("merge --ordered needs DuckDB, a dependency of rag-pipeline: pip install duckdb") from None
     import pyarrow.parquet as pq
 
     from pipeline.output.reading import tmp_path
