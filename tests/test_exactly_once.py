@@ -130,7 +130,12 @@ def test_outputs_of_an_earlier_version_without_input_index(tmp_path: Path, recor
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and "--ordered:" in lines[0] and "shard-0-of-2/part-00000.parquet has no input_index" \
         in lines[0] and "merge without --ordered" in lines[0], lines
+    assert not default_merge_dir(root).exists()  # refused before anything was written
     man = merge_shards(root)
     assert man["rows"] == 12
     rows = {r["id"]: r["input_index"] for r in read_rows(default_merge_dir(root)).to_pylist()}
     assert sum(v is None for v in rows.values()) == 6 and rows["r1"] == 1
+    # that merge output holds the column with nulls for the older rows: --ordered over it is refused as well
+    with pytest.raises(InputError, match="has 6 rows without input_index"):
+        merge_shards(default_merge_dir(root), tmp_path / "again", ordered=True)
+    assert not (tmp_path / "again").exists()

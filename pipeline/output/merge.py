@@ -241,11 +241,12 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
     rows_per_part = part_rows or int(run_cfg.get("part_rows") or 1000)
     all_parts = [p for parts in shard_parts.values() for p in parts]
     schema: pa.Schema | None = None
+    if ordered:
+        _require_duckdb()
     for part in all_parts:
         s = read_part_schema(part)
-        if ordered and INDEX_COLUMN not in s.names:
-            raise InputError(f"--ordered: {part} has no {INDEX_COLUMN} column (written by an earlier version); "
-                             "merge without --ordered, or run again with --overwrite to get it")
+        if ordered:
+            _require_index(part, s)
         if schema is None:
             schema = s
         elif not s.equals(schema):
@@ -368,6 +369,36 @@ def _conform(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+def _require_duckdb() -> None:
+    """Raises RunError (one line) when DuckDB, which ``merge --ordered`` sorts with, is not installed."""
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        raise RunError("merge --ordered needs DuckDB, a dependency of rag-pipeline: pip install duckdb") from None
+
+
+def _require_index(part: Path, schema: pa.Schema) -> None:
+    """``merge --ordered`` needs every row's ``input_index``: refuse (before anything is written) a part without
+    the column or with a null in it (read alone: 8 bytes a row of one part).
+
+    Raises:
+        InputError: the part was written by a version without ``input_index``.
+        RunError: the part is unreadable.
+    """
+    import pyarrow.parquet as pq
+
+    hint = "merge without --ordered, or run again with --overwrite to get it"
+    if INDEX_COLUMN not in schema.names:
+        raise InputError(f"--ordered: {part} has no {INDEX_COLUMN} column (written by an earlier version); {hint}")
+    try:
+        nulls = pq.read_table(part, columns=[INDEX_COLUMN]).column(0).null_count
+    except (OSError, pa.ArrowException) as exc:
+        raise RunError(f"{part}: cannot read committed part: {exc}") from None
+    if nulls:
+        raise InputError(f"--ordered: {part} has {nulls} rows without {INDEX_COLUMN} (written by an earlier "
+                         f"version); {hint}")
+
+
 def _sorted_tables(parts: list[Path], out: Path, rows_per_part: int, memory_limit_mb: int) -> Iterator[pa.Table]:
     """The rows of ``parts`` in ``input_index`` order, as tables of at most ``rows_per_part`` rows.
 
@@ -376,13 +407,9 @@ def _sorted_tables(parts: list[Path], out: Path, rows_per_part: int, memory_limi
     batch at a time, and deleted with the spill directory at the end. Disk: about the size of the rows twice.
 
     Raises:
-        InputError: a row with a null ``input_index``.
-        RunError: DuckDB is not installed, or it failed (an unreadable part, the disk full).
+        RunError: DuckDB failed (an unreadable part, the disk full).
     """
-    try:
-        import duckdb
-    except ImportError:
-        raise RunError("merge --ordered needs DuckDB, a dependency of rag-pipeline: pip install duckdb") from None
+    import duckdb
     import pyarrow.parquet as pq
 
     from pipeline.output.reading import tmp_path
@@ -397,11 +424,6 @@ def _sorted_tables(parts: list[Path], out: Path, rows_per_part: int, memory_limi
                                      "temp_directory": str(work / "spill"), "preserve_insertion_order": True})
         try:
             src = "read_parquet($files, union_by_name = true)"
-            nulls = con.execute(f"SELECT count(*) FROM {src} WHERE {INDEX_COLUMN} IS NULL", {"files": files})
-            n_null = nulls.fetchone()[0]  # type: ignore[index]
-            if n_null:
-                raise InputError(f"--ordered: {n_null} rows have no {INDEX_COLUMN} (written by an earlier "
-                                 "version); merge without --ordered, or run again with --overwrite")
             target = str(sorted_file).replace("'", "''")
             con.execute(f"COPY (SELECT * FROM {src} ORDER BY {INDEX_COLUMN}) TO '{target}' "
                         f"(FORMAT parquet, ROW_GROUP_SIZE {max(1, int(rows_per_part))})", {"files": files})
