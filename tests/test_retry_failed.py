@@ -75,6 +75,19 @@ def test_failed_ids_and_apply_replaces_each_row_once_in_place(od: OutputDir) -> 
     assert od.apply_retries() == 0
 
 
+def test_retry_parts_are_hidden_and_those_of_an_earlier_version_still_applied(od: OutputDir) -> None:
+    """Retry parts are ``_retry-NNNNN.pending`` (no reader of the directory takes them for rows); one left as
+    ``retry-NNNNN.parquet`` by an earlier version's interrupted retry is applied too, in index order."""
+    od.commit_part(pa.concat_tables([_rows([str(i)], "failed") for i in range(4)]))
+    pq.write_table(_rows(["0", "1"], "ok", "old-name"), od.path / "retry-00000.parquet")  # an earlier version's
+    assert od.commit_retry_part(_rows(["2"], "ok", "new")).name == "_retry-00001.pending"
+    assert [p.name for p in od.retry_parts()] == ["retry-00000.parquet", "_retry-00001.pending"]
+    assert od.apply_retries() == 3
+    rows = {r["id"]: r["generation"] for r in read_rows(od.path).to_pylist()}
+    assert rows == {"0": "old-name", "1": "old-name", "2": "new", "3": None}
+    assert od.retry_parts() == []
+
+
 APPLIER = textwrap.dedent("""
     import sys
     from pipeline.output import OutputDir
