@@ -225,6 +225,19 @@ def test_llamacpp_without_model_package_or_cache_names_fetch_model(monkeypatch, 
     assert flag(llamacpp.BACKEND.plan(ctx)[0], "--model") == str(cached)
 
 
+def test_fetch_default_model_only_for_managed_llamacpp_without_a_model(monkeypatch, tmp_path):
+    from pipeline.servers import model_cache, plan
+
+    calls = []
+    monkeypatch.setattr(model_cache, "ensure_default_model", lambda cache, **kw: calls.append(cache))
+    plan.fetch_default_model(cfg_with(backend="llamacpp", model="/m.gguf"))  # --model PATH: never fetched
+    plan.fetch_default_model(cfg_with(backend="llamacpp", endpoints=("http://h:1",)))  # attached servers
+    plan.fetch_default_model(cfg_with(backend="sglang", model=""))
+    assert calls == []
+    plan.fetch_default_model(cfg_with(backend="llamacpp", model="", model_cache_dir=str(tmp_path)))
+    assert calls == [tmp_path]
+
+
 def test_model_cache_dir_follows_xdg(monkeypatch, tmp_path):
     from pipeline.servers.model_cache import model_cache_dir
 
