@@ -3,7 +3,8 @@
 Server i runs ``python -m sglang.launch_server --model-path M --host H --port P --tp-size T --nccl-port Q
 [--mem-fraction-static F] --enable-metrics [extra args]`` with ``CUDA_VISIBLE_DEVICES`` set to its T physical GPU ids (visible
 GPUs ``i*T .. i*T+T-1``); readiness is ``GET /health``; ``--enable-metrics`` serves SGLang's Prometheus
-``GET /metrics``. The flags are checked with SGLang 0.5.23's own parser
+``GET /metrics``; under ``run.deterministic`` ``--enable-deterministic-inference`` is added (batch-invariant
+kernels: a request's reply does not depend on the requests batched with it). The flags are checked with SGLang 0.5.23's own parser
 (``ServerArgs.add_cli_args``, tests/test_sglang_managed.py). Several SGLang servers on one node collide
 unless each has its own NCCL port, hence ``servers.nccl_base_port + 100 * slot + 10 * i``.
 """
@@ -111,6 +112,7 @@ class SGLangBackend(Backend):
                 "--nccl-port", str(nccl_port),
                 *(("--mem-fraction-static", str(fraction)) if fraction is not None else ()),
                 "--enable-metrics",
+                *(("--enable-deterministic-inference",) if ctx.cfg.run.deterministic else ()),
                 *s.extra_args,
             )  # fmt: skip
             specs.append(
