@@ -43,19 +43,24 @@ def test_both_llm_calls_of_a_record_start_with_the_same_bytes():
     tpl = load_templates(cfg)
     query = "Vitamin D deficiency increases the risk of fractures."
     contexts = _contexts()
-    rag_p = rag_answer_prompt(tpl, query=query, contexts=contexts, context_chars=cfg.rag.context_chars)
-    gen_p = generation_prompt(tpl, query=query, context_chars=cfg.rag.context_chars,
+    rag_p = rag_answer_prompt(tpl, query=query, contexts=contexts)
+    gen_p = generation_prompt(tpl, query=query, contexts_used=len(contexts),
                               rag=RagResult("r1", contexts=contexts, rag_answer="Yes, it does."))
-    prefix = shared_prefix(tpl, query=query, contexts=contexts, context_chars=cfg.rag.context_chars)
+    prefix = shared_prefix(tpl, query=query, contexts=contexts)
     assert rag_p.startswith(prefix) and gen_p.startswith(prefix)
     # the shared part holds the instructions, then the context, then the query; the prompts differ only after it
     assert prefix.index(contexts[0]["text"][:200]) < prefix.index(query)
     assert len(prefix) > 0.9 * min(len(rag_p), len(gen_p)) - 300
     assert rag_p[len(prefix):] != gen_p[len(prefix):] and "Yes, it does." in gen_p[len(prefix):]
     # after a soft failure the generation has no context
-    soft = generation_prompt(tpl, query=query, context_chars=cfg.rag.context_chars,
+    soft = generation_prompt(tpl, query=query, contexts_used=len(contexts),
                              rag=RagResult("r1", rag_status="soft_fail", contexts=contexts))
     assert contexts[0]["text"][:100] not in soft and query in soft
+    # a generation that carries fewer passages (sized on another endpoint) carries the first ones, whole
+    two = generation_prompt(tpl, query=query, contexts_used=2, rag=RagResult("r1", contexts=contexts, rag_answer="x"))
+    assert contexts[1]["text"].strip() in two and contexts[2]["text"][:100] not in two
+    assert generation_prompt(tpl, query=query, contexts_used=0, rag=RagResult("r1", contexts=contexts)) == \
+        generation_prompt(tpl, query=query, contexts_used=3, rag=RagResult("r1", rag_status="soft_fail"))
 
 
 def test_in_flight_sizing_from_the_backend():
