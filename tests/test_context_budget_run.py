@@ -20,7 +20,7 @@ import requests
 from pipeline.config import load_config
 from pipeline.llm.context import ContextSizer
 from pipeline.llm.prompts import load_templates, rag_answer_prompt
-from pipeline.llm.server_tokens import ESTIMATE, LLAMACPP, SGLANG, ServerTokens
+from pipeline.llm.server_tokens import LLAMACPP, SGLANG, UNREACHABLE, ServerTokens
 from tests.fixtures.llm import dead_endpoint, requires_llama
 from tests.runtools import (
     EXAMPLE,
@@ -58,10 +58,10 @@ def test_the_server_reports_its_window_and_counts_a_prompt_as_a_chat_request_doe
     assert counted == reply.json()["usage"]["prompt_tokens"]  # the server's own count of the same prompt
     assert tokens.count(url, []) == []
 
-    # a server that cannot be reached: the configured window and the 4-characters estimate (not cached)
+    # a server that cannot be reached: the configured window and the 4-characters estimate
     dead = dead_endpoint()
     info = ServerTokens(3000).endpoint(dead)
-    assert (info.window_tokens, info.window_source, info.counter) == (3000, "rag.context_window_tokens", ESTIMATE)
+    assert (info.window_tokens, info.window_source, info.counter) == (3000, "rag.context_window_tokens", UNREACHABLE)
     assert ServerTokens(3000).count(dead, ["x" * 40, "y"]) == [10, 1]
 
 
@@ -69,6 +69,8 @@ class _SGLangTokenize(BaseHTTPRequestHandler):
     """TEST DOUBLE of SGLang's HTTP API (no GPU here): ``GET /v1/models`` with ``max_model_len``, ``POST
     /tokenize`` with a ``prompt`` list (one count per text) or ``messages`` (a chat template of 7 tokens); a toy
     tokenizer of one token per whitespace-separated word. llama.cpp's ``/props`` is absent (404)."""
+
+    models_requests = 0
 
     def log_message(self, *_a) -> None:
         pass
@@ -83,6 +85,7 @@ class _SGLangTokenize(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         if self.path == "/v1/models":
+            type(self).models_requests += 1
             self._send(200, {"object": "list", "data": [{"id": "m", "max_model_len": 32768}]})
         else:
             self._send(404, {"detail": "Not Found"})
@@ -104,6 +107,12 @@ def test_sglang_style_tokenize_is_read():
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}"
         tokens = ServerTokens(4096)
+        threads = [threading.Thread(target=tokens.endpoint, args=(url,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _SGLangTokenize.models_requests == 1  # threads asking at once: one probe, the others wait for it
         info = tokens.endpoint(url + "/v1")
         assert (info.window_tokens, info.window_source, info.counter, info.template_tokens) == (
             32768, "/v1/models", SGLANG, 7)

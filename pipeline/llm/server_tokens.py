@@ -18,14 +18,15 @@ The chat template's tokens (the wrapping of a one-message chat, e.g. 30 tokens f
 message) are measured once: llama.cpp ``POST /apply-template`` then ``/tokenize``; SGLang ``POST /tokenize
 {"messages"}``; otherwise :data:`TEMPLATE_TOKENS_ESTIMATE`.
 
-A failed probe (endpoint unreachable) is not cached: the call uses the fallbacks and the next call asks again. A
-failed count falls back to the estimate for that call. Nothing here raises for a server's answer.
+A failed probe (endpoint unreachable) gives the fallbacks for :data:`PROBE_RETRY_S` seconds, then the endpoint is
+asked again. A failed count falls back to the estimate for that call. Nothing here raises for a server's answer.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,13 @@ TEMPLATE_TOKENS_ESTIMATE = 64
 """Tokens assumed for the chat template of an endpoint that cannot measure it: more than the templates measured
 (SmolLM2 30 with its default system message; Llama 3's ~25 with its date header)."""
 
+PROBE_RETRY_S = 30.0
+"""Seconds an unreachable endpoint keeps the fallbacks before it is asked again (its requests fail meanwhile)."""
+
 LLAMACPP = "llama.cpp"
 SGLANG = "sglang"
 ESTIMATE = "estimate"
+UNREACHABLE = "estimate (unreachable)"
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,9 @@ class EndpointTokens:
     Attributes:
         window_tokens: the model's context window for one request, tokens (prompt + reply).
         window_source: where it came from: ``"/props"``, ``"/v1/models"`` or ``"rag.context_window_tokens"``.
-        counter: how texts are counted: ``"llama.cpp"``, ``"sglang"`` (the server's tokenizer) or ``"estimate"``.
+        counter: how texts are counted: ``"llama.cpp"``, ``"sglang"`` (the server's tokenizer), ``"estimate"``
+            (:func:`pipeline.llm.budget.estimate_tokens`), or ``"estimate (unreachable)"`` (the endpoint did not
+            answer: estimated until it is asked again).
         template_tokens: tokens the chat template adds around one user message.
     """
 
@@ -89,32 +96,39 @@ class ServerTokens:
         self._http = session or requests.Session()
         self._lock = threading.Lock()
         self._known: dict[str, EndpointTokens] = {}
+        self._probe_locks: dict[str, threading.Lock] = {}
+        self._retry_at: dict[str, float] = {}
 
     def __repr__(self) -> str:  # no API key in reprs
         return f"ServerTokens(endpoints={sorted(self._known)!r})"
 
     # -- per endpoint, cached ------------------------------------------------------------------
     def endpoint(self, url: str) -> EndpointTokens:
-        """What ``url`` reports (probed on first use, then cached; an unreachable endpoint gets the fallbacks,
-        uncached)."""
+        """What ``url`` reports: probed once (by one thread; the others wait for its answer), then cached. An
+        unreachable endpoint gets the fallbacks for :data:`PROBE_RETRY_S` seconds, then is asked again."""
         key = endpoint_key(url)
         with self._lock:
-            known = self._known.get(key)
-        if known is not None:
-            return known
-        try:
-            info = self._probe(key)
-        except requests.RequestException as exc:
-            log.debug("%s: cannot ask for its context window (%s): assuming %d tokens", key, type(exc).__name__,
-                      self.fallback_window_tokens)
-            return EndpointTokens(self.fallback_window_tokens, "rag.context_window_tokens", ESTIMATE,
-                                  TEMPLATE_TOKENS_ESTIMATE)
-        with self._lock:
-            self._known.setdefault(key, info)
-        log.info("endpoint %s: context window %d tokens (%s), token counts: %s", key, info.window_tokens,
-                 info.window_source, "the server's /tokenize" if info.counter != ESTIMATE else
-                 "estimated at 4 characters per token", extra={"repeat_key": f"context window of {key}"})
-        return info
+            probe_lock = self._probe_locks.setdefault(key, threading.Lock())
+        with probe_lock:
+            with self._lock:
+                known = self._known.get(key)
+            if known is not None and (known.counter != UNREACHABLE or time.monotonic() < self._retry_at[key]):
+                return known
+            try:
+                info = self._probe(key)
+            except requests.RequestException as exc:
+                log.debug("%s: cannot ask for its context window (%s): assuming %d tokens", key,
+                          type(exc).__name__, self.fallback_window_tokens)
+                info = EndpointTokens(self.fallback_window_tokens, "rag.context_window_tokens", UNREACHABLE,
+                                      TEMPLATE_TOKENS_ESTIMATE)
+                self._retry_at[key] = time.monotonic() + PROBE_RETRY_S
+            else:
+                log.info("endpoint %s: context window %d tokens (%s), token counts: %s", key, info.window_tokens,
+                         info.window_source, "the server's /tokenize" if info.counter != ESTIMATE else
+                         "estimated at 4 characters per token", extra={"repeat_key": f"context window of {key}"})
+            with self._lock:
+                self._known[key] = info
+            return info
 
     def count(self, url: str, texts: list[str]) -> list[int]:
         """Tokens of each text, as the endpoint's tokenizer counts them (one request), else estimated.
@@ -238,5 +252,5 @@ def split_pieces(texts: list[str], tokens: list[dict[str, Any]]) -> list[int]:
     return counts
 
 
-__all__ = ["ESTIMATE", "EndpointTokens", "endpoint_key", "LLAMACPP", "SGLANG", "ServerTokens", "TEMPLATE_TOKENS_ESTIMATE",
-           "split_pieces"]
+__all__ = ["ESTIMATE", "LLAMACPP", "PROBE_RETRY_S", "SGLANG", "TEMPLATE_TOKENS_ESTIMATE", "UNREACHABLE",
+           "EndpointTokens", "ServerTokens", "endpoint_key", "split_pieces"]
