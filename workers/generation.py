@@ -2,10 +2,10 @@
 
 Each process takes :class:`pipeline.messages.WorkItem` lists (the record, its RAG result and ``target``, the
 endpoint main routed it to: the one that produced the record's RAG answer while it is healthy), builds the
-prompt (:mod:`pipeline.llm.prompts`: the shared prefix of instructions + the passages that fit the model's context
-window + query, then the generation part, after rag_status "ok"; the query alone after "soft_fail"), calls the target endpoint first through the
-LLM client (failover, retries, circuit breaker, adaptive concurrency on 429/503) and sends one
-:class:`pipeline.messages.GenResult` per item.
+prompt (:mod:`pipeline.llm.prompts`: the shared prefix of instructions + the passages that fit the model's
+context window + query, then the generation part, after rag_status "ok"; the query alone after "soft_fail"),
+calls the target endpoint first through the LLM client (failover, retries, circuit breaker, adaptive concurrency
+on 429/503) and sends one :class:`pipeline.messages.GenResult` per item.
 
 Concurrency: main decides how many generations are in flight per endpoint (a total per endpoint shared by the
 whole pool) and sends each process at most ``threads`` items; the process runs one thread per item in flight

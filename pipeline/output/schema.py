@@ -14,8 +14,8 @@ Arrow type. A passthrough field named like an output column is stored as ``input
 
 The token and finish-reason columns (:data:`USAGE_COLUMNS`) and ``contexts_used`` came later than the others
 (:data:`LATER_COLUMNS`): parts written before them lack them, and a run directory keeps the columns it started
-with (:func:`schema_of_run`), so an older run resumed by this version goes on without them. Readers (status, merge, manifest, eval-answers) read such parts
-as nulls.
+with (:func:`schema_of_run`), so an older run resumed by this version goes on without them. Readers (status,
+merge, manifest, eval-answers) read such parts as nulls.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ class RowWriter:
             v = item.extra.get(k)
             row[k] = json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
         used = gen.contexts_used if gen is not None and gen.contexts_used is not None else rag.contexts_used
-        row.update(contexts=rag.contexts, contexts_used=used, rag_answer=rag.rag_answer, rag_status=rag.rag_status, rag_error=rag.rag_error,
+        row.update(contexts=rag.contexts, contexts_used=used, rag_answer=rag.rag_answer, rag_status=rag.rag_status,
+                   rag_error=rag.rag_error,
                    retrieve_ms=rag.retrieve_ms, rag_llm_ms=rag.rag_llm_ms, rag_prompt_tokens=rag.prompt_tokens,
                    rag_completion_tokens=rag.completion_tokens, rag_finish_reason=rag.finish_reason,
                    gen_prompt_tokens=gen.prompt_tokens if gen else None,
