@@ -296,6 +296,7 @@ def wait_http_ready(
 
 
 __all__ = [
+    "is_loopback",
     "LOG_TAIL_LINES",
     "POLL_INTERVAL_S",
     "READY_STATUSES",
@@ -312,3 +313,17 @@ __all__ = [
     "wait_http_ready",
     "wait_port_free",
 ]
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (a name or an address, IPv6 with or without brackets) is this machine's loopback:
+    ``localhost`` or an address in 127.0.0.0/8 or ::1. A wildcard (``0.0.0.0``, ``::``, ``""``) is not."""
+    import ipaddress
+
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
