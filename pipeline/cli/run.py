@@ -63,6 +63,8 @@ def token_lines(manifest: dict) -> list[str]:
 @config_option("--tp-size", key="servers.tp_size", type=int, help="SGLang: GPUs per server (tensor parallel).")
 @config_option("--cpu-servers", key="servers.cpu_servers", type=int, help="llama.cpp servers without GPU.")
 @config_option("--base-port", key="servers.base_port", type=int, help="Port of server 0 (server i: base+i).")
+@config_option("--api-key-env", key="servers.api_key_env",
+               help="Environment variable holding the endpoints' API key (managed servers then require it).")
 @config_option("--store", key="store.path", type=click.Path(file_okay=False), help="ChromaDB directory.")
 @config_option("--chroma-url", key="store.chroma_url",
                help="Your own Chroma server (https://host:port, behind an authenticating proxy) instead of --store.")

@@ -54,7 +54,12 @@ from pipeline.cli.options import handle_errors
     help="Extra sbatch option for the array tasks, repeatable, e.g. --sbatch-arg=--mem=64G "
     "--sbatch-arg=--exclusive.",
 )
-@click.option("--chroma-url", default="", help="Shared Chroma server (see serve-store) passed to every task.")
+@click.option("--chroma-url", default="",
+              help="Your own Chroma server behind an authenticating proxy (https://...), passed to every task; "
+                   "default: the tasks copy --store to their node.")
+@click.option("--store-local-dir", default=None,
+              help="Node-local directory each task copies the store to (once per node and store version); default "
+                   "/tmp/rag-pipeline-stores-$USER; '' = read the store in place on the shared filesystem.")
 @click.option("--job-name", default="rag-pipeline", show_default=True, help="Slurm job name of the array.")
 @click.option("--dry-run", is_flag=True, help="Print both batch scripts; write and submit nothing.")
 @click.argument("run_options", nargs=-1, type=click.UNPROCESSED)
@@ -72,6 +77,7 @@ def submit_cmd(
     account: str,
     sbatch_args: tuple[str, ...],
     chroma_url: str,
+    store_local_dir: str | None,
     job_name: str,
     dry_run: bool,
     run_options: tuple[str, ...],
@@ -81,16 +87,19 @@ def submit_cmd(
     Options after `--` are passed to every task's `rag-pipeline run` (e.g. `-- --limit 1000 --config
     cfg.toml`). Tasks are requeueable: a requeued or preempted task resumes from its committed rows, and
     two minutes before the time limit a task stops cleanly and requeues itself. Prints both job ids. The tasks
-    must be told their store and collection (--chroma-url, or run options such as `-- --collection docs`):
-    refused before anything is submitted otherwise.
+    must be told their store and collection (run options such as `-- --store /shared/store --collection docs`):
+    refused before anything is submitted otherwise. Each task copies the store to its node first (once per node
+    and store version, --store-local-dir) and reads the copy: no store server, nothing listening on the network.
+    Ingest first (`rag-pipeline ingest`), then submit: `--ingest` in the run options is refused.
 
     Example: rag-pipeline submit --input data.jsonl --output out/ --nodes 4 --gpus-per-node 8 -t 24:00:00
-    --chroma-url http://storehost:8000 -- --collection docs
+    -- --store /shared/store --collection docs
 
     More shards than nodes: --shards 64 --nodes 4 runs 64 small tasks, 4 at a time (array throttle %4), so a
     slow or preempted node delays one small shard instead of a quarter of the job.
     """
     from pipeline.slurm.submit import SubmitOptions, submit
+    from pipeline.store.staging import default_local_dir
 
     opts = SubmitOptions(
         input_path=Path(input_),
@@ -105,6 +114,7 @@ def submit_cmd(
         account=account,
         sbatch_args=tuple(sbatch_args),
         chroma_url=chroma_url,
+        store_local_dir="" if chroma_url else default_local_dir() if store_local_dir is None else store_local_dir,
         run_options=tuple(run_options),
         job_name=job_name,
     )
@@ -156,6 +166,9 @@ def _check_task_store(opts) -> None:
         raise InputError(f"run options {' '.join(opts.run_options)!r}: {exc.format_message()}") from None
     params = dict(ctx.params)
     cfg = build_config(params.pop("config_file", None), params)
+    if cfg.run.ingest:
+        raise InputError(f"the tasks' run: --ingest {cfg.run.ingest}: every task would write to the store; ingest "
+                         "first (rag-pipeline ingest SOURCE --store DIR --collection NAME), then submit")
     try:
         require_store_named(cfg.store)
     except StoreError as exc:
@@ -166,19 +179,35 @@ def _check_task_store(opts) -> None:
 @click.command("serve-store")
 @click.option("--path", required=True, type=click.Path(file_okay=False), help="Chroma persistence directory.")
 @click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Interface (0.0.0.0: reachable by other nodes)."
+    "--host", default="127.0.0.1", show_default=True,
+    help="Interface; another than the loopback needs --allow-unauthenticated-network."
 )
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
 @click.option(
     "--ready-timeout-s", default=60.0, show_default=True, type=float, help="Seconds to wait for readiness."
 )
+@click.option("--allow-unauthenticated-network", is_flag=True,
+              help="Bind a non-loopback --host although Chroma checks no credential: anyone who reaches the port "
+                   "can read, change or delete every collection. Prefer an authenticating proxy (README).")
 @handle_errors
-def serve_store_cmd(path: str, host: str, port: int, ready_timeout_s: float) -> None:
-    """Run a Chroma server (`chroma run`) in the foreground for multi-node runs; Ctrl-C stops it.
+def serve_store_cmd(path: str, host: str, port: int, ready_timeout_s: float,
+                    allow_unauthenticated_network: bool) -> None:
+    """Run a Chroma server (`chroma run`) in the foreground; Ctrl-C stops it.
 
-    Pass the printed URL to `run --chroma-url` / `submit --chroma-url`. Signals are forwarded to the server.
+    Chroma has no authentication: the server binds 127.0.0.1 and a non-loopback --host is refused unless
+    --allow-unauthenticated-network is given. Multi-node runs need no store server (submit copies the store to
+    each node); to share one, put it behind a proxy that checks a token and use run --chroma-url https://...
+    --store-token-env VAR. Pass the printed URL to `run --chroma-url`. Signals are forwarded to the server.
     """
+    from pipeline.errors import ConfigError
+    from pipeline.servers.process import open_listener_problem
     from pipeline.store.server import serve_store
+
+    problem = open_listener_problem(host, authenticated=False, allowed=allow_unauthenticated_network,
+                                    what="serve-store --host",
+                                    instead="keep it on 127.0.0.1 behind an authenticating proxy (README)")
+    if problem:
+        raise ConfigError(problem)
 
     def ready(url: str) -> None:
         click.echo(f"Chroma server ready: {url}  (use --chroma-url {url})", err=False)
