@@ -125,13 +125,13 @@ def space_needed(copy_bytes: int) -> int:
 
 def space_problem(copy_bytes: int, free_bytes: int, where: str) -> str | None:
     """None when ``free_bytes`` suffice for a copy of ``copy_bytes`` (:func:`space_needed`), else the one-line
-    error naming ``where``, both figures (GiB) and the setting to change."""
+    error naming ``where``, both figures (MiB: needed rounded up, free rounded down) and the setting to change."""
     need = space_needed(copy_bytes)
     if free_bytes >= need:
         return None
-    gib = 2**30
-    return (f"{where}: not enough free space to stage the store: need {need / gib:.2f} GiB (the copy "
-            f"{copy_bytes / gib:.2f} GiB + reserve), {free_bytes / gib:.2f} GiB free; set store.local_dir "
+    mib = 2**20
+    return (f"{where}: not enough free space to stage the store: need {-(-need // mib)} MiB (the copy "
+            f"{-(-copy_bytes // mib)} MiB + reserve), {free_bytes // mib} MiB free; set store.local_dir "
             "(submit --store-local-dir) to a larger node-local disk, or free space there")
 
 
