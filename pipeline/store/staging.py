@@ -18,9 +18,11 @@ that user on the node)::
 
 Rules (:func:`stage_store`):
 
-* **Version.** A digest of every copied file's relative path, size and modification time, except Chroma's SQLite
-  file, whose modification time changes when a client merely reads the store: for it, the digest of its write
-  state (:func:`pipeline.store.chroma_files.write_state`). A new ingest makes a new version; reading does not.
+* **Version.** A digest of every copied file's relative path and size, with for Chroma's own files the digest of
+  the store's write state (:func:`pipeline.store.chroma_files.write_state`) and for the BM25 files their
+  modification time. Not Chroma's file times: a client that merely reads a store rewrites its SQLite file and, for
+  a small collection, its HNSW files (measured with chromadb 1.5: same sizes, new times). A new ingest makes a new
+  version; reading does not. (A store whose SQLite layout is not readable falls back to every file's time.)
 * **Once per node and version.** Under the store's ``.stage.lock``, the first task copies and the others wait,
   then find the copy and check it: concurrent tasks on a node share one copy.
 * **Taken under the store's lock.** The version is read, and the copy made, while holding the source store's
@@ -83,7 +85,7 @@ def default_local_dir() -> str:
 # --- the pure rules ------------------------------------------------------------------------------
 def version_of(entries: Mapping[str, tuple[int, int | str]]) -> str:
     """The store version: sha256 (first 16 hex characters) of the sorted ``{relative path: (size, stamp)}``,
-    ``stamp`` being a file's modification time in ns, or for Chroma's SQLite file its write-state digest."""
+    ``stamp`` being the store's write-state digest for Chroma's files, a BM25 file's modification time in ns."""
     h = hashlib.sha256()
     for rel in sorted(entries):
         size, stamp = entries[rel]
@@ -224,18 +226,17 @@ def read_source(store_cfg: StoreConfig) -> SourceStore:
     bm25 = Path(store_cfg.bm25_path).resolve() if store_cfg.bm25_path else None
     if bm25 is not None and (bm25 == path or path in bm25.parents or not bm25.is_dir()):
         bm25 = None  # inside the store (copied with it), or absent (the workers build it)
+    state = chroma_files.write_state(path)
     entries: dict[str, tuple[int, int | str]] = {}
     try:
         for rel, st in _walk(path, skip_top=_SKIPPED_TOP):
-            entries[rel] = (st.st_size, st.st_mtime_ns)
+            chroma_file = state is not None and not rel.startswith("bm25/")
+            entries[rel] = (st.st_size, state if chroma_file else st.st_mtime_ns)
         if bm25 is not None:
             for rel, st in _walk(bm25, prefix=EXTERNAL_BM25 + "/"):
                 entries[rel] = (st.st_size, st.st_mtime_ns)
     except OSError as exc:
         raise StoreError(f"{path}: cannot read the store to stage it: {exc}") from None
-    state = chroma_files.write_state(path)
-    if state is not None and chroma_files.SQLITE_FILE in entries:
-        entries[chroma_files.SQLITE_FILE] = (entries[chroma_files.SQLITE_FILE][0], state)
     return SourceStore(path, bm25, {k: v[0] for k, v in entries.items()}, version_of(entries),
                        chroma_files.chunks_per_collection(path))
 
