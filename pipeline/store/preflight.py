@@ -104,7 +104,11 @@ def _check_server(url: str, names: list[str], headers: dict[str, str]) -> None:
     import requests
 
     try:
-        requests.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=HTTP_TIMEOUT_S).raise_for_status()
+        beat = requests.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=HTTP_TIMEOUT_S)
+        if beat.status_code in (401, 403):
+            raise StoreError(f"Chroma server {url}: HTTP {beat.status_code}: token missing or rejected "
+                             "(store.token_env, store.token_header)")
+        beat.raise_for_status()
     except requests.RequestException as exc:
         raise StoreError(f"Chroma server {url} does not answer: {_reason(exc)}") from None
     missing = []
