@@ -131,6 +131,15 @@ def test_reuse_new_version_stale_cleanup_and_repair(store: Path, tmp_path: Path)
         held = json.loads(line)
         assert held["copied"] and held["version"] != first.version
         assert chroma_files.chunks_per_collection(held["path"]) == {"docs": 350}
+        # a copy in use that fails its check is never deleted under its reader: one line instead
+        victim = next(p for p in Path(held["path"]).rglob("*.bin") if p.stat().st_size > 0)
+        original = victim.read_bytes()
+        victim.write_bytes(original[:-1])
+        with pytest.raises(StoreError, match="fails its check .* while another run uses it") as exc:
+            with stage_store(cfg, local):
+                pass
+        assert "\n" not in str(exc.value) and Path(held["path"]).is_dir()
+        victim.write_bytes(original)
         # keep_h = 0: the old, unused version goes; the one in use by the other process stays
         write_chunks(store, 10, start=350)
         with stage_store(cfg, local, keep_h=0.0) as third:

@@ -30,7 +30,8 @@ Rules (:func:`stage_store`):
   running now is an error, one line, exit 4), and an ingest started meanwhile is refused.
 * **Checked before use.** Every file of the copy has the size of its source, and the copy's SQLite file lists the
   same collections with the same chunk counts as the source (:func:`compare_files`); a copy that fails the check
-  is deleted and made again.
+  is deleted and made again, unless another run is reading it (its ``.use`` lock is held): then it is checked
+  again a few times, and never deleted under that run (one line, exit 4, if it still fails).
 * **Free space first.** Before copying, the local disk must have the copy's size plus :data:`SPACE_RESERVE_BYTES`
   (or :data:`SPACE_RESERVE_FRACTION` of the copy, the larger) free, after the stale copies are removed: else one
   line naming the directory, the bytes needed and free, and ``store.local_dir`` (exit 4).
@@ -256,6 +257,32 @@ def check_copy(copy_dir: Path, source: SourceStore) -> list[str]:
     return compare_files(source.files, sizes(copy_dir), source.chunks, found_chunks)
 
 
+IN_USE_RECHECKS = 3
+"""Checks of a copy another run is reading, :data:`IN_USE_RECHECK_S` apart, before giving up on it."""
+IN_USE_RECHECK_S = 1.0
+
+
+def _check_existing(key_dir: Path, copy_dir: Path, source: SourceStore) -> list[str]:
+    """:func:`check_copy` of a copy found on the node. A copy that another run holds (its ``.use`` lock) is never
+    deleted under it: it is checked again a few times (a Chroma client reading it rewrites its files), and if it
+    still fails, staging stops with one line.
+
+    Raises:
+        StoreError: the copy fails its check while another run uses it.
+    """
+    problems = check_copy(copy_dir, source)
+    use = key_dir / f"{source.version}.use"
+    for _ in range(IN_USE_RECHECKS):
+        if not problems or not (use.exists() and _in_use(use)):
+            return problems
+        time.sleep(IN_USE_RECHECK_S)
+        problems = check_copy(copy_dir, source)
+    if problems:
+        raise StoreError(f"{copy_dir}: the staged copy fails its check ({'; '.join(problems)}) while another run "
+                         "uses it; run again when that run has finished, or set another store.local_dir")
+    return problems
+
+
 def _copy(source: SourceStore, dest: Path) -> None:
     """Copy the store (and an outside BM25 folder) into ``dest`` (which must not exist), times preserved."""
     shutil.copytree(source.path, dest, copy_function=shutil.copy2, ignore=lambda d, names: [
@@ -384,7 +411,7 @@ def stage_store(store_cfg: StoreConfig, local_dir: str | Path, *, keep_h: float 
                 copy_dir = key_dir / source.version
                 meta = key_dir / f"{source.version}.json"
                 copied = False
-                problems = check_copy(copy_dir, source) if meta.exists() else ["not staged yet"]
+                problems = _check_existing(key_dir, copy_dir, source) if meta.exists() else ["not staged yet"]
                 if problems and meta.exists():
                     log.warning("staged copy %s fails its check (%s): staging it again", copy_dir, "; ".join(problems))
                     _remove(meta)
