@@ -1,6 +1,8 @@
 """Every message that crosses a process boundary in a run, as a typed dataclass (pickled by multiprocessing).
 
-Main -> worker inbox: a ``list[WorkItem]``, or ``None`` (the sentinel: finish in-flight work, then exit).
+Main -> worker inbox: a ``list[WorkItem]``; an :class:`EndpointsUp` (main's probe sees endpoints answer again: the
+worker's LLM client probes them at once instead of waiting out its circuit breaker's cool-down); or ``None`` (the
+sentinel: finish in-flight work, then exit).
 
 Worker -> main, on the worker's own result pipe (:mod:`workers.protocol` writes, :mod:`pipeline.run.channels`
 reads):
@@ -135,6 +137,16 @@ class WorkItem:
     t_first_dispatch: float = 0.0
     rag: RagResult | None = None
     target: str | None = None
+
+
+@dataclass
+class EndpointsUp:
+    """Main -> every worker: the health probe saw these endpoints (base URLs) come back up after being down.
+
+    The worker's LLM client ends the cool-down of their open circuit breakers: its next request to each is the
+    half-open probe (:meth:`pipeline.llm.client.LLMClient.endpoints_up`)."""
+
+    urls: tuple[str, ...]
 
 
 @dataclass

@@ -152,7 +152,7 @@ def generation_worker_main(
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
     try:
         while True:
-            items = get_work(inbox, parent_pid)
+            items = get_work(inbox, parent_pid, client)
             if items is None:
                 break
             for item in items:

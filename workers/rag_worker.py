@@ -150,6 +150,7 @@ def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any
         log.info("%s: ingesting %s into collection %r", name, source, cfg.store.collection)
         summary = ingest_source(source, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False,
                                 bm25=bm25)
+        log.info("%s: %s", name, summary.line())
         done["ingest"] = summary.as_dict()
     elif cfg.retrieval.mode != "dense" and ensure_index(cfg.store, bm25):
         done["bm25_index"] = "built"  # a store without a current BM25 build: rank0 stores one for all workers
@@ -208,7 +209,7 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
 
     try:
         while True:
-            items = get_work(inbox, parent_pid)
+            items = get_work(inbox, parent_pid, client)
             if items is None:
                 break
             t0 = time.perf_counter()

@@ -298,6 +298,12 @@ def _classify(exc: requests.RequestException) -> _AttemptError:
 # ----------------------------------------------------------------------------------------------
 
 
+def _base_url(url: str) -> str:
+    """An endpoint's key: its base URL without a trailing ``/`` or ``/v1``."""
+    key = url.strip().rstrip("/")
+    return key[:-3] if key.endswith("/v1") else key
+
+
 class LLMClient:
     """Client for a pool of OpenAI-compatible endpoints (``/v1/chat/completions``, ``/v1/completions``).
 
@@ -427,6 +433,25 @@ class LLMClient:
                 for ep in self._eps.values()
             }
 
+    def endpoints_up(self, urls: list[str] | tuple[str, ...]) -> list[str]:
+        """End the cool-down of the open breakers of ``urls`` (another observer, main's health probe, saw them
+        answer): the next request to each is the half-open probe, and its success closes the breaker. Endpoints
+        this client does not use, and closed breakers, are left as they are.
+
+        Returns:
+            the URLs whose cool-down was ended.
+        """
+        ended = []
+        with self._lock:
+            for url in urls:
+                ep = self._eps.get(_base_url(url))
+                if ep is not None and ep.failures >= self.cfg.breaker_failures and ep.open_until > 0.0:
+                    ep.open_until = 0.0
+                    ended.append(ep.url)
+        for url in ended:
+            log.debug("endpoint %s is up by main's probe: probed before its cool-down ends", url)
+        return ended
+
     def close(self) -> None:
         """Close the session this client created (not one passed in)."""
         if self._own_session:
@@ -443,8 +468,7 @@ class LLMClient:
         return {"temperature": self.cfg.temperature if temperature is None else temperature, "stream": False}
 
     def _endpoint(self, url: str) -> _Endpoint:
-        key = url.strip().rstrip("/")
-        key = key[:-3] if key.endswith("/v1") else key
+        key = _base_url(url)
         with self._lock:
             ep = self._eps.get(key)
             if ep is None:
@@ -474,8 +498,9 @@ class LLMClient:
             log.debug("probing endpoint %s after its cool-down", ep.url)
             return True
 
-    def _record(self, ep: _Endpoint, ok: bool) -> None:
-        """Count an attempt's outcome for the breaker. Only its state changes are logged (opened: WARNING; closed
+    def _record(self, ep: _Endpoint, ok: bool, why: str = "") -> None:
+        """Count an attempt's outcome for the breaker (``why``: the failed attempt's outcome and detail, shown
+        when the breaker opens). Only its state changes are logged (opened: WARNING; closed
         again: WARNING, as the recovery of a warned condition); a failed probe or a failure of a request that was
         already in flight re-arms the cool-down at DEBUG. Both WARNINGs carry a ``repeat_key``: the run's
         processes each log them, main's stderr aggregates them (:mod:`pipeline.logs`)."""
@@ -497,8 +522,9 @@ class LLMClient:
                     log.debug("endpoint %s still failing (%d in a row): skipped until %s", ep.url, ep.failures,
                               until)
                 else:
-                    log.warning("endpoint %s: %d failures in a row: skipped until %s (llm.breaker_cooldown_s = "
-                                "%g s), then probed", ep.url, ep.failures, until, self.cfg.breaker_cooldown_s,
+                    log.warning("endpoint %s: %d failures in a row (last: %s): skipped until %s "
+                                "(llm.breaker_cooldown_s = %g s), then probed", ep.url, ep.failures,
+                                why[:200] or "?", until, self.cfg.breaker_cooldown_s,
                                 extra={"repeat_key": f"endpoint {ep.url} skipped after failures"})
 
     def _request(
@@ -568,7 +594,7 @@ class LLMClient:
                 if not err.retryable:
                     self._record(ep, ok=True)  # the server answered: it is up
                     raise RequestFailed(f"{ep.url}{path}: {err.outcome}: {err.detail}", attempts) from None
-                self._record(ep, ok=False)
+                self._record(ep, ok=False, why=f"{err.outcome}: {err.detail}")
                 connect_failures += err.connect_failure
                 log.debug("attempt on %s failed (%s): trying the next endpoint", ep.url, err.outcome)
                 continue

@@ -32,6 +32,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import Interrupted, OutageError, RunError
+from pipeline.messages import EndpointsUp
 from pipeline.run.manifest import build_manifest, server_report
 from pipeline.run.signals import StopSignals
 
@@ -342,6 +343,13 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
     return result
 
 
+def _observe_probes(scheduler: Any, workers: Any, servers: Servers) -> None:
+    """The probes as they are now into the scheduler; endpoints that came back are announced to every worker."""
+    back = scheduler.observe_probes(servers.monitor.states(), time.monotonic())
+    if back:
+        workers.broadcast(EndpointsUp(tuple(back)))
+
+
 def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: StopSignals, servers: Servers,
               store_sup: Any, progress_view: Any, live: Any = None, metrics: Any = None) -> None:
     """The scheduling loop: feed the scheduler its events, carry out its decisions, until every record has a
@@ -362,7 +370,7 @@ def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: S
             scheduler.stop()
         if grace_deadline is not None and time.monotonic() > grace_deadline:
             raise Interrupted(f"{signals.name}: grace period of {cfg.run.grace_s:.0f} s over")
-        scheduler.health.observe_probes(servers.monitor.states())
+        _observe_probes(scheduler, workers, servers)
         if store_sup is not None:
             scheduler.observe_store(store_sup.down(), store_sup.restarted_at)
         workers.hold_dead()
@@ -380,7 +388,7 @@ def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: S
             results = workers.note(w, msg)
             if results is not None:
                 # the probes as they are now: a failure that arrived after an endpoint went down is not the record's
-                scheduler.health.observe_probes(servers.monitor.states())
+                _observe_probes(scheduler, workers, servers)
                 retrieved = scheduler.retrieved
                 for f in scheduler.on_results(w.name, w.incarnation, *results, time.monotonic()):
                     writer.finish(f.item, f.rag, f.gen)
