@@ -32,13 +32,15 @@ RECORDS = REPO / "data" / "example" / "records.jsonl"
 
 
 def _runs_of(out: Path) -> list[psutil.Process]:
-    """The main processes of `rag-pipeline run` writing under ``out``."""
+    """The main processes of `rag-pipeline run` writing under ``out`` (not a child the run forked that has not
+    exec'd its own program yet: it still shows the run's command line)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "ppid"]):
         cmd = p.info["cmdline"] or []
         if "run" in cmd and "--output" in cmd and str(out) in cmd and "pipeline" in cmd:
             found.append(p)
-    return found
+    pids = {p.pid for p in found}
+    return [p for p in found if p.info["ppid"] not in pids]
 
 
 def _listen(proc: psutil.Process) -> dict[tuple[str, int], str]:
@@ -84,11 +86,13 @@ def test_two_shards_stage_the_store_and_listen_on_loopback_only(slurm_cluster: S
     merge_id = re.search(r"Submitted merge job (\d+)", sub.stdout).group(1)  # type: ignore[union-attr]
 
     seen: dict[int, dict[tuple[str, int], str]] = collections.defaultdict(dict)
+    cmds: dict[int, str] = {}
     final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and slurm_cluster.state(merge_id) not in final:
         for run in _runs_of(out):
             seen[run.pid].update(_listen(run))
+            cmds.setdefault(run.pid, " ".join(run.info["cmdline"]))
         time.sleep(0.2)
     state = slurm_cluster.state(merge_id)
     logs = "\n".join(p.read_text(errors="replace") for p in sorted((out / "_slurm" / "logs").glob("*")))
@@ -100,7 +104,7 @@ def test_two_shards_stage_the_store_and_listen_on_loopback_only(slurm_cluster: S
     assert not open_, f"listeners beyond the loopback: {open_}"
     for pid, per_run in seen.items():  # each run's own servers were there to be checked
         kinds = " ".join(per_run.values())
-        assert "cpu_server" in kinds and "chroma" in kinds and "pipeline" in kinds, (pid, per_run)
+        assert "cpu_server" in kinds and "chroma" in kinds and "pipeline" in kinds, (pid, per_run, cmds)
 
     manifests = [json.loads((shard_dir(out, i, 2) / "_manifest.json").read_text()) for i in range(2)]
     staged = [m["store"]["staged"] for m in manifests]

@@ -157,6 +157,10 @@ def test_reuse_new_version_stale_cleanup_and_repair(store: Path, tmp_path: Path)
     with stage_store(cfg, local) as fifth:
         assert fifth.copied and fifth.version == fourth.version
         assert victim.stat().st_size == (store / victim.relative_to(fourth.path)).stat().st_size
+    # a copy without its .json (its stager died between the rename and the record) is made again
+    (Path(fifth.path).parent / f"{fifth.version}.json").unlink()
+    with stage_store(cfg, local) as sixth:
+        assert sixth.copied and chroma_files.chunks_per_collection(sixth.path) == {"docs": 360}
 
 
 def test_bm25_path_outside_the_store_is_copied_with_it(store: Path, tmp_path: Path) -> None:

@@ -150,7 +150,8 @@ def _check_task_store(opts) -> None:
     The run options are parsed by `run`'s own parser, so a bad option or config is found here too.
 
     Raises:
-        InputError: the run options do not parse; ConfigError: their config is invalid; StoreError: no store or
+        InputError: the run options do not parse, or they ingest (every task would write to the store: ingest
+            first, then submit); ConfigError: their config is invalid; StoreError: no store or
             no collection named (only named: the store may be reachable from the compute nodes only).
     """
     from pipeline.cli.options import build_config

@@ -415,7 +415,8 @@ def stage_store(store_cfg: StoreConfig, local_dir: str | Path, *, keep_h: float 
                 if problems and meta.exists():
                     log.warning("staged copy %s fails its check (%s): staging it again", copy_dir, "; ".join(problems))
                     _remove(meta)
-                    _remove(copy_dir)
+                if problems:
+                    _remove(copy_dir)  # without its .json (a stager died between the two) it was never used
                 removed = _clean(key_dir, source.version, keep_h * 3600.0)
                 if problems:
                     free = shutil.disk_usage(key_dir).free
@@ -425,7 +426,11 @@ def stage_store(store_cfg: StoreConfig, local_dir: str | Path, *, keep_h: float 
                     partial = key_dir / f"{source.version}.partial-{os.getpid()}"
                     log.info("staging store %s (%.1f MiB, version %s) to %s", source.path, source.bytes / 2**20,
                              source.version, copy_dir)
-                    _copy(source, partial)
+                    try:
+                        _copy(source, partial)
+                    except BaseException:
+                        _remove(partial)  # a full disk or a signal mid-copy leaves nothing behind
+                        raise
                     bad = check_copy(partial, source)
                     if bad:
                         _remove(partial)
