@@ -208,6 +208,28 @@ def test_not_enough_free_space_is_one_line_before_copying(store: Path, tmp_path:
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_run_on_a_full_node_disk_stops_in_one_line_before_any_server(store: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        inp = tmp_path / "in.jsonl"
+        inp.write_text('{"id": 1, "query": "q"}\n')
+        res = _cli("run", "--input", str(inp), "--output", str(tmp_path / "out"), "--store", str(store),
+                   "--collection", "docs", "--store-local-dir", str(small), "--endpoints", "http://127.0.0.1:9",
+                   "--no-progress")
+        assert res.returncode == 4, res.stderr
+        (line,) = [x for x in res.stderr.splitlines() if x.startswith("Error:")]
+        assert line.startswith(f"Error: {small}/") and "not enough free space to stage the store" in line
+        assert "Traceback" not in res.stderr
+        main_log = (tmp_path / "out" / "_logs" / "main.log").read_text()
+        assert "endpoint" not in main_log.split("not enough free space")[0].lower()  # no server was reached first
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={**os.environ, **(env or {})})
