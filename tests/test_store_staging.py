@@ -245,6 +245,10 @@ def test_run_refuses_to_ingest_into_a_staged_store(store: Path, tmp_path: Path) 
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith("Error: --ingest with store.local_dir") and "ingest first" in line
     assert not out.exists() and not (tmp_path / "node-local").exists()
+    res = _cli("run", "--input", str(inp), "--output", str(out), "--store", str(store), "--collection", "docs",
+               "--reset-collection", "--store-local-dir", str(tmp_path / "node-local"))
+    assert res.returncode == 2 and res.stderr.startswith("Error: --reset-collection with store.local_dir"), res.stderr
+    assert not out.exists() and not (tmp_path / "node-local").exists()
 
 
 def test_submit_refuses_ingest_in_the_tasks(store: Path, tmp_path: Path) -> None:
@@ -257,6 +261,9 @@ def test_submit_refuses_ingest_in_the_tasks(store: Path, tmp_path: Path) -> None
     (line,) = res.stderr.strip().splitlines()
     assert "--ingest" in line and "ingest first" in line and "then submit" in line
     assert not out.exists()
+    reset = _cli("submit", "--input", str(inp), "--output", str(out), "--nodes", "2", "--dry-run", "--",
+                 "--store", str(store), "--collection", "docs", "--reset-collection")
+    assert reset.returncode == 2 and "--reset-collection" in reset.stderr and "then submit" in reset.stderr
     ok = _cli("submit", "--input", str(inp), "--output", str(out), "--nodes", "2", "--dry-run", "--",
               "--store", str(store), "--collection", "docs")
     assert ok.returncode == 0, ok.stderr

@@ -167,9 +167,10 @@ def _check_task_store(opts) -> None:
         raise InputError(f"run options {' '.join(opts.run_options)!r}: {exc.format_message()}") from None
     params = dict(ctx.params)
     cfg = build_config(params.pop("config_file", None), params)
-    if cfg.run.ingest:
-        raise InputError(f"the tasks' run: --ingest {cfg.run.ingest}: every task would write to the store; ingest "
-                         "first (rag-pipeline ingest SOURCE --store DIR --collection NAME), then submit")
+    if cfg.run.ingest or cfg.run.reset_collection:
+        flag = f"--ingest {cfg.run.ingest}" if cfg.run.ingest else "--reset-collection"
+        raise InputError(f"the tasks' run: {flag}: every task would write to the store; ingest first "
+                         "(rag-pipeline ingest SOURCE --store DIR --collection NAME), then submit")
     try:
         require_store_named(cfg.store)
     except StoreError as exc:

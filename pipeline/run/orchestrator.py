@@ -137,17 +137,25 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
 
 
 def _refuse_staged_ingest(cfg: Config) -> None:
-    """A run that stages its store (``store.local_dir``) reads a copy: it cannot ingest into the shared store.
+    """A run that stages its store (``store.local_dir``) reads a copy shared by the node's tasks: it neither
+    ingests nor resets the collection.
 
     Raises:
-        ConfigError: ``run.ingest`` together with ``store.local_dir`` (and no ``chroma_url``).
+        ConfigError: ``run.ingest`` or ``run.reset_collection`` together with ``store.local_dir`` (and no
+            ``chroma_url``).
     """
     from pipeline.errors import ConfigError
 
-    if cfg.store.local_dir and not cfg.store.chroma_url and cfg.run.ingest:
+    if not cfg.store.local_dir or cfg.store.chroma_url:
+        return
+    if cfg.run.ingest:
         raise ConfigError("--ingest with store.local_dir: a run that stages the store reads a node-local copy and "
                           f"cannot ingest; ingest first (rag-pipeline ingest {cfg.run.ingest} --store "
                           f"{cfg.store.path} --collection {cfg.store.collection}), then run")
+    if cfg.run.reset_collection:
+        raise ConfigError("--reset-collection with store.local_dir: a run that stages the store reads a node-local "
+                          "copy shared by the node's tasks and cannot reset it; reset with rag-pipeline ingest "
+                          "--reset first, then run")
 
 
 def _stage_store(cfg: Config, stack: contextlib.ExitStack) -> tuple[Config, Any]:
