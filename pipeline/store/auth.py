@@ -46,10 +46,9 @@ def token_headers(store_cfg: StoreConfig) -> dict[str, str]:
 
 def redact(text: str, headers: dict[str, str]) -> str:
     """``text`` with every header value (and the bare token of ``Bearer <token>``) replaced by ``***``."""
-    for value in headers.values():
-        for secret in {value, value.removeprefix("Bearer ")}:
-            if secret:
-                text = text.replace(secret, "***")
+    secrets = {s for value in headers.values() for s in (value, value.removeprefix("Bearer ")) if s}
+    for secret in sorted(secrets, key=len, reverse=True):  # "Bearer <token>" before the bare token
+        text = text.replace(secret, "***")
     return text
 
 
