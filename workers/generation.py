@@ -128,13 +128,13 @@ def generation_worker_main(
     log.debug("%s started (pid %d, %d threads)", name, os.getpid(), threads)
     start_heartbeat(outbox, name, cfg.run.heartbeat_interval_s, parent_pid)
     try:
-        from pipeline.llm.client import LLMClient
+        from pipeline.llm.client import LLMClient, request_seed
         from pipeline.llm.prompts import load_templates
 
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
         api_key = os.environ.get(key_env) if key_env else None
         threads = max(1, threads)
-        client = LLMClient(endpoints, cfg.llm, api_key=api_key, max_concurrency=threads)
+        client = LLMClient(endpoints, cfg.llm, api_key=api_key, max_concurrency=threads, seed=request_seed(cfg))
         templates = load_templates(cfg)
         structured = None
         if cfg.generation.response_format:

@@ -185,12 +185,13 @@ def _startup(
     detail["collection_count"] = n
     state: dict[str, Any] = {"retriever": retriever, "detail": detail, "client": None}
     if cfg.rag.mode == "retrieve+answer":
-        from pipeline.llm.client import LLMClient
+        from pipeline.llm.client import LLMClient, request_seed
         from pipeline.llm.prompts import load_templates
 
         order = ([endpoint] if endpoint else []) + [e for e in endpoints if e != endpoint]
         api_key = os.environ.get(cfg.servers.api_key_env) if cfg.servers.api_key_env else None
-        client = LLMClient(order, cfg.llm, api_key=api_key, max_concurrency=llm_concurrency)
+        client = LLMClient(order, cfg.llm, api_key=api_key, max_concurrency=llm_concurrency,
+                           seed=request_seed(cfg))
         state.update(client=client, templates=load_templates(cfg), threads=llm_concurrency)
     return state
 

@@ -67,7 +67,7 @@ from tenacity import (
 )
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from pipeline.config import LLMConfig
+from pipeline.config import DETERMINISTIC_SEED, Config, LLMConfig
 from pipeline.llm.outcome import (
     BAD_RESPONSE,
     CONNECT_ERROR,
@@ -242,6 +242,12 @@ def inflight_per_endpoint(cfg: LLMConfig, batch: int | None) -> int:
     return max(1, math.ceil((batch or DEFAULT_BATCH) * INFLIGHT_HEADROOM))
 
 
+def request_seed(cfg: Config) -> int | None:
+    """The ``seed`` every request of a run carries: :data:`pipeline.config.DETERMINISTIC_SEED` under
+    ``run.deterministic``, else None (none sent)."""
+    return DETERMINISTIC_SEED if cfg.run.deterministic else None
+
+
 def probe_batch(url: str, *, api_key: str | None = None, timeout_s: float = 5.0) -> int | None:
     """The batch size an endpoint reports, or None if it reports none.
 
@@ -319,6 +325,9 @@ class LLMClient:
             urllib3's connection pools are thread-safe; one connection per request in flight, reused).
         max_concurrency: in-flight requests per endpoint; None = ``cfg.max_concurrency`` if > 0 else 1
             (the pipeline sizes it with :func:`inflight_per_endpoint`).
+        seed: sampling ``seed`` sent with every request (the OpenAI field; llama.cpp, SGLang and vLLM honour it),
+            None = none sent (the server picks). ``run.deterministic`` sets
+            :data:`pipeline.config.DETERMINISTIC_SEED`.
 
     Raises:
         ValueError: no endpoint, or a concurrency < 1.
@@ -332,10 +341,12 @@ class LLMClient:
         api_key: str | None = None,
         session: requests.Session | None = None,
         max_concurrency: int | None = None,
+        seed: int | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("LLMClient needs at least one endpoint")
         self.cfg = cfg
+        self.seed = seed
         self.max_concurrency = max_concurrency or (cfg.max_concurrency if cfg.max_concurrency > 0 else 1)
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
@@ -465,7 +476,11 @@ class LLMClient:
 
     # -- internals -------------------------------------------------------------------------
     def _sampling(self, temperature: float | None) -> dict[str, Any]:
-        return {"temperature": self.cfg.temperature if temperature is None else temperature, "stream": False}
+        out: dict[str, Any] = {"temperature": self.cfg.temperature if temperature is None else temperature,
+                               "stream": False}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
     def _endpoint(self, url: str) -> _Endpoint:
         key = _base_url(url)

@@ -357,7 +357,7 @@ class Scheduler:
         except StopIteration:
             self.exhausted = True
             return None
-        return WorkItem(rec.id, rec.query, rec.extra)
+        return WorkItem(rec.id, rec.query, rec.extra, index=rec.index)
 
     def _dispatch_gen(self, load: collections.Counter[str], now: float, sends: list[Send]) -> None:
         gen = [w for w in self.workers.values() if w.kind == GEN and w.accepting]

@@ -21,10 +21,11 @@ class Rec:
     id: str
     query: str
     extra: dict = field(default_factory=dict)
+    index: int = 0
 
 
 def records(n: int) -> list[Rec]:
-    return [Rec(f"r{i}", f"question {i}") for i in range(n)]
+    return [Rec(f"r{i}", f"question {i}", index=i) for i in range(n)]
 
 
 def config(**sections: dict) -> Config:
