@@ -219,7 +219,14 @@ class RagConfig:
     min_answer_chars: int = _f(1, "A RAG answer shorter than this is a soft failure.")
     max_tokens: int = _f(64, "max_tokens of the RAG answer.")
     prompt_file: str = _f("configs/prompts/rag_answer.txt", "Template of the RAG answer, after the shared prefix.")
-    context_chars: int = _f(2000, "Most characters of retrieved context put into a prompt.")
+    context_chars: int = _f(
+        0, "Optional cap on the characters of passages in a prompt (whole passages, best first); 0 = none: the "
+        "model's context window decides (see context_window_tokens)."
+    )
+    context_window_tokens: int = _f(
+        4096, "Context window (prompt + reply, tokens) assumed for an endpoint that reports none (llama.cpp /props "
+        "and SGLang/vLLM /v1/models max_model_len are asked first); passages are sized to fit it."
+    )
     prefix_prompt_file: str = _f(
         "configs/prompts/context_prefix.txt",
         "Template both LLM calls of a record start with (instructions, context, query): the server's prefix cache "
@@ -361,7 +368,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("llm", "breaker_failures"): (1, None),
     ("llm", "temperature"): (0.0, 2.0),  # the OpenAI API's range
     ("rag", "max_tokens"): (1, None),
-    ("rag", "context_chars"): (1, None),
+    ("rag", "context_window_tokens"): (64, None),
     ("generation", "num_processes"): (1, None),
     ("generation", "max_tokens"): (1, None),
     ("generation", "response_format_attempts"): (1, None),

@@ -48,6 +48,9 @@ class LLMStageResult:
             None when no reply carried usage.
         finish_reason: why the reply in the row ended, as the server says (``"stop"``, ``"length"`` = cut by
             the stage's ``max_tokens``, ...); None without a reply.
+        contexts_used: how many of the record's first retrieved passages the stage's prompt carried (the
+            context budget of :mod:`pipeline.llm.context`); None when the stage built no prompt with passages
+            (no LLM call, or the query alone after a soft failure).
     """
 
     attempts: int = 0
@@ -61,6 +64,7 @@ class LLMStageResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    contexts_used: int | None = None
 
 
 @dataclass

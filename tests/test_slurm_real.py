@@ -334,7 +334,7 @@ def test_real_run_array_with_requeue_and_merge(
 ) -> None:
     cheap = tmp_path / "cheap.toml"
     cheap.write_text(
-        '[generation]\nmax_tokens = 4\nnum_processes = 1\n[rag]\nmode = "retrieve"\ncontext_chars = 200\n'
+        '[generation]\nmax_tokens = 4\nnum_processes = 1\n[rag]\nmode = "retrieve"\n'
         "[retrieval]\ntop_k = 1\n[run]\npart_rows = 1\n"
     )
     out = tmp_path / "out dir"

@@ -21,6 +21,7 @@ def summary_table(manifest: dict) -> str:
     if "retried" in inv:
         lines.append("  retried: " + (", ".join(f"{n} {k}" for k, n in inv["retried"].items()) or "none"))
     lines += token_lines(manifest)
+    lines += context_lines(manifest)
     for err in manifest["errors"][:5]:
         lines.append(f"  error x{err['count']}: {err['error']}")
     return "\n".join(lines)
@@ -43,6 +44,17 @@ def token_lines(manifest: dict) -> list[str]:
             lines.append(f"  {t['hit_max_tokens']} {what} hit max_tokens (finish_reason length): raise "
                          f"{t['max_tokens_setting']}")
     return lines
+
+
+def context_lines(manifest: dict) -> list[str]:
+    """One line when some records' context was cut to fit the model's window: how many, and what to raise.
+    Manifests without ``contexts`` (written before it existed) give no line."""
+    c = manifest.get("contexts") or {}
+    if not c.get("cut"):
+        return []
+    return [f"  {c['cut']} of {c['rows_with_contexts_used']} records had their context cut to fit the model "
+            f"(contexts_used < contexts; {c['passages_used']} of {c['passages_retrieved']} passages sent): "
+            f"{c['advice']}"]
 
 
 @click.command("run")

@@ -36,7 +36,7 @@ class RowWriter:
 
     Attributes:
         schema: the rows' schema: the directory keeps the columns it started with
-            (:func:`pipeline.output.schema.schema_of_run`; an older run resumed has no token columns).
+            (:func:`pipeline.output.schema.schema_of_run`; an older run resumed lacks the columns added since).
         tokens: ``{"<stage>_<prompt|completion>_tokens": sum}`` over the rows finished by this invocation.
     """
 
@@ -84,7 +84,9 @@ class RowWriter:
         for k, t in self.extra_types.items():
             v = item.extra.get(k)
             row[k] = json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
-        row.update(contexts=rag.contexts, rag_answer=rag.rag_answer, rag_status=rag.rag_status, rag_error=rag.rag_error,
+        used = gen.contexts_used if gen is not None and gen.contexts_used is not None else rag.contexts_used
+        row.update(contexts=rag.contexts, contexts_used=used, rag_answer=rag.rag_answer, rag_status=rag.rag_status,
+                   rag_error=rag.rag_error,
                    retrieve_ms=rag.retrieve_ms, rag_llm_ms=rag.rag_llm_ms, rag_prompt_tokens=rag.prompt_tokens,
                    rag_completion_tokens=rag.completion_tokens, rag_finish_reason=rag.finish_reason,
                    gen_prompt_tokens=gen.prompt_tokens if gen else None,
