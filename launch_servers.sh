@@ -4,7 +4,7 @@
 #
 #   launch_servers.sh --backend sglang|llamacpp --model PATH_OR_NAME [--base-port 11434] [--num N]
 #                     [--tp-size T] [--mem-fraction-static F] [--host 127.0.0.1] [--log-dir DIR] [--dry-run]
-#                     [-- EXTRA_SERVER_ARGS...]
+#                     [--api-key-env VAR] [--allow-unauthenticated-network] [-- EXTRA_SERVER_ARGS...]
 #
 # A wrapper: after checking its arguments it execs `rag-pipeline serve` (python -m pipeline.cli serve, see
 # pipeline/cli/serve.py) with --all-or-nothing --script-exit-codes --pid-file DIR/servers.pid, so the servers,
@@ -25,6 +25,9 @@
 # Ports: server i's nominal HTTP port is BASE + 10*SLOT + i and NCCL port NCCL_BASE + 100*SLOT + 10*i, with
 # SLOT = SLURM_JOB_ID % 100 inside a Slurm job (else 0; PORT_SLOT overrides); a port taken by another process
 # is skipped (logged) and the next free one used (not in --dry-run).
+# Host: 127.0.0.1 by default. Another address (0.0.0.0: every interface) is refused unless the servers require an
+# API key (--api-key-env VAR: the key is read from $VAR, clients send "Authorization: Bearer <key>") or
+# --allow-unauthenticated-network says that anyone who reaches the ports may use them.
 # Unlike `rag-pipeline run`, this script is all or nothing: a server that fails to start stops all of them.
 #
 # Each server runs in its own session/process group with one log file (DIR/<backend>-<port>.log); PIDs
@@ -59,6 +62,8 @@ NUM=""
 HOST=127.0.0.1
 LOG_DIR=logs/servers
 DRY_RUN=0
+API_KEY_ENV=""
+ALLOW_OPEN=0
 TP_SIZE=1
 MEM_FRACTION=""
 EXTRA=()
@@ -80,6 +85,8 @@ while [ $# -gt 0 ]; do
     --mem-fraction-static) need "$@"; MEM_FRACTION=$2; shift 2 ;;
     --host) need "$@"; HOST=$2; shift 2 ;;
     --log-dir) need "$@"; LOG_DIR=$2; shift 2 ;;
+    --api-key-env) need "$@"; API_KEY_ENV=$2; shift 2 ;;
+    --allow-unauthenticated-network) ALLOW_OPEN=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -119,6 +126,8 @@ ARGS=(serve --backend "$BACKEND" --base-port "$BASE_PORT" --tp-size "$TP_SIZE" -
 # Without --num, sglang uses every visible GPU (--gpus -1): visible / tp-size servers.
 if [ -n "$NUM" ]; then ARGS+=(--num "$NUM"); else ARGS+=(--gpus -1); fi
 [ -z "$MEM_FRACTION" ] || ARGS+=(--mem-fraction-static "$MEM_FRACTION")
+[ -z "$API_KEY_ENV" ] || ARGS+=(--api-key-env "$API_KEY_ENV")
+[ "$ALLOW_OPEN" = 0 ] || ARGS+=(--allow-unauthenticated-network)
 [ -z "${PORT_SLOT:-}" ] || ARGS+=(--port-slot "$PORT_SLOT")
 case $HOST in
   0.0.0.0) ARGS+=(--endpoint-host "$(hostname -f 2>/dev/null || hostname)") ;;

@@ -56,7 +56,20 @@ class StoreConfig:
         "", "Collection name that ingest writes and retrieval reads; empty = none named: ingest and run need "
         "--collection or this key in your --config."
     )
-    chroma_url: str = _f("", "URL of a Chroma server (http://host:port) for multi-node runs; empty = local path.")
+    chroma_url: str = _f(
+        "", "URL of your own Chroma server, e.g. behind an authenticating proxy (https://host:port); empty = local path."
+    )
+    token_env: str = _f(
+        "", "Name of the environment variable holding the token sent to chroma_url (never logged nor recorded).")
+    token_header: str = _f(
+        "Authorization", "Header carrying the token: 'Authorization' sends 'Bearer <token>', any other name (e.g. "
+        "X-Chroma-Token) the token itself.")
+    local_dir: str = _f(
+        "", "run: node-local directory the store (Chroma + BM25) is staged to before the run, one copy per node and "
+        "store version (pipeline/store/staging.py); empty = read store.path in place. submit sets it.")
+    local_keep_h: float = _f(
+        24.0, "Staged copies of other versions of the same store unused for this many hours (and not in use) are "
+        "deleted when a run stages.")
     bm25_path: str = _f(
         "", "BM25 index directory (one folder per collection); empty = <path>/bm25, or none with chroma_url "
         "(then each RAG worker builds it in memory); with chroma_url use a shared filesystem path."
@@ -146,7 +159,11 @@ class ServersConfig:
     nccl_base_port: int = _f(29500, "SGLang: NCCL port of server 0; server i uses nccl_base_port + i * 10.")
     extra_args: tuple[str, ...] = _f((), "Extra arguments appended to every managed server command.")
     endpoints: tuple[str, ...] = _f((), "Attach mode: existing OpenAI-compatible endpoints; no server is started.")
-    api_key_env: str = _f("", "Name of the environment variable holding the endpoints' API key (never logged).")
+    api_key_env: str = _f(
+        "", "Name of the environment variable holding the endpoints' API key (never logged); managed servers "
+        "then require it.")
+    allow_unauthenticated_network: bool = _f(
+        False, "Let managed servers bind a non-loopback host without an API key (anyone reaching the port may use them).")
     startup_timeout_s: float = _f(1800.0, "Seconds one managed server may take to become ready (each attempt).")
     shutdown_timeout_s: float = _f(10.0, "Seconds between SIGTERM and SIGKILL when stopping a server.")
     log_dir: str = _f("", "Server log directory; empty = <output>/_logs or a temporary directory.")

@@ -14,8 +14,13 @@ def _store_options(fn):
                        help="BM25 index directory (default: <store>/bm25; with --chroma-url: a shared path, "
                             "or none and retrieval builds it in memory).")(fn)
     fn = config_option("--collection", key="store.collection", help="Collection name.")(fn)
+    fn = config_option("--store-token-header", key="store.token_header",
+                       help="Header carrying the token: Authorization (Bearer <token>) or e.g. X-Chroma-Token.")(fn)
+    fn = config_option("--store-token-env", key="store.token_env",
+                       help="Environment variable holding the token sent to --chroma-url (never logged).")(fn)
     fn = config_option("--chroma-url", key="store.chroma_url",
-                       help="Chroma server URL (http://host:port) instead of a local --store directory.")(fn)
+                       help="Your own Chroma server (https://host:port, behind an authenticating proxy) instead of "
+                            "a local --store directory.")(fn)
     fn = config_option("--store", key="store.path", type=click.Path(file_okay=False),
                        help="ChromaDB directory (PersistentClient).")(fn)
     return fn

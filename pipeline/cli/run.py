@@ -77,8 +77,18 @@ def context_lines(manifest: dict) -> list[str]:
 @config_option("--tp-size", key="servers.tp_size", type=int, help="SGLang: GPUs per server (tensor parallel).")
 @config_option("--cpu-servers", key="servers.cpu_servers", type=int, help="llama.cpp servers without GPU.")
 @config_option("--base-port", key="servers.base_port", type=int, help="Port of server 0 (server i: base+i).")
+@config_option("--api-key-env", key="servers.api_key_env",
+               help="Environment variable holding the endpoints' API key (managed servers then require it).")
 @config_option("--store", key="store.path", type=click.Path(file_okay=False), help="ChromaDB directory.")
-@config_option("--chroma-url", key="store.chroma_url", help="Chroma server URL (multi-node) instead of --store.")
+@config_option("--chroma-url", key="store.chroma_url",
+               help="Your own Chroma server (https://host:port, behind an authenticating proxy) instead of --store.")
+@config_option("--store-token-env", key="store.token_env",
+               help="Environment variable holding the token sent to --chroma-url (never logged).")
+@config_option("--store-token-header", key="store.token_header",
+               help="Header carrying the token: Authorization (Bearer <token>, default) or e.g. X-Chroma-Token.")
+@config_option("--store-local-dir", key="store.local_dir", type=click.Path(file_okay=False),
+               help="Copy --store to this node-local directory first (once per node and store version) and read "
+                    "the copy; submit sets it.")
 @config_option("--collection", key="store.collection", help="Collection to retrieve from.")
 @config_option("--bm25-path", key="store.bm25_path", type=click.Path(file_okay=False),
                help="BM25 index directory (default <store>/bm25; with --chroma-url a shared path).")

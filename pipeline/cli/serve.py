@@ -88,7 +88,14 @@ def _write_pid_file(path: Path, pool: ServerPool) -> None:
     type=float,
     help="SGLang --mem-fraction-static (default: computed to leave room for the embedding model).",
 )
-@config_option("--host", key="servers.host", help="Interface the servers bind to.")
+@config_option("--host", key="servers.host",
+               help="Interface the servers bind to (default 127.0.0.1); another address needs --api-key-env or "
+                    "--allow-unauthenticated-network.")
+@config_option("--api-key-env", key="servers.api_key_env",
+               help="Environment variable holding an API key the servers require (Authorization: Bearer).")
+@config_option("--allow-unauthenticated-network", key="servers.allow_unauthenticated_network", is_flag=True,
+               default=None, help="Bind a non-loopback --host without an API key: anyone who reaches the ports can "
+                                  "use the servers.")
 @config_option(
     "--log-dir",
     key="servers.log_dir",

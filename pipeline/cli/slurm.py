@@ -55,7 +55,12 @@ from pipeline.errors import RagPipelineError
     help="Extra sbatch option for the array tasks, repeatable, e.g. --sbatch-arg=--mem=64G "
     "--sbatch-arg=--exclusive.",
 )
-@click.option("--chroma-url", default="", help="Shared Chroma server (see serve-store) passed to every task.")
+@click.option("--chroma-url", default="",
+              help="Your own Chroma server behind an authenticating proxy (https://...), passed to every task; "
+                   "default: the tasks copy --store to their node.")
+@click.option("--store-local-dir", default=None,
+              help="Node-local directory each task copies the store to (once per node and store version); default "
+                   "/tmp/rag-pipeline-stores-$USER; '' = read the store in place on the shared filesystem.")
 @click.option("--job-name", default="rag-pipeline", show_default=True, help="Slurm job name of the array.")
 @click.option("--dry-run", is_flag=True,
               help="Print both batch scripts; write and submit nothing (checks only that a store is named).")
@@ -74,6 +79,7 @@ def submit_cmd(
     account: str,
     sbatch_args: tuple[str, ...],
     chroma_url: str,
+    store_local_dir: str | None,
     job_name: str,
     dry_run: bool,
     run_options: tuple[str, ...],
@@ -86,16 +92,19 @@ def submit_cmd(
     anything is queued, the tasks' run is checked here as the run checks itself (input and its fields, prompts,
     config, store and collections, model settings): a failing check is one line and exit 2 or 4, nothing
     submitted. Follow the job with `rag-pipeline status OUTPUT` (each task: pending, running, done, failed with
-    its exit code and log).
+    its exit code and log). Each task copies the store to its node first (once per node and store version,
+    --store-local-dir) and reads the copy: no store server, nothing listening on the network. Ingest first
+    (`rag-pipeline ingest`), then submit: `--ingest` or `--reset-collection` in the run options is refused.
 
     Example: rag-pipeline submit --input data.jsonl --output out/ --nodes 4 --gpus-per-node 8 -t 24:00:00
-    --chroma-url http://storehost:8000 -- --collection docs
+    -- --store /shared/store --collection docs
 
     More shards than nodes: --shards 64 --nodes 4 runs 64 small tasks, 4 at a time (array throttle %4), so a
     slow or preempted node delays one small shard instead of a quarter of the job.
     """
     from pipeline.output import default_merge_dir
     from pipeline.slurm.submit import SubmitOptions, submit
+    from pipeline.store.staging import default_local_dir
 
     opts = SubmitOptions(
         input_path=Path(input_),
@@ -110,6 +119,7 @@ def submit_cmd(
         account=account,
         sbatch_args=tuple(sbatch_args),
         chroma_url=chroma_url,
+        store_local_dir="" if chroma_url else default_local_dir() if store_local_dir is None else store_local_dir,
         run_options=tuple(run_options),
         job_name=job_name,
     )
@@ -149,8 +159,9 @@ def _preflight(opts, dry_run: bool) -> None:
     run checks only that a store and collection are named.
 
     Raises:
-        InputError: the run options do not parse, or the tasks' run is refused (:func:`preflight`); ConfigError,
-            StoreError, ServerError: see :func:`preflight` (the message says it is the tasks' run).
+        InputError: the run options do not parse, they ingest or reset the collection (every task would write
+            to the store: ingest first, then submit), or the tasks' run is refused (:func:`preflight`);
+            ConfigError, StoreError, ServerError: see :func:`preflight` (the message says it is the tasks' run).
     """
     from pipeline.cli.options import build_config
     from pipeline.cli.run import run_cmd
@@ -166,6 +177,10 @@ def _preflight(opts, dry_run: bool) -> None:
         raise InputError(f"run options {' '.join(opts.run_options)!r}: {exc.format_message()}") from None
     params = dict(ctx.params)
     cfg = build_config(params.pop("config_file", None), params)
+    if cfg.run.ingest or cfg.run.reset_collection:
+        flag = f"--ingest {cfg.run.ingest}" if cfg.run.ingest else "--reset-collection"
+        raise InputError(f"the tasks' run: {flag}: every task would write to the store; ingest first "
+                         "(rag-pipeline ingest SOURCE --store DIR --collection NAME), then submit")
     try:
         if dry_run:  # only what the options name: the scripts are shown, nothing is queued
             require_store_named(cfg.store)
@@ -184,19 +199,35 @@ def _preflight(opts, dry_run: bool) -> None:
 @click.command("serve-store")
 @click.option("--path", required=True, type=click.Path(file_okay=False), help="Chroma persistence directory.")
 @click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Interface (0.0.0.0: reachable by other nodes)."
+    "--host", default="127.0.0.1", show_default=True,
+    help="Interface; another than the loopback needs --allow-unauthenticated-network."
 )
 @click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
 @click.option(
     "--ready-timeout-s", default=60.0, show_default=True, type=float, help="Seconds to wait for readiness."
 )
+@click.option("--allow-unauthenticated-network", is_flag=True,
+              help="Bind a non-loopback --host although Chroma checks no credential: anyone who reaches the port "
+                   "can read, change or delete every collection. Prefer an authenticating proxy (README).")
 @handle_errors
-def serve_store_cmd(path: str, host: str, port: int, ready_timeout_s: float) -> None:
-    """Run a Chroma server (`chroma run`) in the foreground for multi-node runs; Ctrl-C stops it.
+def serve_store_cmd(path: str, host: str, port: int, ready_timeout_s: float,
+                    allow_unauthenticated_network: bool) -> None:
+    """Run a Chroma server (`chroma run`) in the foreground; Ctrl-C stops it.
 
-    Pass the printed URL to `run --chroma-url` / `submit --chroma-url`. Signals are forwarded to the server.
+    Chroma has no authentication: the server binds 127.0.0.1 and a non-loopback --host is refused unless
+    --allow-unauthenticated-network is given. Multi-node runs need no store server (submit copies the store to
+    each node); to share one, put it behind a proxy that checks a token and use run --chroma-url https://...
+    --store-token-env VAR. Pass the printed URL to `run --chroma-url`. Signals are forwarded to the server.
     """
+    from pipeline.errors import ConfigError
+    from pipeline.servers.process import open_listener_problem
     from pipeline.store.server import serve_store
+
+    problem = open_listener_problem(host, authenticated=False, allowed=allow_unauthenticated_network,
+                                    what="serve-store --host",
+                                    instead="keep it on 127.0.0.1 behind an authenticating proxy (README)")
+    if problem:
+        raise ConfigError(problem)
 
     def ready(url: str) -> None:
         click.echo(f"Chroma server ready: {url}  (use --chroma-url {url})", err=False)

@@ -5,8 +5,9 @@ It acquires the run's parts in order and releases them in reverse (one ``context
 1. the output directory (created, locked, prepared: the whole input is checked before any server starts);
 2. stop signals (:mod:`pipeline.run.signals`);
 3. the LLM servers (managed pool or attached endpoints) and their health monitor (:mod:`pipeline.servers`);
-4. the store mode (:mod:`pipeline.store.mode`): with ``store.shared`` one Chroma server for the node's RAG workers,
-   watched by :class:`pipeline.run.store_supervisor.StoreSupervisor`;
+4. the store: with ``store.local_dir`` a node-local copy (:mod:`pipeline.store.staging`, taken before the LLM
+   servers start); the store mode (:mod:`pipeline.store.mode`): with ``store.shared`` one loopback Chroma server
+   for the node's RAG workers, watched by :class:`pipeline.run.store_supervisor.StoreSupervisor`;
 5. the worker set (:mod:`pipeline.run.worker_set`): RAG worker 0 alone first (the rank0 barrier: it may reset
    or ingest the collection), then the other RAG workers and the generation processes;
 6. the scheduling loop: the pure :class:`pipeline.run.scheduler.Scheduler` decides, the worker set sends, the
@@ -112,6 +113,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     from pipeline.run.required import check_response_format, require_run_names
 
     cfg = require_run_names(cfg)  # no input, output, store or collection by default: one line, nothing created
+    _refuse_staged_ingest(cfg)
     check_response_format(cfg)  # a bad schema is a config error before any server starts
     shard = parse_shard(cfg.run.shard) if cfg.run.shard else None
     out_root = Path(cfg.run.output)
@@ -129,6 +131,49 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         if created:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()  # only if nothing was written (the run stopped before preparing it)
+
+
+def _refuse_staged_ingest(cfg: Config) -> None:
+    """A run that stages its store (``store.local_dir``) reads a copy shared by the node's tasks: it neither
+    ingests nor resets the collection.
+
+    Raises:
+        ConfigError: ``run.ingest`` or ``run.reset_collection`` together with ``store.local_dir`` (and no
+            ``chroma_url``).
+    """
+    from pipeline.errors import ConfigError
+
+    if not cfg.store.local_dir or cfg.store.chroma_url:
+        return
+    if cfg.run.ingest:
+        raise ConfigError("--ingest with store.local_dir: a run that stages the store reads a node-local copy and "
+                          f"cannot ingest; ingest first (rag-pipeline ingest {cfg.run.ingest} --store "
+                          f"{cfg.store.path} --collection {cfg.store.collection}), then run")
+    if cfg.run.reset_collection:
+        raise ConfigError("--reset-collection with store.local_dir: a run that stages the store reads a node-local "
+                          "copy shared by the node's tasks and cannot reset it; reset with rag-pipeline ingest "
+                          "--reset first, then run")
+
+
+def _stage_store(cfg: Config, stack: contextlib.ExitStack) -> tuple[Config, Any]:
+    """With ``store.local_dir`` (and a local store), copy the store to the node (:mod:`pipeline.store.staging`),
+    held until ``stack`` closes.
+
+    Returns:
+        ``(cfg, staged)``: the configuration reading the copy and the
+        :class:`pipeline.store.staging.StagedStore`; ``(cfg, None)`` unchanged without ``store.local_dir``.
+
+    Raises:
+        StoreError: see :func:`pipeline.store.staging.stage_store`.
+    """
+    if not cfg.store.local_dir or cfg.store.chroma_url:
+        return cfg, None
+    from pipeline.store.staging import stage_store
+
+    staged = stack.enter_context(stage_store(cfg.store, cfg.store.local_dir, keep_h=cfg.store.local_keep_h))
+    log.info("vector store staged: %s -> %s (%s, %.1f MiB, %.1f s)", staged.source, staged.path,
+             "copied" if staged.copied else "copy found on this node", staged.bytes / 2**20, staged.seconds)
+    return dataclasses.replace(cfg, store=staged.store_config(cfg.store)), staged
 
 
 @contextlib.contextmanager
@@ -154,6 +199,7 @@ class _Started:
     signals: StopSignals | None = None
     servers: Servers | None = None
     store_mode: Any = None
+    staged: Any = None
     scheduler: Any = None
     workers: Any = None
     metrics: Any = None
@@ -231,10 +277,12 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                 from pipeline.run.metrics import start_metrics
 
                 metrics = started.metrics = start_metrics(cfg, stack)  # before any server
+                live.set_phase("staging the store")
+                read_cfg, started.staged = _stage_store(cfg, stack)  # before servers: a full disk fails fast
                 live.set_phase("starting servers")
                 servers = _start_servers(cfg, out_dir, signals, stack)
                 started.servers = servers
-                store_mode, worker_cfg, store_sup = _share_store(cfg, servers, out_dir, signals, stack)
+                store_mode, worker_cfg, store_sup = _share_store(read_cfg, servers, out_dir, signals, stack)
                 started.store_mode = store_mode
                 live.set_phase("starting workers")
                 scheduler, workers = _start_workers(worker_cfg, servers, records, store_sup, signals, out_dir, stack)
@@ -279,6 +327,8 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
             manifest["servers"] = server_report(servers.pool, servers.rag_targets)
         if started.store_mode is not None:
             manifest["store"] = started.store_mode.as_dict()
+        if started.staged is not None:
+            manifest.setdefault("store", {})["staged"] = started.staged.as_dict()
         if servers is not None:
             from pipeline.run.metrics import metrics_report
 
@@ -459,7 +509,8 @@ def _share_store(cfg: Config, servers: Servers, out_dir: Path, signals: StopSign
     supervisor = StoreSupervisor(server, stopping=lambda: signals.count > 0)
     stack.callback(supervisor.stop)
     url = server.start(abort=lambda: signals.count > 0)
-    store = dataclasses.replace(cfg.store, chroma_url=url, bm25_path=cfg.store.bm25_path or str(store_path / "bm25"))
+    store = dataclasses.replace(cfg.store, chroma_url=url, token_env="",  # the run's own server takes no token
+                                bm25_path=cfg.store.bm25_path or str(store_path / "bm25"))
     log.info("vector store shared: one Chroma server %s over %s for %d RAG workers", url, store_path, n_rag)
     return dataclasses.replace(mode, url=url), dataclasses.replace(cfg, store=store), supervisor
 

@@ -34,6 +34,9 @@ class ServerSpec:
         gpus: physical GPU ids of an SGLang server (its ``CUDA_VISIBLE_DEVICES``; tp_size of them).
         visible_gpu: index of its first GPU among the ones this process sees (the RAG worker's
             ``cuda:N``), None for llama.cpp.
+        secret_args: ``(flag, environment variable)`` pairs appended to ``argv`` when the server is started, each
+            flag followed by the variable's value (an API key the server's own command line takes); shown as
+            ``flag "$VARIABLE"`` by :meth:`shell_command`, so the value is never logged.
     """
 
     index: int
@@ -47,6 +50,7 @@ class ServerSpec:
     nccl_port: int | None = None
     gpus: tuple[str, ...] = ()
     visible_gpu: int | None = None
+    secret_args: tuple[tuple[str, str], ...] = ()
 
     def with_ports(self, port: int, nccl_port: int | None) -> ServerSpec:
         """This spec on other ports: ``--port`` / ``--nccl-port`` values in argv and the log name follow."""
@@ -66,9 +70,26 @@ class ServerSpec:
         return f"http://{host}:{self.port}"
 
     def shell_command(self) -> str:
-        """The command as one shell-quoted line (``VAR=value ... argv``), as ``--dry-run`` prints it."""
+        """The command as one shell-quoted line (``VAR=value ... argv``), as ``--dry-run`` prints it; a secret
+        argument appears as ``"$VARIABLE"``."""
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        return (env + " " if env else "") + shlex.join(self.argv)
+        secrets = "".join(f' {shlex.quote(flag)} "${var}"' for flag, var in self.secret_args)
+        return (env + " " if env else "") + shlex.join(self.argv) + secrets
+
+    def spawn_argv(self, environ: dict[str, str]) -> list[str]:
+        """The argv the server is started with: :attr:`argv`, then each secret flag with its variable's value.
+
+        Raises:
+            ConfigError: a secret's environment variable is unset or empty.
+        """
+        from pipeline.errors import ConfigError
+
+        out = list(self.argv)
+        for flag, var in self.secret_args:
+            if not environ.get(var):
+                raise ConfigError(f"[servers] api_key_env: environment variable {var} is not set or empty")
+            out += [flag, environ[var]]
+        return out
 
 
 @dataclass(frozen=True)

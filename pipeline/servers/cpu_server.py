@@ -69,8 +69,9 @@ def build_params(args: argparse.Namespace):  # noqa: ANN201 - xllamacpp.CommonPa
     if args.alias:
         p.model_alias = {args.alias}  # a set of names in xllamacpp (a str would become a set of its letters)
     p.endpoint_metrics = args.metrics  # Prometheus text on GET /metrics
-    if args.api_key:
-        p.api_keys = [args.api_key]
+    key = args.api_key or (os.environ.get(args.api_key_env, "") if args.api_key_env else "")
+    if key:
+        p.api_keys = [key]
     if args.deterministic:
         # A request whose prompt shares a prefix with an earlier one would reuse that prefix's KV cache and
         # compute only the rest, in batches of another shape: different float rounding, sometimes another
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n_parallel", type=int, default=4, help="Slots decoded together (continuous batching).")
     ap.add_argument("--n_threads", type=int, default=1, help="CPU threads for decoding and prompt processing.")
     ap.add_argument("--api_key", default="", help="Require this bearer token on API requests (/health stays open).")
+    ap.add_argument("--api_key_env", default="",
+                    help="Like --api_key, the token read from this environment variable (not on the command line).")
     ap.add_argument("--alias", default="", help="Model name reported by /v1/models (default: the file path).")
     ap.add_argument("--metrics", action="store_true", help="Serve llama.cpp's Prometheus metrics on GET /metrics.")
     ap.add_argument("--deterministic", action="store_true",
@@ -104,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("port", "n_ctx", "n_parallel", "n_threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.api_key_env and not os.environ.get(args.api_key_env):
+        ap.error(f"--api_key_env {args.api_key_env}: environment variable not set or empty")
     if not os.path.isfile(args.model):
         ap.error(f"--model {args.model}: no such file")
     return args

@@ -110,6 +110,7 @@ class LlamaCppBackend(Backend):
                 "--n_threads", str(threads),
                 "--alias", model_name(model),
                 "--metrics",
+                *(("--api_key_env", s.api_key_env) if s.api_key_env else ()),
                 *(("--deterministic",) if ctx.cfg.run.deterministic else ()),
                 *s.extra_args,
             )  # fmt: skip

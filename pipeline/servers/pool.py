@@ -239,10 +239,11 @@ class ServerPool:
         was ready, so that :meth:`poll_startup` does not report it as a server joining the run)."""
         log.debug("starting %s server on port %d: %s", spec.backend, spec.port, spec.shell_command())
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = spec.spawn_argv(dict(os.environ))
         with open(spec.log_path, "ab" if append else "wb") as logf:
             try:
                 proc = subprocess.Popen(
-                    list(spec.argv),
+                    argv,
                     stdin=subprocess.DEVNULL,
                     stdout=logf,
                     stderr=subprocess.STDOUT,

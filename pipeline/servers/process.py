@@ -296,6 +296,9 @@ def wait_http_ready(
 
 
 __all__ = [
+    "ALLOW_FLAG",
+    "is_loopback",
+    "open_listener_problem",
     "LOG_TAIL_LINES",
     "POLL_INTERVAL_S",
     "READY_STATUSES",
@@ -312,3 +315,42 @@ __all__ = [
     "wait_http_ready",
     "wait_port_free",
 ]
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (a name or an address, IPv6 with or without brackets) is this machine's loopback:
+    ``localhost`` or an address in 127.0.0.0/8 or ::1. A wildcard (``0.0.0.0``, ``::``, ``""``) is not."""
+    import ipaddress
+
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+ALLOW_FLAG = "--allow-unauthenticated-network"
+"""The flag (and ``servers.allow_unauthenticated_network``) that lets a server without authentication bind a
+non-loopback address."""
+
+
+def open_listener_problem(host: str, *, authenticated: bool, allowed: bool, what: str, instead: str) -> str | None:
+    """The rule for every server this tool starts: it binds the loopback unless the user says otherwise, and a
+    server that checks no credential binds another address only when the user accepts that explicitly.
+
+    Args:
+        host: the address the server would bind (``0.0.0.0``, ``::`` and ``""`` are every interface).
+        authenticated: the server requires a credential (an LLM server started with an API key).
+        allowed: the user passed :data:`ALLOW_FLAG` (or set its config key).
+        what: the server and the option that set ``host``, for the message, e.g. ``"serve-store --host"``.
+        instead: what to do instead, for the message.
+
+    Returns:
+        None when the server may bind ``host``, else the one-line refusal.
+    """
+    if is_loopback(host) or authenticated or allowed:
+        return None
+    return (f"{what} {host or '0.0.0.0'}: refused: the server checks no credential, so anyone who can reach this "
+            f"address could use it; {instead}, or pass {ALLOW_FLAG} to accept that risk")

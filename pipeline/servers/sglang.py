@@ -128,6 +128,7 @@ class SGLangBackend(Backend):
                     nccl_port=nccl_port,
                     gpus=gpus,
                     visible_gpu=i * tp,
+                    secret_args=(("--api-key", s.api_key_env),) if s.api_key_env else (),
                 )
             )
         return specs

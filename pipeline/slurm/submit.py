@@ -1,4 +1,5 @@
-"""Slurm array submission (`rag-pipeline submit`); the shared Chroma server is in :mod:`pipeline.store.server`.
+"""Slurm array submission (`rag-pipeline submit`); each task copies its store to its node
+(:mod:`pipeline.store.staging`), so no store server is needed.
 
 ``submit`` writes two batch scripts into ``OUTPUT/_slurm/``:
 
@@ -67,7 +68,9 @@ class SubmitOptions:
         time_limit: ``--time`` (HH:MM:SS, D-HH:MM:SS, minutes, ...; "" = partition default); also for merge.
         account: ``--account`` ("" = none); also used by the merge job.
         sbatch_args: extra ``#SBATCH`` options for the array tasks only, each like ``--mem=64G``.
-        chroma_url: shared Chroma server (``--chroma-url`` of run), "" = the run's configured store.
+        chroma_url: the user's own Chroma server (``--chroma-url`` of run), "" = the run's configured store.
+        store_local_dir: node-local directory each task copies its store to before running (``--store-local-dir``
+            of run: :mod:`pipeline.store.staging`); "" = the tasks read the store in place.
         run_options: extra options appended to every task's ``run`` command (not --input/--output/--shard).
         python: interpreter the jobs run (absolute path; default the current one).
         workdir: directory the jobs start in (``--chdir``; default the current directory).
@@ -91,6 +94,7 @@ class SubmitOptions:
     account: str = ""
     sbatch_args: tuple[str, ...] = ()
     chroma_url: str = ""
+    store_local_dir: str = ""
     run_options: tuple[str, ...] = ()
     python: str = field(default_factory=lambda: str(Path(sys.executable).absolute()))
     workdir: Path = field(default_factory=Path.cwd)
@@ -128,6 +132,8 @@ class SubmitOptions:
         ]
         if self.chroma_url:
             argv += ["--chroma-url", self.chroma_url]
+        if self.store_local_dir:
+            argv += ["--store-local-dir", self.store_local_dir]
         return argv
 
 
@@ -183,6 +189,7 @@ def validate(opts: SubmitOptions) -> None:
     _no_newline(str(inp), "--input")
     _no_newline(str(opts.output_dir), "--output")
     _no_newline(str(opts.workdir), "working directory")
+    _no_newline(opts.store_local_dir, "--store-local-dir")
     if not inp.exists():
         raise InputError(f"--input {inp}: file not found")
     if opts.time_limit and not _TIME_RE.match(opts.time_limit):

@@ -96,4 +96,52 @@ def count_chunks(store_path: str | Path, collections: list[str]) -> int | None:
     return _read(store_path, count)
 
 
-__all__ = ["SQLITE_FILE", "collection_names", "count_chunks", "has_sqlite_file", "sqlite_file"]
+_CHUNKS_PER_COLLECTION = (
+    "SELECT c.name, COUNT(e.id) FROM collections c LEFT JOIN segments s ON s.collection = c.id "
+    "AND s.scope = 'METADATA' LEFT JOIN embeddings e ON e.segment_id = s.id GROUP BY c.name ORDER BY c.name"
+)
+_WRITE_STATE = (
+    ("collections", "SELECT id, name FROM collections ORDER BY id"),
+    ("collection_metadata", "SELECT collection_id, key, str_value, int_value, float_value, bool_value "
+                            "FROM collection_metadata ORDER BY collection_id, key"),
+    ("max_seq_id", "SELECT segment_id, seq_id FROM max_seq_id ORDER BY segment_id"),
+    ("embeddings_queue", "SELECT MAX(seq_id) FROM embeddings_queue"),
+)
+
+
+def chunks_per_collection(store_path: str | Path) -> dict[str, int] | None:
+    """``{collection name: chunks}`` of every collection of the local store at ``store_path``.
+
+    Returns:
+        The counts (a collection without chunks counts 0), or None when the store has no :data:`SQLITE_FILE` or
+        its layout is not the expected one. Never raises for a missing or unreadable store.
+    """
+    return _read(store_path, lambda con: {str(n): int(c or 0) for n, c in con.execute(_CHUNKS_PER_COLLECTION)})
+
+
+def write_state(store_path: str | Path) -> str | None:
+    """A digest (sha256 hex) of what every write to the store changes: the collections and their metadata, the
+    last operation applied to each segment (``max_seq_id``) and the last one logged (``embeddings_queue``).
+
+    Reading the store (a client that opens it and queries) leaves it unchanged, while the database file's
+    modification time does change then; so this, not the file's time, tells two versions of a store apart.
+
+    Returns:
+        64 hex characters, or None when the store has no :data:`SQLITE_FILE` or its layout is not the expected
+        one. Never raises for a missing or unreadable store.
+    """
+    import hashlib
+
+    def digest(con: sqlite3.Connection) -> str:
+        h = hashlib.sha256()
+        for name, query in _WRITE_STATE:
+            h.update(name.encode())
+            for row in con.execute(query):
+                h.update(repr(tuple(row)).encode())
+        return h.hexdigest()
+
+    return _read(store_path, digest)
+
+
+__all__ = ["SQLITE_FILE", "chunks_per_collection", "collection_names", "count_chunks", "has_sqlite_file",
+           "sqlite_file", "write_state"]

@@ -7,7 +7,9 @@ and nothing model-specific is recorded in the collection.
 Facts measured with chromadb 1.x: PersistentClient is not multi-process safe (one writer; readers open their client after
 the writer is done); a deleted and recreated collection makes old handles raise
 ``NotFoundError: Collection [uuid] does not exist.``, fixed by ``get_or_create_collection(name)``.
-For several writers or several nodes use a Chroma server (``chroma run``) and ``store.chroma_url``.
+Several nodes read node-local copies of a store (:mod:`pipeline.store.staging`); a user's own Chroma server
+(behind an authenticating proxy: Chroma 1.x has no authentication of its own) is reached through
+``store.chroma_url`` with the token of ``store.token_env`` (:func:`pipeline.store.auth.token_headers`).
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def open_client(store_cfg: StoreConfig, *, create: bool = True) -> ClientAPI:
 
     Raises:
         pipeline.errors.StoreError: a missing store directory (``create=False``), an invalid URL, or the
-            client cannot be opened / the server cannot be reached.
+            client cannot be opened / the server cannot be reached (the message never holds the token).
+        pipeline.errors.ConfigError: see :func:`pipeline.store.auth.token_headers`.
     """
     import chromadb
     from chromadb.config import Settings
@@ -87,15 +90,19 @@ def open_client(store_cfg: StoreConfig, *, create: bool = True) -> ClientAPI:
     if store_cfg.chroma_url:
         url = urlparse(store_cfg.chroma_url)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise StoreError(f"invalid chroma_url {store_cfg.chroma_url!r} (expected http://host:port)")
+            raise StoreError(f"invalid chroma_url {store_cfg.chroma_url!r} (expected https://host:port)")
         port = url.port or (443 if url.scheme == "https" else 8000)
+        from pipeline.store.auth import redact, token_headers
+
+        headers = token_headers(store_cfg)
         with store_errors(f"connect to Chroma server {store_cfg.chroma_url}"):
             try:
                 return chromadb.HttpClient(
-                    host=url.hostname, port=port, ssl=url.scheme == "https", settings=settings
+                    host=url.hostname, port=port, ssl=url.scheme == "https", headers=headers, settings=settings
                 )
             except Exception as exc:  # noqa: BLE001 - httpx/requests connection errors of many types
-                raise StoreError(f"cannot connect to Chroma server {store_cfg.chroma_url}: {exc}") from exc
+                raise StoreError(f"cannot connect to Chroma server {store_cfg.chroma_url}: "
+                                 f"{redact(str(exc), headers)}") from None
     if not str(store_cfg.path).strip():
         from pipeline.store.preflight import STORE_MISSING
 
@@ -185,8 +192,43 @@ def writer_lock(store_cfg: StoreConfig) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StoreError(
-                f"{path}: another ingest is writing to this store (one writer only: a local Chroma store is not multi-process safe)"
+                f"{path}: another ingest is writing to this store, or a run is copying it to a node "
+                "(one writer only: a local Chroma store is not multi-process safe)"
             ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def reader_lock(store_cfg: StoreConfig) -> Iterator[None]:
+    """Hold the store's writer lock (:func:`writer_lock`'s file) in shared mode: no ingest writes while held,
+    and any number of readers (runs copying the store to their node) hold it together.
+
+    A store whose directory is read-only and has no lock file yet is read without the lock (no ingest of this
+    tool can write to it either).
+
+    Raises:
+        pipeline.errors.StoreError: an ingest is writing to the store now.
+    """
+    path = Path(store_cfg.path)
+    lock = path / LOCK_FILE
+    try:
+        fh = open(lock, "a+")  # noqa: SIM115 - closed below
+    except OSError:
+        try:
+            fh = open(lock)  # noqa: SIM115 - a read-only store: flock works on a read-only descriptor
+        except OSError:
+            log.debug("%s: no lock file and not writable: read without the lock", path)
+            yield
+            return
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{path}: an ingest is writing to this store now; run again once it has finished "
+                             "(a copy taken meanwhile could miss part of it)") from None
         try:
             yield
         finally:

@@ -81,7 +81,9 @@ def check_store(cfg: Config) -> None:
         return
     names = [cfg.store.collection, *cfg.retrieval.collections]
     if cfg.store.chroma_url:
-        _check_server(cfg.store.chroma_url.rstrip("/"), names)
+        from pipeline.store.auth import token_headers
+
+        _check_server(cfg.store.chroma_url.rstrip("/"), names, token_headers(cfg.store))
     else:
         _check_local(Path(cfg.store.path), names)
 
@@ -98,26 +100,38 @@ def _check_local(path: Path, names: list[str]) -> None:
     _require(names, found, str(path))
 
 
-def _check_server(url: str, names: list[str]) -> None:
+def _check_server(url: str, names: list[str], headers: dict[str, str]) -> None:
     import requests
 
     try:
-        requests.get(f"{url}/api/v2/heartbeat", timeout=HTTP_TIMEOUT_S).raise_for_status()
+        beat = requests.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=HTTP_TIMEOUT_S)
+        if beat.status_code in (401, 403):
+            raise StoreError(f"Chroma server {url}: HTTP {beat.status_code}: token missing or rejected "
+                             "(store.token_env, store.token_header)")
+        beat.raise_for_status()
     except requests.RequestException as exc:
-        raise StoreError(f"Chroma server {url} does not answer: {exc}") from None
+        raise StoreError(f"Chroma server {url} does not answer: {_reason(exc)}") from None
     missing = []
     for name in names:
         try:
             r = requests.get(f"{url}/api/v2/tenants/default_tenant/databases/default_database/collections/{name}",
-                             timeout=HTTP_TIMEOUT_S)
+                             headers=headers, timeout=HTTP_TIMEOUT_S)
         except requests.RequestException as exc:
-            raise StoreError(f"Chroma server {url} does not answer: {exc}") from None
+            raise StoreError(f"Chroma server {url} does not answer: {_reason(exc)}") from None
+        if r.status_code in (401, 403):
+            raise StoreError(f"Chroma server {url}: HTTP {r.status_code} for collection {name!r}: token missing or "
+                             "rejected (store.token_env, store.token_header)")
         text = r.text.lower() if r.status_code >= 400 else ""
         if r.status_code == 404 or "does not exist" in text or "not found" in text:
             missing.append(name)
     if missing:
         raise StoreError(f"collection {missing[0]!r} not found in {url}; ingest it first "
                          f"(rag-pipeline ingest SOURCE --chroma-url {url} --collection {missing[0]})")
+
+
+def _reason(exc: Exception) -> str:
+    """A request error's message: requests names the URL and the cause, never the request's headers (the token)."""
+    return str(exc)
 
 
 def _require(names: list[str], found: set[str], where: str) -> None:
