@@ -172,7 +172,7 @@ def child_ingest(args: argparse.Namespace) -> dict:
     timeline: list[tuple[float, int]] = []
     written = [0]
 
-    progress = open(out / f"timeline-{args.n}.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    progress = open(out / f"timeline-{args.n}.jsonl", "w", encoding="utf-8")  # noqa: SIM115
 
     def lookup(ids: list[str], texts: list[str]) -> np.ndarray:
         rows = np.fromiter((int(i[1:].split("#", 1)[0]) for i in ids), dtype=np.int64, count=len(ids))
@@ -355,6 +355,12 @@ def report(state: dict, project: int) -> None:
         w = _windows(ing["timeline"], r["start_n"], 50_000 if r["n"] - r["start_n"] > 150_000 else 20_000)
         curve.extend(w)
         print("  " + ", ".join(f"{n // 1000}k: {v:.0f}" for n, v in w))
+    partial = state.get("partial")
+    if partial:  # an ingest stopped before its point (its write batches were logged as they went)
+        w = _windows(partial["timeline"], partial["start_n"], 50_000)
+        curve.extend(w)
+        print(f"  (point {partial['n']} stopped at {partial['start_n'] + partial['timeline'][-1][1]:,} chunks) "
+              + ", ".join(f"{n // 1000}k: {v:.0f}" for n, v in w))
     print("\n     N  new chunks  write s  chunks/s  write peak RSS  BM25 build s  BM25 peak RSS  disk B/chunk "
           "(sqlite, hnsw, bm25)  query p50/p95 ms dense | bm25 | hybrid   reader RSS (hybrid)")
     for r in pts:
@@ -426,6 +432,13 @@ def main() -> None:
     state = json.loads(state_path.read_text()) if state_path.exists() else {"points": {}}
     state["variant"] = f"write_batch_chunks={args.write_batch or 'default'}"
     points = [int(float(p)) for p in args.points.split(",")]
+    for n in points:  # an ingest killed before its point finished: keep its logged write rate for the curve
+        log_path = out / f"timeline-{n}.jsonl"
+        if str(n) not in state.get("ingested", {}) and log_path.exists():
+            rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            if len(rows) > 1:
+                state["partial"] = {"n": n, "start_n": max((int(k) for k in state["points"]), default=0),
+                                    "timeline": rows}
     if not args.report_only:
         for n in points:
             if str(n) in state["points"]:
