@@ -259,6 +259,10 @@ def test_ingest_with_supplied_embeddings_loads_no_model(tmp_path, monkeypatch):
     got = open_collection(store_cfg, create=False).get(ids=written[:3], include=["embeddings", "documents"])
     for cid, emb, doc in zip(got["ids"], got["embeddings"], got["documents"], strict=True):
         np.testing.assert_allclose(emb, supplied([cid], [doc])[0], rtol=1e-6)
+    from pipeline.retrieval.bm25 import iter_collection
+
+    pages = list(iter_collection(open_collection(store_cfg, create=False), page=3))
+    assert all(len(i) == len(t) <= 3 for i, t in pages) and sorted(c for i, _ in pages for c in i) == sorted(written)
     calls.clear()
     assert ingest_source(src, store_cfg, CHUNKED, EMBED, progress=False, embed_fn=supplied).chunks_written == 0
     assert calls == []  # idempotent: nothing embedded again
