@@ -1,7 +1,8 @@
 """Ingest a SOURCE into a Chroma collection: read + validate, chunk, embed, write; idempotent.
 
 Steps of :func:`ingest_source` (memory bounded whatever the corpus size: one write batch, one document, and
-SQLite's page cache; the BM25 rebuild of step 6 is the exception, an in-memory index of the collection):
+SQLite's page cache; the BM25 rebuild of step 6 adds ~8 B per chunk plus its vocabulary, texts and tokens
+stay on disk):
 
 1. With ``on_error="fail"`` (or ``reset``): a VALIDATION pass streams all of SOURCE
    (:func:`pipeline.corpus.sources.iter_source`: parse + validate, duplicate ids detected in a temporary SQLite table),
@@ -23,7 +24,8 @@ SQLite's page cache; the BM25 rebuild of step 6 is the exception, an in-memory i
    know what it holds, so its documents stay.
 6. Keep the collection's BM25 index (:mod:`pipeline.retrieval.bm25`) in step: an ingest that changes the collection first
    clears the collection's BM25 build marker, and after writing rebuilds the index from the collection and
-   marks the new build current; an ingest that changes nothing rebuilds only when the current build is missing
+   marks the new build current (:meth:`pipeline.retrieval.bm25.BM25Index.build_stored`: paged reads of the
+   collection, two passes through spill files); an ingest that changes nothing rebuilds only when the current build is missing
    or was made with other BM25 settings. A Chroma server without ``store.bm25_path`` stores no index (readers
    build it in memory).
 
