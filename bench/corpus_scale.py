@@ -216,6 +216,8 @@ def child_bm25(args: argparse.Namespace) -> dict:
     root = out / f"bm25-scratch-{args.bm25_build}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
+    opened = RssSampler.read()
+    col.get(limit=1, include=["documents"])  # the local client loads the collection's HNSW index on first use
     before = RssSampler.read()
     sampler = RssSampler()
     t0 = time.perf_counter()
@@ -229,7 +231,7 @@ def child_bm25(args: argparse.Namespace) -> dict:
     n = len(index)
     del index
     shutil.rmtree(root, ignore_errors=True)
-    return {"seconds": seconds, "n": n, "rss_before": before[0], "anon_before": before[1],
+    return {"seconds": seconds, "n": n, "rss_before": before[0], "anon_before": before[1], "anon_opened": opened[1],
             "peak_rss": sampler.peak(), "peak_anon": sampler.peak(anon=True), "maxrss": _peak_rss_self()}
 
 
@@ -320,10 +322,10 @@ def disk(out: Path) -> dict:
     sqlite = _du(store / "chroma.sqlite3")
     bm25 = _du(store / "bm25")
     total = _du(store)
-    ledger = sum(_du(f) for f in store.glob("*ledger*")) + sum(_du(f) for f in store.rglob("*.ledger*"))
-    hnsw = sum(_du(d) for d in store.iterdir() if d.is_dir() and d.name != "bm25")
-    return {"total": total, "sqlite": sqlite, "hnsw": hnsw, "bm25": bm25, "other": total - sqlite - hnsw - bm25,
-            "ledger": ledger}
+    ledger = _du(store / "ingest")
+    hnsw = sum(_du(d) for d in store.iterdir() if d.is_dir() and d.name not in ("bm25", "ingest"))
+    return {"total": total, "sqlite": sqlite, "hnsw": hnsw, "bm25": bm25, "ledger": ledger,
+            "other": total - sqlite - hnsw - bm25 - ledger}
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -374,6 +376,14 @@ def report(state: dict, project: int) -> None:
               f"{q['dense']['p50_ms']:.1f}/{q['dense']['p95_ms']:.1f} | {q['bm25']['p50_ms']:.1f}/"
               f"{q['bm25']['p95_ms']:.1f} | {q['hybrid']['p50_ms']:.1f}/{q['hybrid']['p95_ms']:.1f}"
               f"   {q['hybrid']['rss_after'] / mib:.0f} MiB")
+    builds = state.get("bm25_builds", {})
+    if builds:
+        print("\nBM25 build of the whole collection, standalone (seconds; peak anonymous memory above the reading "
+              "client after its first read):")
+        for n in sorted(builds, key=int):
+            print(f"  {int(n):>8}: " + "; ".join(
+                f"{k} {b['seconds']:.0f} s, {(b['peak_anon'] - b['anon_before']) / mib:.0f} MiB"
+                for k, b in sorted(builds[n].items())))
     ns = np.array([r["n"] for r in pts], dtype=float)
     if len(curve) >= 2:
         cn = np.array([c[0] for c in curve], dtype=float)
@@ -391,14 +401,22 @@ def report(state: dict, project: int) -> None:
             print(f"fit: {label} = {a / unit:.1f} {uname} + {b:.1f} B x N  ->  {(a + b * project) / unit:,.1f} {uname}"
                   f" at {project:,}")
         lin(np.array([r["ingest"]["write_peak_rss"] for r in pts], float), "writer peak RSS", mib, "MiB")
-        lin(np.array([r["ingest"]["bm25_peak_rss"] for r in pts], float), "BM25 build peak RSS", mib, "MiB")
         lin(np.array([r["disk"]["total"] for r in pts], float), "disk", mib, "MiB")
         lin(np.array([r["query"]["hybrid"]["rss_after"] for r in pts], float), "local reader RSS (hybrid)", mib,
             "MiB")
-        bs = np.array([r["ingest"]["summary"]["bm25_seconds"] for r in pts], float)
-        b, a = np.polyfit(ns, bs, 1)
-        print(f"fit: BM25 build s = {a:.1f} + {b * 1e6:.1f} us x N  ->  {(a + b * project) / 60:,.1f} min at "
-              f"{project:,}")
+        builds = state.get("bm25_builds", {})
+        for kind in ("whole", "stored"):
+            got = sorted((int(n), b[kind]) for n, b in builds.items() if kind in b)
+            if len(got) < 2:
+                continue
+            bn = np.array([n for n, _ in got], float)
+            anon = np.array([b["peak_anon"] - b["anon_before"] for _, b in got], float)
+            lin_n = np.polyfit(bn, anon, 1)
+            secs = np.array([b["seconds"] for _, b in got], float)
+            us = float(np.mean(secs / bn)) * 1e6
+            print(f"fit: BM25 build ({kind}) memory above the reading client = {lin_n[1] / mib:.0f} MiB + "
+                  f"{lin_n[0]:.0f} B x N  ->  {(lin_n[1] + lin_n[0] * project) / 2**30:,.1f} GiB at {project:,}; "
+                  f"time {us:.0f} us per chunk (mean of the points)  ->  {us * project / 1e6 / 3600:.1f} h")
         for mode in ("dense", "bm25", "hybrid"):
             p = np.array([r["query"][mode]["p50_ms"] for r in pts], float)
             b, a = np.polyfit(np.log(ns), p, 1) if mode == "dense" else np.polyfit(ns, p, 1)
