@@ -1,7 +1,7 @@
 """Ingest a SOURCE into a Chroma collection: read + validate, chunk, embed, write; idempotent.
 
 Steps of :func:`ingest_source` (memory bounded whatever the corpus size: one write batch, one document, and
-SQLite's page cache; the BM25 rebuild of step 6 adds ~8 B per chunk plus its vocabulary, texts and tokens
+SQLite's page cache; the BM25 rebuild of step 6 adds ~30-40 B per chunk plus its vocabulary, texts and tokens
 stay on disk):
 
 1. With ``on_error="fail"`` (or ``reset``): a VALIDATION pass streams all of SOURCE

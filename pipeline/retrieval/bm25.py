@@ -25,7 +25,7 @@ in a fixed-width bytes array, also memory-mapped: a Python list of 21M ids would
 1. an ingest that is about to change the collection clears the key first;
 2. after writing, it builds a new index into a fresh ``<build_id>/`` directory, then sets the key, then removes
    older builds. The stored build (:meth:`BM25Index.build_stored`) pages through the collection and never holds
-   its texts or tokens: memory ~8 B per chunk plus the vocabulary; spill and index go to disk. The in-memory
+   its texts or tokens: memory ~30-40 B per chunk plus the vocabulary; spill and index go to disk. The in-memory
    build (:meth:`BM25Index.build`) remains for readers without a stored build and for Chroma servers without
    ``store.bm25_path``.
 
@@ -195,7 +195,8 @@ class BM25Index:
            column-compressed (CSC) arrays bm25s loads: ``data`` float32 [nnz], ``indices`` int32 [nnz],
            ``indptr`` int64 [n_terms + 1].
 
-        Memory: ~ 8 B per chunk + the vocabulary + one page of texts and one slice of triples; the spill
+        Memory: ~30-40 B per chunk (token counts, length norms, the chunk id array) + the vocabulary + one page of
+        texts and one slice of triples (bench/corpus_scale.py measured 138 MiB at 400k chunks); the spill
         (12 B per distinct term of a chunk) and the index are on disk (written through the page cache).
 
         Args:
