@@ -36,6 +36,7 @@ bench: setup      ## benchmarks: print measured ratios against a baseline measur
 	$(PY) bench/orchestration.py
 	$(PY) bench/memory.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/long_run.py
 
 clean:
 	rm -rf output data/store .pytest_cache

@@ -20,7 +20,10 @@ Endpoints:
     POST /fault                 inject a fault: ``{"status": 500, "for_s": 20, "retry_after_s": 2}`` makes every
                                 completion request answer that HTTP status at once for ``for_s`` seconds
                                 (with a ``Retry-After`` header if given); ``{"status": 0}`` clears it;
-                                ``"match": "text"`` limits the fault to prompts containing that text
+                                ``"match": "text"`` limits the fault to prompts containing that text;
+                                ``{"hang": true, "for_s": 120}``: a stalled server (completions and /health
+                                wait until then, requests already queued or in service complete no earlier);
+                                ``{"close": true, "for_s": 8}``: every connection is dropped until then
 
 Overload (``--reject-status 429``): a request arriving while all ``capacity`` slots are busy is answered at once
 with that status (429 Too Many Requests or 503), with ``Retry-After: --retry-after-s`` if given, instead of
@@ -241,6 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
                 st.in_service += 1
                 st.peak_in_service = max(st.peak_in_service, st.in_service)
             time.sleep(srv.service_s)
+            while time.monotonic() < srv.hang_until:  # a stalled server: nothing in its batch completes either
+                time.sleep(0.05)
             t1 = time.time()
             with st.lock:
                 st.in_service -= 1

@@ -127,7 +127,7 @@ def synthetic_run(
                 endpoint="http://127.0.0.1:1", model="bench-model")
             if vary is not None and (changed := vary(idx, rag, gen)) is not None:
                 rag, gen = changed
-            run.finish(WorkItem(rid, f"question {idx}", {"topic": idx % 7}), rag, gen)
+            run.finish(WorkItem(rid, f"question {idx}", {"topic": idx % 7}, index=idx), rag, gen)
     run.commit()
     return commit_s[: parts]
 
@@ -240,7 +240,9 @@ def part_a(work: Path, parts: int, rows: int, contexts: int, context_chars: int)
     to_shards(inp, out, root, parts, rows)
     res["status_sharded_root"] = in_child("cli", "status", str(root))
     res["merge"] = in_child("cli", "merge", str(root))
-    merged = json.loads((root / "merged" / "_manifest.json").read_text())
+    from pipeline.output import default_merge_dir
+
+    merged = json.loads((default_merge_dir(root) / "_manifest.json").read_text())
     res["merged_ok"] = bool(merged["complete"] and merged["rows"] == n and merged["n_shards"] == parts)
     for k in ("ledger", "manifest", "status_run_dir", "status_sharded_root", "merge"):
         res[k].pop("stdout", None)

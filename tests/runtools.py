@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "data" / "example"
 
 SMALL_CONFIG: dict[str, dict] = {
-    "retrieval": {"top_k": 3},
-    "rag": {"max_tokens": 8, "context_chars": 600},
+    "retrieval": {"top_k": 1},  # one whole abstract per prompt (the example store holds whole documents)
+    "rag": {"max_tokens": 8},
     "generation": {"max_tokens": 8, "num_processes": 2},
     "llm": {"max_attempts": 2, "backoff_initial_s": 0.1, "backoff_max_s": 0.5, "breaker_failures": 2,
             "breaker_cooldown_s": 5.0, "read_timeout_s": 60.0},

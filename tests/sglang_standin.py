@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-fraction-static", dest="mem_fraction_static", type=float, default=None)
     p.add_argument("--base-gpu-id", dest="base_gpu_id", type=int, default=0)
     p.add_argument("--enable-metrics", dest="enable_metrics", action="store_true")
+    p.add_argument("--enable-deterministic-inference", dest="enable_deterministic_inference", action="store_true")
     return p
 
 

@@ -9,6 +9,8 @@ Each record takes ``--delay-s`` seconds, so that a test can requeue or signal a 
     python tests/slurm_standin_run.py --input IN --output OUT --shard I/N [--limit K] [--delay-s S]
         [--outage-after R]
 
+``--fail-shard I``: task I stops at once with exit 4 (as `run` does when its collection is gone), writing nothing.
+
 ``--outage-after R``: on its first start (SLURM_RESTART_COUNT 0) the task stops after committing R rows with the
 exit status of an endpoint outage (75, pipeline.errors.OutageError), as `run` does after ``run.max_outage_s``.
 """
@@ -37,6 +39,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--delay-s", type=float, default=0.5)
     ap.add_argument("--outage-after", type=int, default=0)
+    ap.add_argument("--fail-shard", type=int, default=-1)
     args = ap.parse_args()
 
     stop: list[str] = []
@@ -50,6 +53,9 @@ def main() -> int:
     i, n = parse_shard(args.shard)
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
     print(f"standin start shard={i}/{n} restart={restart} pid={os.getpid()} t={time.time():.3f}", flush=True)
+    if i == args.fail_shard:  # as `run` does when its store is gone: one line, exit 4, nothing written
+        print("Error: collection 'docs' not found", file=sys.stderr, flush=True)
+        return 4
     scan = scan_input(args.input, on_bad_record="skip")
     recs = [r for r in iter_records(scan) if (not args.limit or r.index < args.limit) and in_shard(r.index, i, n)]
     cfg = Config().to_dict()
@@ -84,6 +90,7 @@ def main() -> int:
                     "rag_status": ["ok"],
                     "gen_status": ["ok"],
                     "attempt_restart": pa.array([int(restart)], pa.int32()),
+                    "input_index": pa.array([rec.index], pa.int64()),
                 }
             )
         )

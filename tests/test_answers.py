@@ -84,6 +84,35 @@ def _run_dir(tmp_path, rows):
     return od.path
 
 
+def test_context_recall_counts_only_the_passages_sent_to_the_model(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.output.schema import row_schema
+
+    # the gold document d1 was retrieved second: found only when two passages reached the model
+    rows = [
+        {"id": "cut", "generation": "x", "rag_status": "ok", "contexts": _ctx("d9", "d1"), "contexts_used": 1},
+        {"id": "whole", "generation": "x", "rag_status": "ok", "contexts": _ctx("d9", "d1"), "contexts_used": 2},
+        {"id": "none-fit", "generation": "x", "rag_status": "soft_fail", "contexts": _ctx("d1"), "contexts_used": 0},
+        # a soft failure sent the query alone: no prompt carried passages (null)
+        {"id": "alone", "generation": "x", "rag_status": "soft_fail", "contexts": _ctx("d1"), "contexts_used": None},
+    ]
+    out = _run_dir(tmp_path, rows)
+    # a part written before contexts_used existed: every retrieved passage counts, as before
+    old = row_schema({})
+    old = old.remove(old.get_field_index("contexts_used"))
+    row = {"id": "older", "query": "q", "generation": "x", "rag_status": "ok", "gen_status": "ok",
+           "contexts": _ctx("d9", "d1")}
+    OutputDir(out).commit_part(pa.Table.from_pylist([row], schema=old))
+    refs = load_references(_write_refs(tmp_path, [{"id": i, "doc_ids": ["d1"]}
+                                                  for i in ("cut", "whole", "none-fit", "alone", "older")]))
+    rep = evaluate_answers(out, refs)
+    assert rep.overall["gold_doc_records"] == 5
+    assert rep.overall["context_recall"] == pytest.approx(2 / 5)  # whole and older
+    assert rep.by_rag_status["ok"]["context_recall"] == pytest.approx(2 / 3)
+    assert rep.by_rag_status["soft_fail"]["context_recall"] == 0.0
+
+
 def _ctx(*docs):
     return [{"doc_id": d, "chunk_id": f"{d}#0", "text": "passage " * 50, "score": 0.5, "dense_rank": 1,
              "bm25_rank": None} for d in docs]
@@ -91,11 +120,12 @@ def _ctx(*docs):
 
 def test_eval_answers_overall_and_per_rag_status(tmp_path):
     rows = [
-        {"id": "1", "generation": "Paris", "rag_status": "ok", "contexts": _ctx("d1", "d9")},
-        {"id": "2", "generation": "the cat sat on the mat", "rag_status": "ok", "contexts": _ctx("d5")},
+        {"id": "1", "generation": "Paris", "rag_status": "ok", "contexts": _ctx("d1", "d9"), "contexts_used": 2},
+        {"id": "2", "generation": "the cat sat on the mat", "rag_status": "ok", "contexts": _ctx("d5"),
+         "contexts_used": 1},
         {"id": "3", "generation": "Yes, clearly.", "rag_status": "soft_fail", "contexts": []},
         {"id": "4", "generation": None, "rag_status": "hard_fail", "contexts": [], "gen_status": "skipped"},
-        {"id": "5", "generation": "whatever", "rag_status": "ok", "contexts": _ctx("d3"),
+        {"id": "5", "generation": "whatever", "rag_status": "ok", "contexts": _ctx("d3"), "contexts_used": 1,
          "generation_json": json.dumps({"label": "no"})},
         {"id": "extra", "generation": "x", "rag_status": "ok", "contexts": []},
     ]

@@ -71,7 +71,7 @@ def test_command_modules_import_no_heavy_library():
         f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "COMMANDS 11" in out, out
+    assert "COMMANDS 12" in out, out
     assert "HEAVY []" in out, out
 
 

@@ -43,19 +43,24 @@ def test_both_llm_calls_of_a_record_start_with_the_same_bytes():
     tpl = load_templates(cfg)
     query = "Vitamin D deficiency increases the risk of fractures."
     contexts = _contexts()
-    rag_p = rag_answer_prompt(tpl, query=query, contexts=contexts, context_chars=cfg.rag.context_chars)
-    gen_p = generation_prompt(tpl, query=query, context_chars=cfg.rag.context_chars,
+    rag_p = rag_answer_prompt(tpl, query=query, contexts=contexts)
+    gen_p = generation_prompt(tpl, query=query, contexts_used=len(contexts),
                               rag=RagResult("r1", contexts=contexts, rag_answer="Yes, it does."))
-    prefix = shared_prefix(tpl, query=query, contexts=contexts, context_chars=cfg.rag.context_chars)
+    prefix = shared_prefix(tpl, query=query, contexts=contexts)
     assert rag_p.startswith(prefix) and gen_p.startswith(prefix)
     # the shared part holds the instructions, then the context, then the query; the prompts differ only after it
     assert prefix.index(contexts[0]["text"][:200]) < prefix.index(query)
     assert len(prefix) > 0.9 * min(len(rag_p), len(gen_p)) - 300
     assert rag_p[len(prefix):] != gen_p[len(prefix):] and "Yes, it does." in gen_p[len(prefix):]
     # after a soft failure the generation has no context
-    soft = generation_prompt(tpl, query=query, context_chars=cfg.rag.context_chars,
+    soft = generation_prompt(tpl, query=query, contexts_used=len(contexts),
                              rag=RagResult("r1", rag_status="soft_fail", contexts=contexts))
     assert contexts[0]["text"][:100] not in soft and query in soft
+    # a generation that carries fewer passages (sized on another endpoint) carries the first ones, whole
+    two = generation_prompt(tpl, query=query, contexts_used=2, rag=RagResult("r1", contexts=contexts, rag_answer="x"))
+    assert contexts[1]["text"].strip() in two and contexts[2]["text"][:100] not in two
+    assert generation_prompt(tpl, query=query, contexts_used=0, rag=RagResult("r1", contexts=contexts)) == \
+        generation_prompt(tpl, query=query, contexts_used=3, rag=RagResult("r1", rag_status="soft_fail"))
 
 
 def test_in_flight_sizing_from_the_backend():
@@ -84,6 +89,9 @@ def _served(srv) -> list[str]:
     return requests.get(srv.url + "/stats?prompts=1", timeout=10).json()["prompts"]
 
 
+RAG_MARKER = load_templates(load_config())["rag"][:30]  # the start of the RAG answer's own part
+
+
 def _split(prompts: list[str], gen_marker: str) -> tuple[set[str], set[str]]:
     """(shared prefixes of RAG-answer prompts, shared prefixes of generation prompts) among served prompts."""
     rag, gen = set(), set()
@@ -91,7 +99,7 @@ def _split(prompts: list[str], gen_marker: str) -> tuple[set[str], set[str]]:
         if gen_marker in p:
             gen.add(p[: p.rindex(gen_marker)])
         else:
-            rag.add(p[: p.rindex("Task:")])
+            rag.add(p[: p.rindex(RAG_MARKER)])
     return rag, gen
 
 
@@ -114,7 +122,7 @@ def test_generation_goes_to_the_rag_answer_endpoint_and_fails_over(tmp_path, exa
     assert len(rag_a | rag_b) == 40 and rag_a and rag_b  # both endpoints answered RAG prompts
     # every generation went to the endpoint that produced its RAG answer, whose prompt it starts with
     assert gen_a == rag_a and gen_b == rag_b
-    assert all(ctx in p for p in rag_a for ctx in ["Evidence:\n[1] "])
+    assert all("Passages:\n[1] " in p for p in rag_a)
     assert wait_no_survivors(marker) == []
 
     # endpoint a fails every generation (500): those records' generations go to b, no record fails

@@ -208,6 +208,29 @@ def test_outage_pauses_dispatch_and_resumes_without_failure_rows(tmp_path, examp
     assert wait_no_survivors(marker) == []
 
 
+def test_endpoints_back_up_end_the_breaker_cooldown(tmp_path, example_store, bench):
+    """With a 600 s circuit-breaker cool-down, an 8 s outage costs about 8 s, not 600: main's probe sees the
+    endpoints answer again, ends the stages' hold and tells every worker's client to probe them at once."""
+    records = write_records(tmp_path, 16)
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, {"run": {"queue_size": 4, "max_outage_s": 900.0},
+                                  "retrieval": {"query_batch_size": 2}, "servers": {"health_interval_s": 0.5},
+                                  "llm": {"max_concurrency": 2, "breaker_failures": 1, "breaker_cooldown_s": 600.0}})
+    proc, marker = start_run(run_args(records, out, cfg, "--endpoints", ",".join(bench.urls),
+                                      *store_args(example_store)))
+    err = _Stderr(proc)
+    wait_for_parts(out, 1, proc)
+    bench.fault({"close": True, "for_s": 8})
+    err.wait_for("dispatch paused", proc=proc, timeout_s=60)
+    text = err.finish(proc, timeout_s=240)  # far less than the cool-down: a stuck run fails here
+    assert proc.returncode == 0, text[-3000:]
+    assert "dispatch resumed" in text
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == _want(records)
+    assert [(r["id"], r["rag_error"], r["gen_error"]) for r in rows if r["gen_status"] != "ok"] == []
+    assert wait_no_survivors(marker) == []
+
+
 def test_outage_longer_than_max_outage_stops_resumable_with_exit_75(tmp_path, example_store, bench):
     """An outage longer than run.max_outage_s stops the run cleanly: exit 75, committed rows kept, no failure row;
     the same command completes the job once the endpoints are back."""

@@ -153,7 +153,7 @@ def test_state_status_progress_and_logs_through_a_stall_a_kill_and_a_resume(tmp_
             proc.kill()
     stderr = err.text
     worker_warning = re.search(rf"^{STAMP} WARNING (gen|rag)-\d pipeline\.llm\.client: endpoint {bench.urls[0]}: "
-                               r"\d+ failures in a row: skipped until \d\d:\d\d:\d\d", stderr, re.M)
+                               r"\d+ failures in a row \(last: \w+: .+\): skipped until \d\d:\d\d:\d\d", stderr, re.M)
     assert worker_warning, stderr[-4000:]
     role = worker_warning.group(1) + "-0"
     assert "failures in a row" in (out / "_logs" / f"{role}.log").read_text()

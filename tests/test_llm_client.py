@@ -105,6 +105,21 @@ def test_circuit_breaker_skips_a_dead_endpoint_then_probes_it(llama_endpoints):
         assert [a.endpoint for a in c.attempts] == [dead, live]  # probed after the cool-down
 
 
+def test_endpoints_up_ends_the_cooldown_of_an_open_breaker(llama_endpoints):
+    """Main's probe saw the endpoint answer: the client's next request probes it, not after the cool-down."""
+    dead, live = dead_endpoint(), llama_endpoints[0]
+    cfg = dataclasses.replace(FAST, breaker_failures=1, breaker_cooldown_s=600.0)
+    with LLMClient([dead, live], cfg) as client:
+        client.chat("Hi.", 4, prefer=dead)
+        assert client.stats()[dead]["breaker_open"]
+        assert client.endpoints_up([live + "/v1"]) == []  # a closed breaker is left as it is
+        assert [a.endpoint for a in client.chat("Hi.", 4, prefer=dead).attempts] == [live]
+        assert client.endpoints_up([dead + "/v1/"]) == [dead]
+        c = client.chat("Hi.", 4, prefer=dead)
+        assert [(a.endpoint, a.outcome) for a in c.attempts] == [(dead, "connect_error"), (live, "ok")]
+        assert client.stats()[dead]["breaker_open"]  # the probe failed: open again for the cool-down
+
+
 def test_kill_9_during_request_fails_over_then_all_down_is_fatal_and_bounded(llama_server_factory):
     pool = llama_server_factory(2)
     a, b = pool.endpoints

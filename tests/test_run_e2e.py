@@ -204,7 +204,11 @@ item = WorkItem("1", "What is aspirin?", rag=RagResult("1", rag_answer="a drug",
         contexts=[{{"doc_id": "d", "chunk_id": "d#0", "text": "Aspirin is a drug.", "score": 0.9}}]))
 import dataclasses
 cfg = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, max_tokens=4))
-out = generate_one(client, cfg, tpl, item)
+from pipeline.llm.context import ContextSizer
+from pipeline.llm.server_tokens import ServerTokens
+sizer = ContextSizer(cfg, tpl, ServerTokens(cfg.rag.context_window_tokens))
+out = generate_one(client, cfg, tpl, item, sizer=sizer)
+assert out.contexts_used == 1, out
 print(json.dumps({{"status": out.gen_status, "heavy": [m for m in ("torch", "chromadb", "sentence_transformers") if m in sys.modules]}}))
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

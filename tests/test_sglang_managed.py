@@ -299,7 +299,8 @@ for argv in json.loads(sys.argv[1]):
     ns = parser.parse_args(argv)
     sa = ServerArgs.from_cli_args(ns)
     out["parsed"].append({k: getattr(sa, k) for k in
-                          ("model_path", "host", "port", "tp_size", "nccl_port", "mem_fraction_static")})
+                          ("model_path", "host", "port", "tp_size", "nccl_port", "mem_fraction_static",
+                           "enable_deterministic_inference")})
 for action in parser._actions:
     for opt in action.option_strings:
         out["options"][opt] = {"dest": action.dest, "type": getattr(action.type, "__name__", None)}
@@ -310,7 +311,9 @@ print(json.dumps(out))
 def test_sglang_parser_accepts_the_commands_and_the_standin_mirrors_it(gpus):
     assert (SGLANG_PARSER / "sglang").is_dir(), f"{SGLANG_PARSER} missing: run scripts/setup.sh"
     gpus(8, "0,1,2,3,4,5,6,7")
-    specs = plan_servers(standin_cfg(4, tp_size=2, extra_args=("--base-gpu-id", "0")))
+    cfg = standin_cfg(4, tp_size=2, extra_args=("--base-gpu-id", "0"))
+    deterministic = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, deterministic=True))
+    specs = plan_servers(cfg) + plan_servers(deterministic)[:1]  # --deterministic adds SGLang's own flag
     argvs = [list(s.argv[len(STANDIN):]) for s in specs]
     env = {**os.environ, "PYTHONPATH": str(SGLANG_PARSER)}
     res = subprocess.run([sys.executable, "-c", PARSE_WITH_SGLANG, json.dumps(argvs)], capture_output=True,
@@ -318,10 +321,11 @@ def test_sglang_parser_accepts_the_commands_and_the_standin_mirrors_it(gpus):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["version"] == "0.5.23"
-    for spec, parsed in zip(specs, out["parsed"], strict=True):
+    for i, (spec, parsed) in enumerate(zip(specs, out["parsed"], strict=True)):
         assert parsed == {"model_path": "Qwen/Qwen2.5-0.5B-Instruct", "host": "127.0.0.1", "port": spec.port,
                           "tp_size": 2, "nccl_port": spec.nccl_port,
-                          "mem_fraction_static": float(arg(spec.argv, "--mem-fraction-static"))}
+                          "mem_fraction_static": float(arg(spec.argv, "--mem-fraction-static")),
+                          "enable_deterministic_inference": i == 4}
     # the stand-in declares SGLang's option strings with SGLang's dests and types, and nothing else
     from tests.sglang_standin import build_parser
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.output import part_paths, read_rows, run_status, shard_dir
+from pipeline.output import default_merge_dir, part_paths, read_rows, run_status, shard_dir
 from pipeline.slurm.submit import SubmitOptions, submit
 from tests.fixtures.slurm import SlurmCluster
+from tests.readers import READERS, assert_each_once
 from tests.test_serve_store import free_port, start_serve_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,17 @@ def test_array_requeue_usr1_and_merge_chain(slurm_cluster: SlurmCluster, tmp_pat
         attempts = set(read_rows(shard_dir(out, i, 2), ["attempt_restart"]).column("attempt_restart").to_pylist())
         assert attempts == {0, 1}, (i, attempts)
 
-    _assert_exactly_once(out / "merged", [f"r{i}" for i in range(8)])
+    _assert_exactly_once(default_merge_dir(out), [f"r{i}" for i in range(8)])
+    # the root and the merge output beside it each read once, also with the task records and logs in _slurm/
+    for reader in READERS.values():
+        for d in (out, default_merge_dir(out)):
+            try:
+                assert_each_once(reader, d, [f"r{i}" for i in range(8)], tmp_path)
+            except pytest.skip.Exception:
+                pass  # a reader not installed here
+            except Exception:
+                if reader is not READERS["datasets.load_dataset('parquet', data_dir=D)"]:
+                    raise  # data_dir reads the .json bookkeeping files (tests/readers.py: DATA_DIR_LIMIT)
     st = run_status(out)
     assert st["complete"] is True and st["done"] == 8 and st["merged"]["complete"] is True
     merge_log = _logs(out, "merge-*.out")
@@ -139,8 +150,8 @@ def test_more_shards_than_nodes_run_throttled_and_merge(slurm_cluster: SlurmClus
     # never more than 2 tasks at once (each task's run is inside its Slurm allocation)
     most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
     assert most <= 2, spans
-    _assert_exactly_once(out / "merged", [f"r{i}" for i in range(12)])
-    assert json.loads((out / "merged" / "_manifest.json").read_text())["n_shards"] == 6
+    _assert_exactly_once(default_merge_dir(out), [f"r{i}" for i in range(12)])
+    assert json.loads((default_merge_dir(out) / "_manifest.json").read_text())["n_shards"] == 6
 
 
 def test_outage_exit_requeues_the_task_a_bounded_number_of_times(slurm_cluster: SlurmCluster, tmp_path: Path,
@@ -172,13 +183,70 @@ def test_outage_exit_requeues_the_task_a_bounded_number_of_times(slurm_cluster: 
     assert f"endpoint outage (exit 75), requeueing {array_id}_0 (outage 1 of at most 1)" in err
     text = _logs(out, "run-*.out")
     assert "standin exit outage rows=2" in text and "restart=1" in text
-    _assert_exactly_once(out / "merged", [f"r{i}" for i in range(4)])
+    _assert_exactly_once(default_merge_dir(out), [f"r{i}" for i in range(4)])
 
     out, array_id, merge_id = outs[0]
     assert slurm_cluster.wait_state(f"{array_id}_0", final, timeout_s=120) == "FAILED"
     assert slurm_cluster.job(f"{array_id}_0")["Restarts"] == "0"
     assert "not requeueing" in _logs(out, "run-*.err")
     assert len(read_rows(shard_dir(out, 0, 1), ["id"])) == 2  # committed rows kept for a resubmission
+
+
+def test_preflight_refusal_queues_nothing_and_status_shows_a_failed_task(
+    slurm_cluster: SlurmCluster, tmp_path: Path, monkeypatch
+) -> None:
+    """`submit` naming a collection that does not exist is refused on the login node (exit 4, one line, squeue
+    empty); an array whose task 1 fails before writing anything: `status ROOT` names the task, its exit code and
+    its log, the merge job cancelled, and the done task."""
+    import chromadb
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    inp = tmp_path / "records.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"r{i}", "query": f"question {i}"}) + "\n" for i in range(4)))
+    store = tmp_path / "store"
+    chromadb.PersistentClient(path=str(store)).create_collection("docs")
+    refused = tmp_path / "refused"
+    res = CliRunner().invoke(main, ["submit", "--input", str(inp), "--output", str(refused), "--nodes", "2",
+                                    "--", "--store", str(store), "--collection", "nope"])
+    assert res.exit_code == 4, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "collection 'nope' not found" in res.output
+    assert "nothing submitted" in res.output and not refused.exists()
+    assert slurm_cluster.cmd("squeue", "-h").stdout.strip() == ""  # nothing queued
+
+    out = tmp_path / "out"
+    res = submit(SubmitOptions(input_path=inp, output_dir=out, nodes=2, run_command=(sys.executable, str(STANDIN)),
+                               run_options=("--delay-s", "0.1", "--fail-shard", "1"), workdir=tmp_path,
+                               job_name="rag-test-fail"))
+    array_id, merge_id = res.array_job_id, res.merge_job_id
+    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+    assert slurm_cluster.wait_state(f"{array_id}_1", final, timeout_s=120) == "FAILED"
+    assert slurm_cluster.wait_state(f"{array_id}_0", final, timeout_s=120) == "COMPLETED"
+    _wait_for(lambda: not slurm_cluster.cmd("squeue", "-h").stdout.strip(), 60, "the merge job to leave the queue",
+              slurm_cluster)
+
+    res = CliRunner().invoke(main, ["status", str(out)])
+    assert res.exit_code == 0, res.output
+    text = res.output
+    log_err = out / "_slurm" / "logs" / f"run-{array_id}_1.err"
+    assert f"task 1 ({array_id}_1): failed, exit 4" in text and f"log {log_err}" in text, text
+    assert "collection 'docs' not found" in log_err.read_text()
+    assert f"task 0 ({array_id}_0): done" in text, text
+    assert f"merge ({merge_id}): cancelled (task(s) 1 failed" in text, text
+    st = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).output)
+    t1 = st["slurm"]["tasks"][1]
+    assert (t1["state"], t1["exit_code"], t1["log_err"]) == ("failed", 4, str(log_err))
+    assert st["slurm"]["failed"] == [1] and st["missing_shards"] == [1]
+
+    # before any task wrote its shard: status still tells the tasks (not "not a rag-pipeline output")
+    import shutil
+
+    shutil.rmtree(shard_dir(out, 0, 2))
+    res = CliRunner().invoke(main, ["status", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "no shard has written anything yet" in res.output and f"task 1 ({array_id}_1): failed, exit 4" in res.output
 
 
 # --- the real run --------------------------------------------------------------------------------------
@@ -266,7 +334,7 @@ def test_real_run_array_with_requeue_and_merge(
 ) -> None:
     cheap = tmp_path / "cheap.toml"
     cheap.write_text(
-        '[generation]\nmax_tokens = 4\nnum_processes = 1\n[rag]\nmode = "retrieve"\ncontext_chars = 200\n'
+        '[generation]\nmax_tokens = 4\nnum_processes = 1\n[rag]\nmode = "retrieve"\n'
         "[retrieval]\ntop_k = 1\n[run]\npart_rows = 1\n"
     )
     out = tmp_path / "out dir"
@@ -292,5 +360,19 @@ def test_real_run_array_with_requeue_and_merge(
     assert slurm_cluster.job(f"{array_id}_0")["Restarts"] == "1"
     assert "DUE TO JOB REQUEUE" in _logs(out, f"run-{array_id}_0.err")  # it was running when requeued
     expected = [json.loads(x)["id"] for x in EXAMPLE_RECORDS.read_text().splitlines()[:6]]
-    _assert_exactly_once(out / "merged", expected)
+    _assert_exactly_once(default_merge_dir(out), expected)
     assert run_status(out)["complete"] is True
+    # input_index: the record's position in the input, global across the two shards (shard i holds i, i+2, ...)
+    for i in range(2):
+        rows = read_rows(shard_dir(out, i, 2), ["id", "input_index"]).to_pylist()
+        assert sorted(r["input_index"] for r in rows) == list(range(i, 6, 2)), rows
+        assert all(expected[r["input_index"]] == r["id"] for r in rows), rows
+    # merge --ordered: the merged rows in input order
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    res = CliRunner().invoke(main, ["merge", str(out), "--ordered"])
+    assert res.exit_code == 0, res.output
+    merged = read_rows(default_merge_dir(out), ["id", "input_index"])
+    assert merged.column("id").to_pylist() == expected and merged.column("input_index").to_pylist() == list(range(6))

@@ -36,6 +36,19 @@ STORE = ("--chroma-url", "http://storehost:8000", "--", "--collection", "docs")
 """What every task's run retrieves from (a store and a collection must be named: no default)."""
 
 
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory) -> tuple[str, ...]:
+    """Run options naming a real (empty) Chroma store with collection "docs": what a submission that passes the
+    preflight needs (the store and its collection exist)."""
+    import chromadb
+
+    path = tmp_path_factory.mktemp("store")
+    client = chromadb.PersistentClient(path=str(path))
+    client.create_collection("docs")
+    del client
+    return ("--", "--store", str(path), "--collection", "docs")
+
+
 def _submit(*args: str, env: dict | None = None):
     return CliRunner().invoke(main, ["submit", *args], env=env)
 
@@ -76,7 +89,7 @@ def test_dry_run_prints_both_scripts_and_writes_nothing(tmp_path: Path, inp: Pat
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj1",
         f"#SBATCH --output={out}/_slurm/logs/merge-%j.out",
-        f"exec {PY} -m pipeline merge {out}",
+        f"{PY} -m pipeline merge {out} || rc=$?",
     ]:
         assert line in merge.splitlines(), line
     assert "--gres" not in merge and "--mem=64G" not in merge  # array-only options
@@ -193,10 +206,10 @@ def test_bad_shard_forms_of_run_are_clear_errors(tmp_path: Path, inp: Path) -> N
         assert res.output.startswith(f"Error: --shard {spec!r}: ") and message in res.output
 
 
-def test_sbatch_missing_is_a_clear_error(tmp_path: Path, inp: Path) -> None:
+def test_sbatch_missing_is_a_clear_error(tmp_path: Path, inp: Path, real_store: tuple[str, ...]) -> None:
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
-    res = _submit("--input", str(inp), "--output", str(tmp_path / "out"), "--nodes", "2", *STORE,
+    res = _submit("--input", str(inp), "--output", str(tmp_path / "out"), "--nodes", "2", *real_store,
                   env={"PATH": str(empty_bin)})
     assert res.exit_code == RunError.exit_code
     assert res.output.strip() == (
@@ -205,7 +218,7 @@ def test_sbatch_missing_is_a_clear_error(tmp_path: Path, inp: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="sbatch not installed")
-def test_controller_unreachable_is_a_clear_error(tmp_path: Path, inp: Path) -> None:
+def test_controller_unreachable_is_a_clear_error(tmp_path: Path, inp: Path, real_store: tuple[str, ...]) -> None:
     """A real sbatch against a slurm.conf whose controller port has no listener (fails after ~9 s)."""
     conf = tmp_path / "slurm.conf"
     conf.write_text(
@@ -214,7 +227,8 @@ def test_controller_unreachable_is_a_clear_error(tmp_path: Path, inp: Path) -> N
         "NodeName=localhost CPUs=1\nPartitionName=debug Nodes=localhost Default=YES\n"
     )
     res = _submit(
-        "--input", str(inp), "--output", str(tmp_path / "out"), "--nodes", "2", *STORE, env={"SLURM_CONF": str(conf)}
+        "--input", str(inp), "--output", str(tmp_path / "out"), "--nodes", "2", *real_store,
+        env={"SLURM_CONF": str(conf)},
     )
     assert res.exit_code == RunError.exit_code, res.output
     assert "Error: sbatch could not reach the Slurm controller" in res.output
@@ -225,8 +239,9 @@ def test_controller_unreachable_is_a_clear_error(tmp_path: Path, inp: Path) -> N
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
-    ((), 4, "Error: the tasks' run: no vector store named: pass --store DIR"),
-    (("--chroma-url", "http://storehost:8000"), 4, "Error: the tasks' run: no collection named"),
+    ((), 4, "Error: the tasks' run, checked before submitting: no vector store named: pass --store DIR"),
+    (("--chroma-url", "http://storehost:8000"), 4, "Error: the tasks' run, checked before submitting: no collection "
+                                                   "named"),
     (("--", "--store", "s", "--collection", "c", "--bogus"), 2, "Error: run options '--store s --collection c "
                                                                   "--bogus': No such option '--bogus'"),
     (("--", "--store", "s", "--collection", "c", "--top-k", "0"), 2, "Error: command line: [retrieval] top_k: must be"),
@@ -239,6 +254,37 @@ def test_tasks_without_a_store_or_with_bad_run_options_are_refused_before_submit
     assert res.exit_code == code, res.output
     assert res.output.startswith(message) and len(res.output.strip().splitlines()) == 1, res.output
     assert not out.exists()  # nothing written, nothing submitted
+
+
+def test_the_tasks_run_is_checked_before_anything_is_written_or_submitted(
+    tmp_path: Path, inp: Path, real_store: tuple[str, ...]
+) -> None:
+    """The run's own checks (pipeline.run.required.preflight) on the real store and input: each refusal is one
+    line with the run's exit code, and nothing is written (no sbatch is reached: PATH holds none)."""
+    store = real_store[real_store.index("--store") + 1]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "query": "q"}\n{"id": 2}\n')
+    cases = [
+        (["--input", str(inp), "--", "--store", store, "--collection", "nope"], 4,
+         "collection 'nope' not found in"),
+        (["--input", str(tmp_path / "missing" / "store"), *real_store], 2, "file not found"),
+        (["--input", str(inp), "--", "--store", str(tmp_path / "nostore"), "--collection", "docs"], 4,
+         "vector store not found"),
+        (["--input", str(bad), *real_store], 2, "bad.jsonl:2: field 'query'"),
+        (["--input", str(inp), *real_store, "--id-field", "doc"], 2, "doc"),
+        (["--input", str(inp), *real_store, "--backend", "sglang"], 2, "[servers] model: required for the sglang"),
+        (["--input", str(inp), *real_store, "--endpoints", "ftp://x"], 2, "is not an http(s)://host:port URL"),
+    ]
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    for args, code, message in cases:
+        out = tmp_path / "out"
+        res = _submit("--output", str(out), "--nodes", "2", *args, env={"PATH": str(empty_bin)})
+        assert res.exit_code == code, (args, res.output)
+        assert res.output.startswith("Error: ") and message in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1, res.output
+        assert "nothing submitted" in res.output or "file not found" in res.output, res.output
+        assert not out.exists(), args  # nothing written, nothing submitted
 
 
 def test_submit_result_of_a_dry_run_has_no_job_ids(tmp_path: Path, inp: Path) -> None:

@@ -17,6 +17,7 @@ from pipeline.dataset.records import iter_records, scan_input
 from pipeline.errors import InputError, RunError
 from pipeline.output import (
     OutputDir,
+    default_merge_dir,
     in_shard,
     input_fingerprint,
     merge_shards,
@@ -58,8 +59,10 @@ def make_shard(
     skip: set[str] = frozenset(),
     extra: tuple[str, ...] = (),
     complete: bool = True,
+    with_index: bool = True,
 ) -> OutputDir:
-    """Write shard i of n the way `run --shard i/n` does: one row per record of the partition, in 2 parts."""
+    """Write shard i of n the way `run --shard i/n` does: one row per record of the partition, in 2 parts
+    (``with_index``: with the ``input_index`` column, as this version writes; an id not in the input gets 999)."""
     scan = scan_input(inp, on_bad_record="skip")
     recs = [r for r in iter_records(scan) if (not limit or r.index < limit) and in_shard(r.index, i, n)]
     od = OutputDir(shard_dir(root, i, n))
@@ -73,20 +76,20 @@ def make_shard(
     )
     od.write_rejected(scan.rejected)
     ids = [r.id for r in recs if r.id not in skip] + list(extra)
+    index_of = {r.id: r.index for r in iter_records(scan)}
     for chunk in (ids[: len(ids) // 2], ids[len(ids) // 2 :]):
         if chunk:
             statuses = [_status_of(x) for x in chunk]
-            od.commit_part(
-                pa.table(
-                    {
-                        "id": chunk,
-                        "query": [f"question {x[1:]}" for x in chunk],
-                        "topic": pa.array([int(x[1:]) % 3 for x in chunk], pa.int64()),
-                        "rag_status": [s[0] for s in statuses],
-                        "gen_status": [s[1] for s in statuses],
-                    }
-                )
-            )
+            cols = {
+                "id": chunk,
+                "query": [f"question {x[1:]}" for x in chunk],
+                "topic": pa.array([int(x[1:]) % 3 for x in chunk], pa.int64()),
+                "rag_status": [s[0] for s in statuses],
+                "gen_status": [s[1] for s in statuses],
+            }
+            if with_index:
+                cols["input_index"] = pa.array([index_of.get(x, 999) for x in chunk], pa.int64())
+            od.commit_part(pa.table(cols))
     od.write_manifest({"complete": complete and not skip, "rows": len(ids)})
     return od
 
@@ -156,27 +159,27 @@ def test_merge_combines_shards_exactly_once(tmp_path: Path, records: Path) -> No
         make_shard(root, records, i, 2)
     res = CliRunner().invoke(main, ["merge", str(root)])
     assert res.exit_code == 0, res.output
-    assert f"merged 12 rows of 12 records from 2 shard(s) into {root / 'merged'} (1 rejected input lines)" in res.output
+    assert f"merged 12 rows of 12 records from 2 shard(s) into {default_merge_dir(root)} (1 rejected input lines)" in res.output
     rag, gen = expected_counts(ALL_IDS)
     assert "rag_status  " + "  ".join(f"{k}={v}" for k, v in rag.items()) in res.output
 
-    merged = read_rows(root / "merged")
+    merged = read_rows(default_merge_dir(root))
     assert sorted(merged.column("id").to_pylist()) == sorted(ALL_IDS)
     assert merged.column("topic").type == pa.int64()
-    man = json.loads((root / "merged" / "_manifest.json").read_text())
+    man = json.loads((default_merge_dir(root) / "_manifest.json").read_text())
     assert man["complete"] is True and man["rows"] == 12 and man["total_records"] == 12
     assert man["counts"] == {"rag_status": rag, "gen_status": gen}
     assert man["rejected"] == 1 and man["misplaced"] == 0
-    rejected = [json.loads(x) for x in (root / "merged" / "_rejected.jsonl").read_text().splitlines()]
+    rejected = [json.loads(x) for x in (default_merge_dir(root) / "_rejected.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rejected] == [5]
-    assert run_status(root / "merged")["complete"] is True
+    assert run_status(default_merge_dir(root))["complete"] is True
     assert run_status(root)["merged"]["done"] == 12
 
     # merging again replaces the merged output (idempotent), with another part size
     man2 = merge_shards(root, part_rows=5)
     assert man2["rows"] == 12
-    assert len(OutputDir(root / "merged").parts()) == 3
-    assert sorted(read_rows(root / "merged").column("id").to_pylist()) == sorted(ALL_IDS)
+    assert len(OutputDir(default_merge_dir(root)).parts()) == 3
+    assert sorted(read_rows(default_merge_dir(root)).column("id").to_pylist()) == sorted(ALL_IDS)
 
 
 def test_merge_honours_limit_and_id_field_from_the_run(tmp_path: Path, records: Path) -> None:
@@ -185,7 +188,7 @@ def test_merge_honours_limit_and_id_field_from_the_run(tmp_path: Path, records: 
         make_shard(root, records, i, 2, limit=5)
     man = merge_shards(root)
     assert man["total_records"] == 5 and man["rows"] == 5
-    assert sorted(read_rows(root / "merged").column("id").to_pylist()) == ["r0", "r1", "r2", "r3", "r4"]
+    assert sorted(read_rows(default_merge_dir(root)).column("id").to_pylist()) == ["r0", "r1", "r2", "r3", "r4"]
 
 
 def test_merge_reports_duplicates(tmp_path: Path, records: Path) -> None:
@@ -196,7 +199,7 @@ def test_merge_reports_duplicates(tmp_path: Path, records: Path) -> None:
     assert res.exit_code == RunError.exit_code
     assert "2 duplicate ids: 'r0' (shard-0-of-2 and shard-1-of-2), 'r2' (shard-0-of-2 and shard-1-of-2)" in res.output
     assert len(res.output.strip().splitlines()) == 1
-    assert not (root / "merged").exists()
+    assert not (default_merge_dir(root)).exists()
 
 
 def test_merge_reports_missing_records_and_missing_shards(tmp_path: Path, records: Path) -> None:
@@ -267,7 +270,7 @@ def test_merge_of_shards_with_and_without_token_columns(tmp_path: Path, records:
     assert run_status(root)["done"] == 12
     man = merge_shards(root)
     assert man["rows"] == 12 and man["complete"] is True
-    merged = {r["id"]: r for r in read_rows(root / "merged").to_pylist()}
+    merged = {r["id"]: r for r in read_rows(default_merge_dir(root)).to_pylist()}
     older = {r.id for r in iter_records(scan_input(records, on_bad_record="skip")) if in_shard(r.index, 0, 2)}
     for rid, row in merged.items():
         if rid in older:

@@ -2,10 +2,10 @@
 
 Each process takes :class:`pipeline.messages.WorkItem` lists (the record, its RAG result and ``target``, the
 endpoint main routed it to: the one that produced the record's RAG answer while it is healthy), builds the
-prompt (:mod:`pipeline.llm.prompts`: the shared prefix of instructions + context + query, then the generation
-part, after rag_status "ok"; the query alone after "soft_fail"), calls the target endpoint first through the
-LLM client (failover, retries, circuit breaker, adaptive concurrency on 429/503) and sends one
-:class:`pipeline.messages.GenResult` per item.
+prompt (:mod:`pipeline.llm.prompts`: the shared prefix of instructions + the passages that fit the model's
+context window + query, then the generation part, after rag_status "ok"; the query alone after "soft_fail"),
+calls the target endpoint first through the LLM client (failover, retries, circuit breaker, adaptive concurrency
+on 429/503) and sends one :class:`pipeline.messages.GenResult` per item.
 
 Concurrency: main decides how many generations are in flight per endpoint (a total per endpoint shared by the
 whole pool) and sends each process at most ``threads`` items; the process runs one thread per item in flight
@@ -31,17 +31,43 @@ from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heart
 log = logging.getLogger(__name__)
 
 
+def contexts_for_generation(client: Any, item: WorkItem, sizer: Any) -> int | None:
+    """How many of the record's first passages its generation carries; None when it carries none by the failure
+    rules (the RAG stage did not end "ok": the query goes alone).
+
+    The RAG answer's count when the generation goes to the endpoint that answered it (its passages were sized for
+    both calls: the same prompt prefix, reused from the server's cache); otherwise sized on the generation's own
+    endpoint by ``sizer`` (a :class:`pipeline.llm.context.ContextSizer`), never more than the RAG answer had.
+    Without a sizer: the RAG answer's count, else every passage.
+    """
+    from pipeline.llm.server_tokens import endpoint_key
+
+    rag = item.rag
+    if rag is None or rag.rag_status != "ok" or not rag.contexts:
+        return None
+    limit = rag.contexts_used
+    if sizer is None:
+        return limit if limit is not None else len(rag.contexts)
+    target = item.target or client.endpoints[0]
+    if limit is not None and rag.endpoint and endpoint_key(rag.endpoint) == endpoint_key(target):
+        return limit
+    contexts = rag.contexts if limit is None else rag.contexts[:limit]
+    return sizer.for_generation(target, query=item.query, contexts=contexts, rag_answer=rag.rag_answer or "",
+                                extra=item.extra)
+
+
 def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: WorkItem,
-                 structured: Any = None) -> GenResult:
+                 structured: Any = None, sizer: Any = None) -> GenResult:
     """Generate for one record; never raises for a per-record failure (it is recorded in the result).
 
-    ``structured``: a :class:`pipeline.llm.structured.StructuredOutput` (``generation.response_format``) or None.
+    ``structured``: a :class:`pipeline.llm.structured.StructuredOutput` (``generation.response_format``) or None;
+    ``sizer``: the process's :class:`pipeline.llm.context.ContextSizer` (:func:`contexts_for_generation`).
     """
     from pipeline.llm.prompts import generation_prompt
     from pipeline.llm.structured import REASK, dumps
 
-    prompt = generation_prompt(templates, query=item.query, rag=item.rag, context_chars=cfg.rag.context_chars,
-                               extra=item.extra)
+    used = contexts_for_generation(client, item, sizer)
+    prompt = generation_prompt(templates, query=item.query, rag=item.rag, contexts_used=used or 0, extra=item.extra)
     t0 = time.perf_counter()
     out = GenResult(item.id)
     extra = structured.request_fields() if structured is not None else None
@@ -82,6 +108,7 @@ def generate_one(client: Any, cfg: Config, templates: dict[str, str], item: Work
                         attempts=out.attempts, endpoint=out.endpoint, model=out.model,
                         bad_endpoints=out.bad_endpoints)
     out.generate_ms = (time.perf_counter() - t0) * 1000
+    out.contexts_used = used
     out.requests, out.prompt_tokens, out.completion_tokens = usage.requests, usage.prompt, usage.completion
     out.finish_reason = usage.finish_reason
     return out
@@ -128,14 +155,17 @@ def generation_worker_main(
     log.debug("%s started (pid %d, %d threads)", name, os.getpid(), threads)
     start_heartbeat(outbox, name, cfg.run.heartbeat_interval_s, parent_pid)
     try:
-        from pipeline.llm.client import LLMClient
+        from pipeline.llm.client import LLMClient, request_seed
+        from pipeline.llm.context import ContextSizer
         from pipeline.llm.prompts import load_templates
+        from pipeline.llm.server_tokens import ServerTokens
 
         key_env = cfg.generation.api_key_env or cfg.servers.api_key_env
         api_key = os.environ.get(key_env) if key_env else None
         threads = max(1, threads)
-        client = LLMClient(endpoints, cfg.llm, api_key=api_key, max_concurrency=threads)
+        client = LLMClient(endpoints, cfg.llm, api_key=api_key, max_concurrency=threads, seed=request_seed(cfg))
         templates = load_templates(cfg)
+        sizer = ContextSizer(cfg, templates, ServerTokens(cfg.rag.context_window_tokens, api_key=api_key))
         structured = None
         if cfg.generation.response_format:
             from pipeline.llm.structured import StructuredOutput
@@ -147,12 +177,12 @@ def generation_worker_main(
     outbox.put(Ready(name))
 
     def work(item: WorkItem) -> None:
-        outbox.put(GenResults(name, [generate_one(client, cfg, templates, item, structured)]))
+        outbox.put(GenResults(name, [generate_one(client, cfg, templates, item, structured, sizer)]))
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
     try:
         while True:
-            items = get_work(inbox, parent_pid)
+            items = get_work(inbox, parent_pid, client)
             if items is None:
                 break
             for item in items:

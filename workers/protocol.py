@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from pipeline.messages import Heartbeat
+from pipeline.messages import EndpointsUp, Heartbeat
 
 POLL_S = 0.5
 
@@ -68,15 +68,23 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def get_work(inbox: Any, parent_pid: int) -> list | None:
-    """Block until work or the sentinel (None) arrives.
+def get_work(inbox: Any, parent_pid: int, client: Any = None) -> list | None:
+    """Block until work (a ``list[WorkItem]``) or the sentinel (None) arrives.
 
+    An :class:`pipeline.messages.EndpointsUp` on the way is handed to ``client`` (the worker's
+    :class:`pipeline.llm.client.LLMClient`, or None when the worker makes no LLM request) and the wait goes on.
     If the parent process died (kill -9 of main), exit the worker at once: nobody will read its results,
     and an orphan would keep its device and memory. The records it held are redone by the resumed run.
     """
     while True:
         try:
-            return inbox.get(timeout=POLL_S)
+            msg = inbox.get(timeout=POLL_S)
         except queue.Empty:
             if os.getppid() != parent_pid:
                 os._exit(0)
+            continue
+        if isinstance(msg, EndpointsUp):
+            if client is not None:
+                client.endpoints_up(msg.urls)
+            continue
+        return msg

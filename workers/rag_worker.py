@@ -5,8 +5,9 @@ once per process role, never per record). Rank0 alone may write: it resets/inges
 worker starts (a local Chroma store is not multi-process safe), then reports READY.
 
 Per micro-batch of records it embeds all queries in one call, searches top-k, and (``rag.mode =
-"retrieve+answer"``) asks ITS OWN endpoint for a grounded answer, keeping several requests in flight with a
-thread pool so a batching server (SGLang) stays busy.
+"retrieve+answer"``) asks ITS OWN endpoint for a grounded answer with the passages that fit the model's context
+window (:mod:`pipeline.llm.context`), keeping several requests in flight with a thread pool so a batching server
+(SGLang) stays busy.
 
 It sends one :class:`pipeline.messages.RagResult` per record (:class:`pipeline.messages.RagResults`): a
 micro-batch's retrieval failures and soft failures at once, each grounded answer as it comes back.
@@ -30,10 +31,18 @@ from workers.protocol import ResultChannel, get_work, ignore_sigint, start_heart
 log = logging.getLogger(__name__)
 
 
+def no_fit_error(cfg: Config, window_tokens: int) -> str:
+    """``rag_error`` of a record none of whose retrieved passages fits the model's context window whole."""
+    cap = f" or rag.context_chars = {cfg.rag.context_chars}" if cfg.rag.context_chars else ""
+    return (f"no retrieved passage fits the model's context window ({window_tokens} tokens{cap}) beside the prompt "
+            "and max_tokens: use smaller chunks (ingest.chunk_chars) or a larger window (servers.n_ctx on CPU)")
+
+
 def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: WorkItem, result: RagResult,
-                  prefer: str | None) -> RagResult:
-    """Ask for a grounded answer; set the status by the failure rules (soft failure: answer too short; hard
-    failure: the request failed after retries and failover)."""
+                  prefer: str | None, sizer: Any) -> RagResult:
+    """Ask for a grounded answer with the passages that fit the model's window (``sizer``: the process's
+    :class:`pipeline.llm.context.ContextSizer`); set the status by the failure rules (soft failure: no passage
+    fits, answer too short; hard failure: the request failed after retries and failover)."""
     from pipeline.llm.outcome import (
         NoEndpointAvailable,
         Overloaded,
@@ -43,8 +52,14 @@ def _rag_llm_call(client: Any, cfg: Config, templates: dict[str, str], item: Wor
     )
     from pipeline.llm.prompts import rag_answer_prompt
 
-    prompt = rag_answer_prompt(templates, query=item.query, contexts=result.contexts,
-                               context_chars=cfg.rag.context_chars, extra=item.extra)
+    endpoint = prefer or client.endpoints[0]
+    used = sizer.for_rag_answer(endpoint, query=item.query, contexts=result.contexts, extra=item.extra)
+    result.contexts_used = used
+    if used == 0:
+        result.rag_status = "soft_fail"
+        result.rag_error = no_fit_error(cfg, sizer.tokens.endpoint(endpoint).window_tokens)
+        return result
+    prompt = rag_answer_prompt(templates, query=item.query, contexts=result.contexts[:used], extra=item.extra)
     t0 = time.perf_counter()
     result.requests = 1
     try:
@@ -150,6 +165,7 @@ def _rank0_prepare_store(name: str, cfg: Config, embedder: Any) -> dict[str, Any
         log.info("%s: ingesting %s into collection %r", name, source, cfg.store.collection)
         summary = ingest_source(source, cfg.store, cfg.ingest, cfg.embedding, embedder=embedder, progress=False,
                                 bm25=bm25)
+        log.info("%s: %s", name, summary.line())
         done["ingest"] = summary.as_dict()
     elif cfg.retrieval.mode != "dense" and ensure_index(cfg.store, bm25):
         done["bm25_index"] = "built"  # a store without a current BM25 build: rank0 stores one for all workers
@@ -184,13 +200,20 @@ def _startup(
     detail["collection_count"] = n
     state: dict[str, Any] = {"retriever": retriever, "detail": detail, "client": None}
     if cfg.rag.mode == "retrieve+answer":
-        from pipeline.llm.client import LLMClient
+        from pipeline.llm.client import LLMClient, request_seed
         from pipeline.llm.prompts import load_templates
 
         order = ([endpoint] if endpoint else []) + [e for e in endpoints if e != endpoint]
         api_key = os.environ.get(cfg.servers.api_key_env) if cfg.servers.api_key_env else None
-        client = LLMClient(order, cfg.llm, api_key=api_key, max_concurrency=llm_concurrency)
-        state.update(client=client, templates=load_templates(cfg), threads=llm_concurrency)
+        from pipeline.llm.context import ContextSizer
+        from pipeline.llm.server_tokens import ServerTokens
+
+        client = LLMClient(order, cfg.llm, api_key=api_key, max_concurrency=llm_concurrency,
+                           seed=request_seed(cfg))
+        templates = load_templates(cfg)
+        tokens = ServerTokens(cfg.rag.context_window_tokens, api_key=api_key)
+        state.update(client=client, templates=templates, threads=llm_concurrency,
+                     sizer=ContextSizer(cfg, templates, tokens))
     return state
 
 
@@ -208,7 +231,7 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
 
     try:
         while True:
-            items = get_work(inbox, parent_pid)
+            items = get_work(inbox, parent_pid, client)
             if items is None:
                 break
             t0 = time.perf_counter()
@@ -239,7 +262,8 @@ def _loop(name: str, cfg: Config, state: dict, endpoint: str | None, inbox: Any,
                     result.rag_status = "soft_fail"
                     result.rag_error = f"no passage with score >= retrieval.min_score={cfg.retrieval.min_score}"
                 if client is not None and result.rag_status == "ok":
-                    fut = pool.submit(_rag_llm_call, client, cfg, state["templates"], item, result, endpoint)
+                    fut = pool.submit(_rag_llm_call, client, cfg, state["templates"], item, result, endpoint,
+                                      state["sizer"])
                     fut.add_done_callback(lambda f, r=result: _deliver(f, r, send))
                 else:
                     ready.append(result)

@@ -65,6 +65,7 @@ def _commands() -> list[click.Command]:
     from pipeline.cli.answers import eval_answers_cmd
     from pipeline.cli.config import config_cmd
     from pipeline.cli.corpus import eval_retrieval_cmd, ingest_cmd
+    from pipeline.cli.model import fetch_model_cmd
     from pipeline.cli.report import report_cmd
     from pipeline.cli.results import merge_cmd, status_cmd
     from pipeline.cli.run import run_cmd
@@ -72,7 +73,7 @@ def _commands() -> list[click.Command]:
     from pipeline.cli.slurm import serve_store_cmd, submit_cmd
 
     return [config_cmd, run_cmd, serve_cmd, ingest_cmd, eval_retrieval_cmd, status_cmd, merge_cmd, submit_cmd,
-            serve_store_cmd, eval_answers_cmd, report_cmd]
+            serve_store_cmd, eval_answers_cmd, report_cmd, fetch_model_cmd]
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

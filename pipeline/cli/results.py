@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any
 
@@ -94,6 +95,44 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TASK_LINES = 20
+"""Most array tasks listed one per line by `status` (beyond: counts per state and the tasks not done)."""
+
+
+def format_slurm(sl: dict[str, Any]) -> list[str]:
+    """Text lines of :func:`pipeline.slurm.tasks.slurm_status`: one per array task (a long array: counts per
+    state and the tasks not done, at most :data:`TASK_LINES`), one for the merge job."""
+    lines = [f"  Slurm: array job {sl['array_job_id']} ({sl['n_shards']} task(s)), merge job "
+             f"{sl['merge_job_id'] or '-'}" + ("" if sl["queue_known"] else "; squeue unavailable: states from the "
+                                                                            "tasks' own records")]
+
+    def one(label: str, t: dict[str, Any]) -> str:
+        state = t["state"]
+        if t.get("reason"):
+            state += f" ({t['reason']})"
+        if t["state"] == "failed":
+            state += f", exit {t['exit_code']}"
+        if t["state"] in ("running", "done", "failed", "requeued", "lost") and t.get("host"):
+            state += f" on {t['host']}"
+        if t.get("at") and not t.get("reason"):
+            state += f" at {t['at']}"
+        if t["state"] in ("failed", "lost", "requeued"):
+            state += f"; log {t['log_err']}"
+        return f"  {label} ({t['job']}): {state}"
+
+    tasks = sl["tasks"]
+    if len(tasks) > TASK_LINES:  # a long array: counts per state, then only the tasks that are not done
+        counts = collections.Counter(t["state"] for t in tasks)
+        lines.append("  tasks: " + "  ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        tasks = [t for t in tasks if t["state"] != "done"]
+    lines += [one(f"task {t['index']}", t) for t in tasks[:TASK_LINES]]
+    if len(tasks) > TASK_LINES:
+        lines.append(f"  ... {len(tasks) - TASK_LINES} more (status --json lists every task)")
+    if sl.get("merge"):
+        lines.append(one("merge", sl["merge"]) + f" -> {sl['merge_output']}")
+    return lines
+
+
 @click.command("status")
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -101,16 +140,25 @@ def format_status(st: dict[str, Any]) -> str:
 def status_cmd(output_dir: str, as_json: bool) -> None:
     """Records done / total, counts per status, per shard, and whether OUTPUT_DIR is complete.
 
-    OUTPUT_DIR is a run directory or the root of a sharded run (shard-I-of-N/ directories).
-    Exit status 0 whether or not the run is complete (see "complete" in the output).
+    OUTPUT_DIR is a run directory or the root of a sharded run (shard-I-of-N/ directories). For a root submitted
+    with `submit`, each array task (pending, running, done, failed with its exit code and log) and the merge job
+    too, also before any task wrote a row. Exit status 0 whether or not the run is complete (see "complete").
     """
-    from pipeline.output import run_status
+    from pipeline.output import is_run_dir, run_status, shard_dirs
+    from pipeline.slurm.tasks import is_slurm_root, slurm_status
 
-    st = run_status(output_dir)
+    sl = slurm_status(output_dir) if is_slurm_root(output_dir) else None
+    st: dict[str, Any] | None = None
+    if sl is None or shard_dirs(output_dir) or is_run_dir(output_dir):
+        st = run_status(output_dir)  # else: submitted, but no task has written its shard directory yet
     if as_json:
-        click.echo(json.dumps(st, indent=2))
-    else:
-        click.echo(format_status(st))
+        out = st if st is not None else {"path": output_dir, "sharded": True, "complete": False, "shards": []}
+        click.echo(json.dumps({**out, "slurm": sl} if sl is not None else out, indent=2))
+        return
+    lines = [format_status(st)] if st is not None else [f"{output_dir}: no shard has written anything yet"]
+    if sl is not None:
+        lines += format_slurm(sl)
+    click.echo("\n".join(lines))
 
 
 @click.command("merge")
@@ -120,23 +168,31 @@ def status_cmd(output_dir: str, as_json: bool) -> None:
     "-o",
     type=click.Path(file_okay=False),
     default=None,
-    help="Merged directory (default DIR/merged; an earlier merge output there is replaced).",
+    help="Merged directory, outside DIR (default DIR.merged beside it; an earlier merge output there is replaced).",
 )
+@click.option("--ordered", is_flag=True,
+              help="Write the rows in input order (by input_index), sorted out of core in bounded memory.")
+@click.option("--memory-limit-mb", default=1024, show_default=True, type=int,
+              help="With --ordered: memory of the sort (MiB); it spills to disk beyond.")
 @handle_errors
-def merge_cmd(dir_: str, output: str | None) -> None:
+def merge_cmd(dir_: str, output: str | None, ordered: bool, memory_limit_mb: int) -> None:
     """Combine the shards of DIR into one output, verifying every input id appears exactly once.
 
     Reads the input named in the shards' _run.json; a duplicate, missing or unknown id is an error that
-    lists a few of them (nothing is written then). Prints counts per status.
+    lists a few of them (nothing is written then). Prints counts per status. The merge output lies outside DIR
+    (default DIR.merged), so that reading DIR and reading the merge output each give every record once.
     """
     from pathlib import Path
 
-    from pipeline.output import merge_shards
+    from pipeline.output import default_merge_dir, merge_shards
 
-    out = Path(output) if output else Path(dir_) / "merged"
-    m = merge_shards(dir_, out)
+    if memory_limit_mb < 64:
+        raise click.BadParameter(f"{memory_limit_mb}: must be >= 64", param_hint="--memory-limit-mb")
+    out = Path(output) if output else default_merge_dir(dir_)
+    m = merge_shards(dir_, out, ordered=ordered, memory_limit_mb=memory_limit_mb)
     click.echo(
         f"merged {m['rows']} rows of {m['total_records']} records from {m['n_shards']} shard(s) into {out}"
+        + (" in input order" if ordered else "")
         + (f" ({m['rejected']} rejected input lines)" if m["rejected"] else "")
     )
     for col, counts in m["counts"].items():

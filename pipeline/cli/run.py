@@ -21,6 +21,7 @@ def summary_table(manifest: dict) -> str:
     if "retried" in inv:
         lines.append("  retried: " + (", ".join(f"{n} {k}" for k, n in inv["retried"].items()) or "none"))
     lines += token_lines(manifest)
+    lines += context_lines(manifest)
     for err in manifest["errors"][:5]:
         lines.append(f"  error x{err['count']}: {err['error']}")
     return "\n".join(lines)
@@ -45,6 +46,17 @@ def token_lines(manifest: dict) -> list[str]:
     return lines
 
 
+def context_lines(manifest: dict) -> list[str]:
+    """One line when some records' context was cut to fit the model's window: how many, and what to raise.
+    Manifests without ``contexts`` (written before it existed) give no line."""
+    c = manifest.get("contexts") or {}
+    if not c.get("cut"):
+        return []
+    return [f"  {c['cut']} of {c['rows_with_contexts_used']} records had their context cut to fit the model "
+            f"(contexts_used < contexts; {c['passages_used']} of {c['passages_retrieved']} passages sent): "
+            f"{c['advice']}"]
+
+
 @click.command("run")
 @config_option("--input", "-i", "input_", key="run.input", type=click.Path(),
                help="Input: JSONL (one record a line), a .parquet file or a directory of .parquet parts.")
@@ -59,6 +71,8 @@ def token_lines(manifest: dict) -> list[str]:
                help="Attach to these OpenAI-compatible endpoints (comma-separated) instead of starting servers.")
 @config_option("--backend", key="servers.backend", help="Managed server backend.")
 @config_option("--model", key="servers.model", help="Model for managed servers (default: SmolLM2 GGUF on CPU).")
+@config_option("--model-cache-dir", key="servers.model_cache_dir", type=click.Path(file_okay=False),
+               help="Where the default CPU model is fetched to on first use (default: ~/.cache/rag-pipeline/models).")
 @config_option("--gpus", key="servers.gpus", type=int, help="GPUs to use (-1: all visible).")
 @config_option("--tp-size", key="servers.tp_size", type=int, help="SGLang: GPUs per server (tensor parallel).")
 @config_option("--cpu-servers", key="servers.cpu_servers", type=int, help="llama.cpp servers without GPU.")
@@ -100,6 +114,9 @@ def token_lines(manifest: dict) -> list[str]:
                     "'length'); raise generation.max_tokens first (--allow-config-change).")
 @config_option("--allow-config-change", key="run.allow_config_change", is_flag=True, default=None,
                help="Resume although prompts, model, retrieval or generation settings changed.")
+@config_option("--deterministic/--no-deterministic", key="run.deterministic", default=None,
+               help="Reproducible rows: same input, settings and model give the same rows (seeded requests; "
+                    "managed servers without cross-request batching or prompt-cache reuse: slower, see README).")
 @config_option("--grace-s", key="run.grace_s", type=float, help="Seconds in-flight records get after SIGTERM.")
 @config_option("--metrics-port", key="run.metrics_port", type=int,
                help="Serve Prometheus metrics of the run on this port (0: any free port; default off).")

@@ -76,6 +76,8 @@ def _write_pid_file(path: Path, pool: ServerPool) -> None:
     help="Server backend (auto: sglang with GPUs, llamacpp without).",
 )
 @config_option("--model", key="servers.model", help="Model path or name (default on CPU: the SmolLM2 GGUF).")
+@config_option("--model-cache-dir", key="servers.model_cache_dir", type=click.Path(file_okay=False),
+               help="Where the default CPU model is fetched to on first use (default: ~/.cache/rag-pipeline/models).")
 @config_option("--base-port", key="servers.base_port", type=int, help="Port of server 0 (server i: base+i).")
 @config_option("--cpu-servers", key="servers.cpu_servers", type=int, help="llama.cpp servers without GPU.")
 @config_option("--gpus", key="servers.gpus", type=int, help="GPUs to use, one server each (-1: all visible).")
@@ -101,6 +103,9 @@ def _write_pid_file(path: Path, pool: ServerPool) -> None:
                help="llama.cpp threads per server (0: cores / (2 * servers)).")
 @config_option("--n-parallel", key="servers.n_parallel", type=int, help="llama.cpp slots per server.")
 @config_option("--n-ctx", key="servers.n_ctx", type=int, help="llama.cpp context per slot, tokens.")
+@config_option("--deterministic/--no-deterministic", key="run.deterministic", default=None,
+               help="Servers whose replies repeat (llama.cpp: one slot, no prompt-cache reuse; SGLang: "
+                    "--enable-deterministic-inference), for `run --deterministic --endpoints`.")
 @config_option("--startup-timeout-s", key="servers.startup_timeout_s", type=float,
                help="Seconds a server may take to become ready.")
 @config_option("--shutdown-timeout-s", key="servers.shutdown_timeout_s", type=float,
@@ -147,7 +152,7 @@ def _serve(config_file: str | None, dry_run: bool, num: int | None, all_or_nothi
            params: dict[str, Any]) -> None:
     from pipeline.config import with_overrides
     from pipeline.errors import ServerError
-    from pipeline.servers.plan import plan_servers
+    from pipeline.servers.plan import fetch_default_model, plan_servers
     from pipeline.servers.pool import ServerPool
     from pipeline.servers.process import log_tail
 
@@ -167,6 +172,7 @@ def _serve(config_file: str | None, dry_run: bool, num: int | None, all_or_nothi
     pids = Path(pid_file) if pid_file else None
     stopped_by = 0
     try:
+        fetch_default_model(cfg)
         pool = ServerPool(cfg)
         click.echo(f"starting {len(pool.specs)} {pool.backend} server(s); logs in {pool.log_dir}", err=True)
         pool.launch()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.options import handle_errors
+from pipeline.errors import RagPipelineError
 
 
 @click.command(
@@ -21,7 +22,7 @@ from pipeline.cli.options import handle_errors
     "-o",
     required=True,
     type=click.Path(file_okay=False),
-    help="Output root: task I writes OUTPUT/shard-I-of-N, the merge job OUTPUT/merged.",
+    help="Output root: task I writes OUTPUT/shard-I-of-N, the merge job OUTPUT.merged beside it.",
 )
 @click.option(
     "--nodes", "-N", default=0, type=int,
@@ -56,7 +57,8 @@ from pipeline.cli.options import handle_errors
 )
 @click.option("--chroma-url", default="", help="Shared Chroma server (see serve-store) passed to every task.")
 @click.option("--job-name", default="rag-pipeline", show_default=True, help="Slurm job name of the array.")
-@click.option("--dry-run", is_flag=True, help="Print both batch scripts; write and submit nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print both batch scripts; write and submit nothing (checks only that a store is named).")
 @click.argument("run_options", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def submit_cmd(
@@ -80,9 +82,11 @@ def submit_cmd(
 
     Options after `--` are passed to every task's `rag-pipeline run` (e.g. `-- --limit 1000 --config
     cfg.toml`). Tasks are requeueable: a requeued or preempted task resumes from its committed rows, and
-    two minutes before the time limit a task stops cleanly and requeues itself. Prints both job ids. The tasks
-    must be told their store and collection (--chroma-url, or run options such as `-- --collection docs`):
-    refused before anything is submitted otherwise.
+    two minutes before the time limit a task stops cleanly and requeues itself. Prints both job ids. Before
+    anything is queued, the tasks' run is checked here as the run checks itself (input and its fields, prompts,
+    config, store and collections, model settings): a failing check is one line and exit 2 or 4, nothing
+    submitted. Follow the job with `rag-pipeline status OUTPUT` (each task: pending, running, done, failed with
+    its exit code and log).
 
     Example: rag-pipeline submit --input data.jsonl --output out/ --nodes 4 --gpus-per-node 8 -t 24:00:00
     --chroma-url http://storehost:8000 -- --collection docs
@@ -90,6 +94,7 @@ def submit_cmd(
     More shards than nodes: --shards 64 --nodes 4 runs 64 small tasks, 4 at a time (array throttle %4), so a
     slow or preempted node delays one small shard instead of a quarter of the job.
     """
+    from pipeline.output import default_merge_dir
     from pipeline.slurm.submit import SubmitOptions, submit
 
     opts = SubmitOptions(
@@ -111,7 +116,7 @@ def submit_cmd(
     from pipeline.slurm.submit import validate
 
     validate(opts)
-    _check_task_store(opts)
+    _preflight(opts, dry_run)
     res = submit(opts, dry_run=dry_run)
     if dry_run:
         click.echo(f"# ---- {opts.slurm_dir / 'array.sbatch'}  (sbatch --parsable array.sbatch)")
@@ -129,23 +134,28 @@ def submit_cmd(
         f"Submitted array job {res.array_job_id} ({s} task(s){at_once}: shard I/{s} -> {out}/shard-I-of-{s}); "
         f"logs in {opts.slurm_dir / 'logs'}"
     )
-    click.echo(f"Submitted merge job {res.merge_job_id} (afterok:{res.array_job_id}) -> {out / 'merged'}")
+    click.echo(f"Submitted merge job {res.merge_job_id} (afterok:{res.array_job_id}) -> {default_merge_dir(out)}")
     click.echo(f"Follow with: rag-pipeline status {out}")
 
 
-def _check_task_store(opts) -> None:
-    """Refuse, before anything is written or submitted, an array whose tasks' `run` names no store or collection
-    (by ``--chroma-url``, the run options after ``--`` or their ``--config``): every task would stop with it.
+def _preflight(opts, dry_run: bool) -> None:
+    """Run the tasks' own checks here, before anything is written or submitted
+    (:func:`pipeline.run.required.preflight`: names, prompts, response format, store and collections, LLM
+    settings, the whole input and its fields), so that an array whose every task would stop with the same error
+    is never queued.
 
-    The run options are parsed by `run`'s own parser, so a bad option or config is found here too.
+    The run options are parsed by `run`'s own parser and built into the configuration as each task builds it. The
+    input scan is kept in ``OUTPUT/_input_scan.json`` for the tasks to reuse (only when every check passed). A dry
+    run checks only that a store and collection are named.
 
     Raises:
-        InputError: the run options do not parse; ConfigError: their config is invalid; StoreError: no store or
-            no collection named (only named: the store may be reachable from the compute nodes only).
+        InputError: the run options do not parse, or the tasks' run is refused (:func:`preflight`); ConfigError,
+            StoreError, ServerError: see :func:`preflight` (the message says it is the tasks' run).
     """
     from pipeline.cli.options import build_config
     from pipeline.cli.run import run_cmd
     from pipeline.errors import InputError, StoreError
+    from pipeline.run.required import preflight
     from pipeline.store.preflight import require_store_named
 
     argv = ["--input", str(opts.input_path), "--output", str(opts.output_dir),
@@ -157,10 +167,18 @@ def _check_task_store(opts) -> None:
     params = dict(ctx.params)
     cfg = build_config(params.pop("config_file", None), params)
     try:
-        require_store_named(cfg.store)
+        if dry_run:  # only what the options name: the scripts are shown, nothing is queued
+            require_store_named(cfg.store)
+        else:
+            # without --gpus-per-node a node may still show GPUs to the task: its backend "auto" stays unresolved
+            preflight(cfg, gpus=opts.gpus_per_node or None,
+                      scan_cache=Path(opts.output_dir).absolute() / "_input_scan.json")
     except StoreError as exc:
-        raise StoreError(f"the tasks' run: {exc}; for submit: --chroma-url URL, or run options after --, e.g. "
-                         "-- --store DIR --collection NAME") from None
+        hint = ("; for submit: --chroma-url URL, or run options after --, e.g. -- --store DIR --collection NAME"
+                if "named" in str(exc) else "")
+        raise StoreError(f"the tasks' run, checked before submitting: {exc}{hint}; nothing submitted") from None
+    except RagPipelineError as exc:
+        raise type(exc)(f"the tasks' run, checked before submitting: {exc}; nothing submitted") from None
 
 
 @click.command("serve-store")

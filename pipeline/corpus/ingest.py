@@ -270,7 +270,7 @@ def ingest_source(
         embed_seconds=writer.embed_seconds,
         ledger_rebuilt=ledger.rebuilt,
     )
-    log.info("%s", summary.line())
+    log.debug("%s", summary.line())  # the caller reports it: the ingest command on stdout, a run's rank0 in its log
     return summary
 
 

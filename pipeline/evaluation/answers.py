@@ -32,15 +32,17 @@ Metrics (each overall and per ``rag_status``):
   ``majority_baseline`` = the accuracy of always predicting ``majority_label``, the group's most frequent
   reference label (ties: the first in the report's label order), so an accuracy at or below it says the
   predictions carry no more than the label distribution.
-- **Context recall** for references with gold document ids: the share of records whose ``contexts`` hold at
-  least one gold document.
+- **Context recall** for references with gold document ids: the share of records whose passages sent to the
+  model (the first ``contexts_used`` of ``contexts``; none when it is null; every one in parts written before the
+  column existed) hold at least one gold document. Retrieval alone is scored by ``eval-retrieval``.
 
 A record counts once: references without an output row are reported as ``missing`` and not scored; output
 rows without a reference are ``unreferenced``. A row whose prediction is null (generation failed or skipped)
 scores 0 on EM, F1 and accuracy.
 
 Memory: the references are held as ``{id: reference}`` (answers, label, gold ids only); the output is read
-part by part, batch by batch, projecting only the needed columns (``contexts.doc_id``, not the passage texts).
+part by part, batch by batch, projecting only the needed columns (``contexts_used``, ``contexts.doc_id``, not the
+passage texts).
 """
 
 from __future__ import annotations
@@ -296,7 +298,7 @@ class AnswerTally:
             prediction: its prediction text (None: no prediction).
             label: :func:`read_label` of the prediction; needed when ``ref.label`` is set (None counts as no label
                 found), ignored otherwise.
-            context_docs: document ids of its retrieved contexts.
+            context_docs: document ids of the contexts sent to the model.
         """
         self.records += 1
         if ref.answers:
@@ -430,13 +432,14 @@ def evaluate_answers(
     seen: set[str] = set()
     listed: dict[str, list[str]] = {AMBIGUOUS: [], NO_LABEL: []}
     unreferenced = 0
-    columns = ["id", prediction, "rag_status", "generation_json", "contexts.list.element.doc_id"]
+    columns = ["id", prediction, "rag_status", "generation_json", "contexts_used", "contexts.list.element.doc_id"]
     for batch in _output_batches(output, columns):
         n = len(batch["id"])
         preds = batch.get(prediction, [None] * n)
         statuses = batch.get("rag_status", [None] * n)
         structured = batch.get("generation_json", [None] * n)
         contexts = batch.get("contexts", [None] * n)
+        used = batch.get("contexts_used")  # None: a part written before the column (every context counts)
         for i in range(n):
             rid = batch["id"][i]
             ref = references.get(rid)
@@ -458,7 +461,8 @@ def evaluate_answers(
                 ids = listed.get(read.column)
                 if ids is not None and len(ids) < max_missing_ids:
                     ids.append(rid)
-            docs = {c["doc_id"] for c in contexts[i] or () if c and c.get("doc_id") is not None}
+            sent = (contexts[i] or [])[: (used[i] or 0) if used is not None else None]
+            docs = {c["doc_id"] for c in sent if c and c.get("doc_id") is not None}
             overall.add(ref, preds[i], read, docs)
             per_status[statuses[i] or "unknown"].add(ref, preds[i], read, docs)
     if not seen:

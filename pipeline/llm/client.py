@@ -67,7 +67,7 @@ from tenacity import (
 )
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from pipeline.config import LLMConfig
+from pipeline.config import DETERMINISTIC_SEED, Config, LLMConfig
 from pipeline.llm.outcome import (
     BAD_RESPONSE,
     CONNECT_ERROR,
@@ -242,6 +242,12 @@ def inflight_per_endpoint(cfg: LLMConfig, batch: int | None) -> int:
     return max(1, math.ceil((batch or DEFAULT_BATCH) * INFLIGHT_HEADROOM))
 
 
+def request_seed(cfg: Config) -> int | None:
+    """The ``seed`` every request of a run carries: :data:`pipeline.config.DETERMINISTIC_SEED` under
+    ``run.deterministic``, else None (none sent)."""
+    return DETERMINISTIC_SEED if cfg.run.deterministic else None
+
+
 def probe_batch(url: str, *, api_key: str | None = None, timeout_s: float = 5.0) -> int | None:
     """The batch size an endpoint reports, or None if it reports none.
 
@@ -298,6 +304,12 @@ def _classify(exc: requests.RequestException) -> _AttemptError:
 # ----------------------------------------------------------------------------------------------
 
 
+def _base_url(url: str) -> str:
+    """An endpoint's key: its base URL without a trailing ``/`` or ``/v1``."""
+    key = url.strip().rstrip("/")
+    return key[:-3] if key.endswith("/v1") else key
+
+
 class LLMClient:
     """Client for a pool of OpenAI-compatible endpoints (``/v1/chat/completions``, ``/v1/completions``).
 
@@ -313,6 +325,9 @@ class LLMClient:
             urllib3's connection pools are thread-safe; one connection per request in flight, reused).
         max_concurrency: in-flight requests per endpoint; None = ``cfg.max_concurrency`` if > 0 else 1
             (the pipeline sizes it with :func:`inflight_per_endpoint`).
+        seed: sampling ``seed`` sent with every request (the OpenAI field; llama.cpp, SGLang and vLLM honour it),
+            None = none sent (the server picks). ``run.deterministic`` sets
+            :data:`pipeline.config.DETERMINISTIC_SEED`.
 
     Raises:
         ValueError: no endpoint, or a concurrency < 1.
@@ -326,10 +341,12 @@ class LLMClient:
         api_key: str | None = None,
         session: requests.Session | None = None,
         max_concurrency: int | None = None,
+        seed: int | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("LLMClient needs at least one endpoint")
         self.cfg = cfg
+        self.seed = seed
         self.max_concurrency = max_concurrency or (cfg.max_concurrency if cfg.max_concurrency > 0 else 1)
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
@@ -427,6 +444,25 @@ class LLMClient:
                 for ep in self._eps.values()
             }
 
+    def endpoints_up(self, urls: list[str] | tuple[str, ...]) -> list[str]:
+        """End the cool-down of the open breakers of ``urls`` (another observer, main's health probe, saw them
+        answer): the next request to each is the half-open probe, and its success closes the breaker. Endpoints
+        this client does not use, and closed breakers, are left as they are.
+
+        Returns:
+            the URLs whose cool-down was ended.
+        """
+        ended = []
+        with self._lock:
+            for url in urls:
+                ep = self._eps.get(_base_url(url))
+                if ep is not None and ep.failures >= self.cfg.breaker_failures and ep.open_until > 0.0:
+                    ep.open_until = 0.0
+                    ended.append(ep.url)
+        for url in ended:
+            log.debug("endpoint %s is up by main's probe: probed before its cool-down ends", url)
+        return ended
+
     def close(self) -> None:
         """Close the session this client created (not one passed in)."""
         if self._own_session:
@@ -440,11 +476,14 @@ class LLMClient:
 
     # -- internals -------------------------------------------------------------------------
     def _sampling(self, temperature: float | None) -> dict[str, Any]:
-        return {"temperature": self.cfg.temperature if temperature is None else temperature, "stream": False}
+        out: dict[str, Any] = {"temperature": self.cfg.temperature if temperature is None else temperature,
+                               "stream": False}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
 
     def _endpoint(self, url: str) -> _Endpoint:
-        key = url.strip().rstrip("/")
-        key = key[:-3] if key.endswith("/v1") else key
+        key = _base_url(url)
         with self._lock:
             ep = self._eps.get(key)
             if ep is None:
@@ -474,8 +513,9 @@ class LLMClient:
             log.debug("probing endpoint %s after its cool-down", ep.url)
             return True
 
-    def _record(self, ep: _Endpoint, ok: bool) -> None:
-        """Count an attempt's outcome for the breaker. Only its state changes are logged (opened: WARNING; closed
+    def _record(self, ep: _Endpoint, ok: bool, why: str = "") -> None:
+        """Count an attempt's outcome for the breaker (``why``: the failed attempt's outcome and detail, shown
+        when the breaker opens). Only its state changes are logged (opened: WARNING; closed
         again: WARNING, as the recovery of a warned condition); a failed probe or a failure of a request that was
         already in flight re-arms the cool-down at DEBUG. Both WARNINGs carry a ``repeat_key``: the run's
         processes each log them, main's stderr aggregates them (:mod:`pipeline.logs`)."""
@@ -497,8 +537,9 @@ class LLMClient:
                     log.debug("endpoint %s still failing (%d in a row): skipped until %s", ep.url, ep.failures,
                               until)
                 else:
-                    log.warning("endpoint %s: %d failures in a row: skipped until %s (llm.breaker_cooldown_s = "
-                                "%g s), then probed", ep.url, ep.failures, until, self.cfg.breaker_cooldown_s,
+                    log.warning("endpoint %s: %d failures in a row (last: %s): skipped until %s "
+                                "(llm.breaker_cooldown_s = %g s), then probed", ep.url, ep.failures,
+                                why[:200] or "?", until, self.cfg.breaker_cooldown_s,
                                 extra={"repeat_key": f"endpoint {ep.url} skipped after failures"})
 
     def _request(
@@ -568,7 +609,7 @@ class LLMClient:
                 if not err.retryable:
                     self._record(ep, ok=True)  # the server answered: it is up
                     raise RequestFailed(f"{ep.url}{path}: {err.outcome}: {err.detail}", attempts) from None
-                self._record(ep, ok=False)
+                self._record(ep, ok=False, why=f"{err.outcome}: {err.detail}")
                 connect_failures += err.connect_failure
                 log.debug("attempt on %s failed (%s): trying the next endpoint", ep.url, err.outcome)
                 continue

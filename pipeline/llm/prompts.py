@@ -78,44 +78,42 @@ def load_templates(cfg: Any) -> dict[str, str]:
     }
 
 
-def shared_prefix(templates: dict[str, str], *, query: str, contexts: list[dict[str, Any]], context_chars: int,
+def passage_texts(contexts: list[dict[str, Any]]) -> list[str]:
+    """Each passage as the prompt shows it: ``[i] text`` (1-based rank, the text stripped), best first."""
+    return [f"[{i}] {c['text'].strip()}" for i, c in enumerate(contexts, start=1)]
+
+
+def format_context(contexts: list[dict[str, Any]]) -> str:
+    """The passages of a prompt: :func:`passage_texts` joined by newlines (every passage given, whole)."""
+    return "\n".join(passage_texts(contexts))
+
+
+def shared_prefix(templates: dict[str, str], *, query: str, contexts: list[dict[str, Any]],
                   extra: dict[str, Any] | None = None) -> str:
-    """The bytes both LLM calls of a record start with: instructions, retrieved context (numbered, at most
-    ``context_chars`` characters), query."""
-    return render(templates["prefix"], query=query, context=format_context(contexts, context_chars), extra=extra)
+    """The bytes both LLM calls of a record start with: instructions, the given passages (numbered, whole), query.
+
+    ``contexts`` are the passages the prompt carries: the first ``contexts_used`` of the record's retrieved ones
+    (:mod:`pipeline.llm.context` decides how many fit the model's context window)."""
+    return render(templates["prefix"], query=query, context=format_context(contexts), extra=extra)
 
 
-def rag_answer_prompt(templates: dict[str, str], *, query: str, contexts: list[dict[str, Any]], context_chars: int,
+def rag_answer_prompt(templates: dict[str, str], *, query: str, contexts: list[dict[str, Any]],
                       extra: dict[str, Any] | None = None) -> str:
-    """Prompt of the RAG answer: the shared prefix, then ``rag.prompt_file``."""
-    prefix = shared_prefix(templates, query=query, contexts=contexts, context_chars=context_chars, extra=extra)
+    """Prompt of the RAG answer: the shared prefix with ``contexts``, then ``rag.prompt_file``."""
+    prefix = shared_prefix(templates, query=query, contexts=contexts, extra=extra)
     return prefix + render(templates["rag"], query=query, extra=extra)
 
 
-def generation_prompt(templates: dict[str, str], *, query: str, rag: RagResult, context_chars: int,
+def generation_prompt(templates: dict[str, str], *, query: str, rag: RagResult, contexts_used: int,
                       extra: dict[str, Any] | None = None) -> str:
     """Prompt of the generation, from the record's :class:`pipeline.messages.RagResult`.
 
-    After ``rag_status`` "ok": the shared prefix (the same bytes as the RAG-answer prompt's start), then
-    ``generation.prompt_file`` with the RAG answer. Otherwise (soft failure): ``generation.fallback_prompt_file``
-    with the query alone, no context.
+    After ``rag_status`` "ok" with ``contexts_used`` > 0: the shared prefix with the first ``contexts_used`` passages
+    (the same bytes as the RAG-answer prompt's start when it carried as many), then ``generation.prompt_file``
+    with the RAG answer. Otherwise (a soft failure, or no passage fits the model's window):
+    ``generation.fallback_prompt_file`` with the query alone, no context.
     """
-    if rag.rag_status != "ok":
+    if rag.rag_status != "ok" or contexts_used <= 0:
         return render(templates["no_context"], query=query, extra=extra)
-    prefix = shared_prefix(templates, query=query, contexts=rag.contexts, context_chars=context_chars, extra=extra)
+    prefix = shared_prefix(templates, query=query, contexts=rag.contexts[:contexts_used], extra=extra)
     return prefix + render(templates["generate"], query=query, rag_answer=rag.rag_answer or "", extra=extra)
-
-
-def format_context(contexts: list[dict[str, Any]], max_chars: int) -> str:
-    """Numbered passages ``[1] text`` in rank order, cut to at most ``max_chars`` characters in total."""
-    parts: list[str] = []
-    used = 0
-    for i, c in enumerate(contexts, start=1):
-        piece = f"[{i}] {c['text'].strip()}"
-        if used + len(piece) > max_chars:
-            piece = piece[: max(0, max_chars - used)]
-        if not piece:
-            break
-        parts.append(piece)
-        used += len(piece) + 1
-    return "\n".join(parts)

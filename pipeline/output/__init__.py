@@ -28,7 +28,15 @@ from pipeline.output.reading import (
 )
 from pipeline.output.rundir import MANIFEST_FILE, REJECTED_FILE, OutputDir
 from pipeline.output.schema import RESERVED_COLUMNS, row_schema
-from pipeline.output.sharding import SHARD_RE, in_shard, parse_shard, shard_dir, shard_dirs, shard_size
+from pipeline.output.sharding import (
+    SHARD_RE,
+    default_merge_dir,
+    in_shard,
+    parse_shard,
+    shard_dir,
+    shard_dirs,
+    shard_size,
+)
 from pipeline.output.stats import RowStats, scan_stats
 from pipeline.output.status import dir_status, run_status
 
@@ -44,6 +52,7 @@ __all__ = [
     "RowStats",
     "atomic_write_bytes",
     "atomic_write_json",
+    "default_merge_dir",
     "dir_status",
     "in_shard",
     "input_fingerprint",

@@ -66,13 +66,14 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: ``path.tmp`` + fsync + :func:`os.replace` + fsync of the dir.
+    """Write ``data`` to ``path`` atomically: ``.NAME.tmp`` beside it + fsync + :func:`os.replace` + fsync of the
+    dir (the temporary name is hidden from readers of an output directory: :mod:`pipeline.output.reading`).
 
     Raises:
         OSError: the directory is not writable (disk full, permissions).
     """
     dest = Path(path)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f".{dest.name}.tmp")
     with tmp.open("wb") as fh:
         fh.write(data)
         fh.flush()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import array
 import hashlib
 import logging
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from pipeline.output.reading import (
     scan_batches,
 )
 from pipeline.output.rundir import OutputDir
-from pipeline.output.sharding import shard_dirs
+from pipeline.output.schema import INDEX_COLUMN
+from pipeline.output.sharding import default_merge_dir, shard_dirs
 from pipeline.output.stats import RowStats
 from pipeline.output.status import single_n
 
@@ -112,8 +114,25 @@ def _resolve_shards(root_p: Path) -> tuple[int, dict[int, Path]]:
     return n, present
 
 
-def merge_shards(root: str | Path, output: str | Path | None = None, *, part_rows: int = 0) -> dict[str, Any]:
-    """Combine the shards of ``root`` into ``output`` (default ``root/merged``) after verifying exactly-once.
+LEGACY_MERGED = "merged"
+"""Where earlier versions wrote the merge output: ``ROOT/merged``, inside the root (its rows then read twice)."""
+ORDERED_MEMORY_LIMIT_MB = 1024
+"""Default memory limit of ``merge --ordered``'s sort (DuckDB ``memory_limit``; it spills to disk beyond)."""
+ORDERED_THREADS = 2
+"""Threads of ``merge --ordered``'s sort (DuckDB ``threads``); each thread adds its own buffers."""
+
+
+def legacy_merge_dir(root: str | Path) -> Path | None:
+    """``ROOT/merged`` when it holds a merge output written there by an earlier version, else None."""
+    p = Path(root) / LEGACY_MERGED
+    if not is_run_dir(p):
+        return None
+    return p if "merged_from" in (OutputDir(p).manifest() or {}) else None
+
+
+def merge_shards(root: str | Path, output: str | Path | None = None, *, part_rows: int = 0, ordered: bool = False,
+                 memory_limit_mb: int = ORDERED_MEMORY_LIMIT_MB) -> dict[str, Any]:
+    """Combine the shards of ``root`` into ``output`` (default ``ROOT.merged``) after verifying exactly-once.
 
     Reads the input named in the shards' ``_run.json`` (which must agree and be unchanged since), validates
     it like the run does (:func:`pipeline.dataset.records.scan_input`, bad records rejected, with the shards'
@@ -121,12 +140,16 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
     (module docstring), that every valid record has exactly one row across the shards. A root that is itself
     a run directory is treated as one shard. Rows are copied part by part (shard order, then part order),
     re-chunked to ``part_rows``, with schemas unified; the rejected records go to the merged
-    ``_rejected.jsonl``.
+    ``_rejected.jsonl``. With ``ordered`` the rows are written in input order (by ``input_index``): DuckDB sorts
+    them out of core under ``memory_limit_mb`` (spilling to a hidden directory inside ``output``) into one
+    temporary file, which is then cut into parts of ``part_rows`` rows.
 
     Args:
         root: the output root holding ``shard-I-of-N`` directories.
-        output: merged directory; an existing merge output there is replaced.
+        output: merged directory, outside ``root``; an existing merge output there is replaced.
         part_rows: rows per merged part; 0 = ``config["run"]["part_rows"]`` of the shards (default 1000).
+        ordered: write the rows sorted by ``input_index`` (the input's order).
+        memory_limit_mb: DuckDB's ``memory_limit`` for the ordered sort, MiB.
 
     Returns:
         The merged ``_manifest.json`` content: ``complete``, ``total_records``, ``rows``, ``rejected``,
@@ -134,7 +157,8 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
 
     Raises:
         InputError: not an output root, mixed shard counts, shards of different inputs or limits, the input
-            changed since the run, ``output`` is a run directory that is not a merge output.
+            changed since the run, ``output`` inside ``root`` or a run directory that is not a merge output;
+            with ``ordered``, a part without ``input_index`` (written by an earlier version) or with a null one.
         RunError: duplicate ids, missing records, ids not in the input (a few of each are listed), or an
             unreadable part; nothing is written then.
     """
@@ -142,9 +166,14 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
     if not root_p.is_dir():
         raise InputError(f"{root_p}: output directory not found")
     n, present = _resolve_shards(root_p)
-    out = Path(output) if output is not None else root_p / "merged"
-    if out.resolve() in {p.resolve() for p in present.values()} or out.resolve() == root_p.resolve():
-        raise InputError(f"--output {out}: must not be the output root or a shard directory")
+    out = Path(output) if output is not None else default_merge_dir(root_p)
+    if out.resolve() == root_p.resolve() or out.resolve().is_relative_to(root_p.resolve()):
+        raise InputError(f"--output {out}: must be outside {root_p} (its rows would be read twice with the "
+                         f"root's); e.g. the default {default_merge_dir(root_p)}")
+    legacy = legacy_merge_dir(root_p)
+    if legacy is not None:
+        log.warning("%s holds a merge output written inside the root by an earlier version: readers of %s count "
+                    "its rows twice; delete it or move it out (the merge now writes to %s)", legacy, root_p, out)
     if is_run_dir(out):
         prev_dir = OutputDir(out)
         prev = prev_dir.manifest() or {}
@@ -212,8 +241,12 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
     rows_per_part = part_rows or int(run_cfg.get("part_rows") or 1000)
     all_parts = [p for parts in shard_parts.values() for p in parts]
     schema: pa.Schema | None = None
+    if ordered:
+        _require_duckdb()
     for part in all_parts:
         s = read_part_schema(part)
+        if ordered:
+            _require_index(part, s)
         if schema is None:
             schema = s
         elif not s.equals(schema):
@@ -233,7 +266,11 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
     buffer: list[pa.Table] = []
     buffered = 0
     stats = RowStats()
-    for _, table in iter_tables_of_parts(all_parts):
+    if ordered:
+        tables: Iterable[pa.Table] = _sorted_tables(all_parts, out, rows_per_part, memory_limit_mb)
+    else:
+        tables = (table for _, table in iter_tables_of_parts(all_parts))
+    for table in tables:
         stats.add(table)
         buffer.append(_conform(table, schema))
         buffered += table.num_rows
@@ -256,6 +293,7 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
         "n_shards": n,
         "merged_from": merged_from,
         "misplaced": misplaced,
+        "ordered": ordered,
         "created": now(),
     }
     dest.write_manifest(manifest)
@@ -329,3 +367,75 @@ def _conform(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
         else:
             cols.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _require_duckdb() -> None:
+    """Raises RunError (one line) when DuckDB, which ``merge --ordered`` sorts with, is not installed."""
+    try:
+        import duckdb  # noqa: F401
+    except ImportError:
+        raise RunError("merge --ordered needs DuckDB, a dependency of rag-pipeline: pip install duckdb") from None
+
+
+def _require_index(part: Path, schema: pa.Schema) -> None:
+    """``merge --ordered`` needs every row's ``input_index``: refuse (before anything is written) a part without
+    the column or with a null in it (read alone: 8 bytes a row of one part).
+
+    Raises:
+        InputError: the part was written by a version without ``input_index``.
+        RunError: the part is unreadable.
+    """
+    import pyarrow.parquet as pq
+
+    hint = "merge without --ordered, or run again with --overwrite to get it"
+    if INDEX_COLUMN not in schema.names:
+        raise InputError(f"--ordered: {part} has no {INDEX_COLUMN} column (written by an earlier version); {hint}")
+    try:
+        nulls = pq.read_table(part, columns=[INDEX_COLUMN]).column(0).null_count
+    except (OSError, pa.ArrowException) as exc:
+        raise RunError(f"{part}: cannot read committed part: {exc}") from None
+    if nulls:
+        raise InputError(f"--ordered: {part} has {nulls} rows without {INDEX_COLUMN} (written by an earlier "
+                         f"version); {hint}")
+
+
+def _sorted_tables(parts: list[Path], out: Path, rows_per_part: int, memory_limit_mb: int) -> Iterator[pa.Table]:
+    """The rows of ``parts`` in ``input_index`` order, as tables of at most ``rows_per_part`` rows.
+
+    DuckDB sorts out of core (``COPY (SELECT ... ORDER BY input_index) TO`` one Parquet file, under
+    ``memory_limit`` with spill files in a hidden directory of ``out``); the sorted file is then read back one
+    batch at a time, and deleted with the spill directory at the end. Disk: about the size of the rows twice.
+
+    Raises:
+        RunError: DuckDB failed (an unreadable part, the disk full).
+    """
+    import duckdb
+    import pyarrow.parquet as pq
+
+    from pipeline.output.reading import tmp_path
+
+    work = out / ".ordered.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sorted_file = tmp_path(work / "sorted.parquet")
+    files = [str(p) for p in parts]
+    try:
+        con = duckdb.connect(config={"memory_limit": f"{int(memory_limit_mb)}MB", "threads": ORDERED_THREADS,
+                                     "temp_directory": str(work / "spill"), "preserve_insertion_order": True})
+        try:
+            src = "read_parquet($files, union_by_name = true)"
+            target = str(sorted_file).replace("'", "''")
+            con.execute(f"COPY (SELECT * FROM {src} ORDER BY {INDEX_COLUMN}) TO '{target}' "
+                        f"(FORMAT parquet, ROW_GROUP_SIZE {max(1, int(rows_per_part))})", {"files": files})
+        except duckdb.Error as exc:
+            raise RunError(f"merge --ordered: the sort failed: {str(exc).splitlines()[0]}") from None
+        finally:
+            con.close()
+        pf = pq.ParquetFile(sorted_file)
+        try:
+            for batch in pf.iter_batches(batch_size=max(1, int(rows_per_part))):
+                yield pa.Table.from_batches([batch])
+        finally:
+            pf.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

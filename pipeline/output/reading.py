@@ -1,6 +1,12 @@
 """Reading committed rows: part discovery and streamed, column-projected scans (pyarrow.dataset).
 
-Only files matching ``part-NNNNN.parquet`` exactly are committed rows; ``*.tmp`` files never are.
+Only files matching ``part-NNNNN.parquet`` exactly are committed rows. Every other file a run, a retry or a merge
+writes into an output directory is named so that the usual readers of a directory skip it as well (each record
+then reads exactly once with ``pyarrow.parquet.read_table(D)``, ``pandas.read_parquet(D)``,
+``duckdb.read_parquet('D/**/*.parquet')`` and ``datasets.load_dataset('parquet', data_dir=D)``): its name starts
+with ``_`` or ``.`` (pyarrow and pandas skip those) and does not end in ``.parquet`` (DuckDB's glob and datasets
+take only that suffix). Temporary files are ``.NAME.tmp`` (:data:`TMP_PREFIX`), retry parts
+``_retry-NNNNN.pending`` (:data:`RETRY_PART_RE`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,24 @@ from pipeline.output.sharding import shard_dirs
 
 RUN_FILE = "_run.json"
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-#: replacement rows of ``run --retry-failed`` not yet applied to the parts (never read as committed rows).
-RETRY_PART_RE = re.compile(r"^retry-(\d{5,})\.parquet$")
+#: replacement rows of ``run --retry-failed`` not yet applied to the parts (never read as committed rows);
+#: ``retry-NNNNN.parquet`` is the name earlier versions gave them (still applied when found).
+RETRY_PART_RE = re.compile(r"^(?:_retry-(\d{5,})\.pending|retry-(\d{5,})\.parquet)$")
+#: prefix of a file being written (``.NAME.tmp``, renamed to ``NAME`` when complete): hidden from every reader.
+TMP_PREFIX = "."
+
+
+def retry_part_index(name: str) -> int | None:
+    """The index NNNNN of a retry part's file name (:data:`RETRY_PART_RE`), or None for another name."""
+    m = RETRY_PART_RE.match(name)
+    return None if m is None else int(m.group(1) or m.group(2))
+
+
+def tmp_path(dest: str | Path) -> Path:
+    """Where ``dest`` is written before it is renamed into place: ``.NAME.tmp`` beside it (hidden from
+    pyarrow, pandas, DuckDB and datasets alike: see the module docstring)."""
+    d = Path(dest)
+    return d.with_name(f"{TMP_PREFIX}{d.name}.tmp")
 #: rows per scanned batch (bounded memory of a scan: about this many rows of the projected columns times the
 #: scan's read-ahead).
 SCAN_BATCH_ROWS = 65_536

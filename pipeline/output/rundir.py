@@ -7,8 +7,12 @@ Layout (``--output``, or ``--output/shard-I-of-N`` with ``--shard I/N``)::
     part-00001.parquet ...
     _rejected.jsonl    bad input records (on_bad_record=skip); one JSON object a line, with "line" and "id" if known
     _manifest.json     written at the end of a run; ``{"complete": true, ...}`` when every record has a row
+    _retry-00000.pending  replacement rows of ``run --retry-failed`` until they are applied to the parts
 
-Commit protocol (:meth:`OutputDir.commit_part`): the part is written to ``part-NNNNN.parquet.tmp``, fsynced,
+Only committed parts end in ``.parquet`` and lack a leading ``_``/``.``, so that reading the directory with
+pyarrow, pandas, DuckDB or datasets gives each record once (:mod:`pipeline.output.reading`).
+
+Commit protocol (:meth:`OutputDir.commit_part`): the part is written to ``.part-NNNNN.parquet.tmp``, fsynced,
 renamed with :func:`os.replace` (atomic on POSIX) and the directory is fsynced. A crash at any instant leaves
 either a complete ``part-NNNNN.parquet`` or a ``.tmp`` file that readers ignore and :meth:`OutputDir.prepare`
 deletes. Exactly-once is checked against the in-memory :class:`~pipeline.output.ledger.Ledger`, loaded once.
@@ -31,7 +35,15 @@ from pipeline.errors import InputError, RunError
 from pipeline.output.files import atomic_write_bytes, atomic_write_json, fsync_dir, now, read_json
 from pipeline.output.ledger import Ledger
 from pipeline.output.lock import LOCK_FILE
-from pipeline.output.reading import PART_RE, RETRY_PART_RE, RUN_FILE, part_paths, read_part_footer
+from pipeline.output.reading import (
+    PART_RE,
+    RETRY_PART_RE,
+    RUN_FILE,
+    part_paths,
+    read_part_footer,
+    retry_part_index,
+    tmp_path,
+)
 from pipeline.output.resume import COLUMNS as RETRY_COLUMNS
 from pipeline.output.resume import (
     FINISH_REASON_COLUMN,
@@ -273,7 +285,7 @@ class OutputDir:
     def commit_part(self, table: pa.Table) -> Path:
         """Commit rows atomically as the next ``part-NNNNN.parquet``.
 
-        Writes ``part-NNNNN.parquet.tmp``, fsyncs it, renames it with :func:`os.replace`, fsyncs the
+        Writes ``.part-NNNNN.parquet.tmp``, fsyncs it, renames it with :func:`os.replace`, fsyncs the
         directory. ``NNNNN`` is one more than the highest committed index. Cost: proportional to the
         table's rows, independent of the number of parts committed before.
 
@@ -363,12 +375,13 @@ class OutputDir:
         return sel
 
     def retry_parts(self) -> list[Path]:
-        """Committed retry parts (``retry-NNNNN.parquet``: replacement rows not yet applied), in index order."""
-        found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := RETRY_PART_RE.match(p.name))]
+        """Committed retry parts (``_retry-NNNNN.pending``: replacement rows not yet applied), in index order."""
+        found = [(k, p) for p in self.path.iterdir() if (k := retry_part_index(p.name)) is not None]
         return [p for _, p in sorted(found)]
 
     def commit_retry_part(self, table: pa.Table) -> Path:
-        """Commit replacement rows (of ids that already have a committed row) as the next ``retry-NNNNN.parquet``.
+        """Commit replacement rows (of ids that already have a committed row) as the next ``_retry-NNNNN.pending``
+        (a Parquet file whose name no reader of the directory takes for rows).
 
         Same atomic protocol as :meth:`commit_part`. The rows replace the committed rows of the same ids when
         :meth:`apply_retries` runs (at the end of the retry, or at the start of the next run after a crash).
@@ -388,8 +401,8 @@ class OutputDir:
             if bad or len(set(ids)) != len(ids):
                 raise RunError(f"retry commit to {self.path}: ids without a committed row, duplicated or already "
                                f"retried: {bad[:5] or ids[:5]}")
-            found = [int(m.group(1)) for p in self.path.iterdir() if (m := RETRY_PART_RE.match(p.name))]
-            dest = self.path / f"retry-{max(found, default=-1) + 1:05d}.parquet"
+            found = [k for p in self.path.iterdir() if (k := retry_part_index(p.name)) is not None]
+            dest = self.path / f"_retry-{max(found, default=-1) + 1:05d}.pending"
             _write_atomic(table, dest)
             fsync_dir(self.path)
             self._retry_ids.update(ids)
@@ -517,8 +530,9 @@ def _previous(prev: dict[str, Any], key: str, current: dict[str, Any]) -> dict[s
 
 
 def _write_atomic(table: pa.Table, dest: Path) -> None:
-    """Write ``table`` to ``dest`` through ``dest.tmp`` + fsync + :func:`os.replace` (the caller fsyncs the dir)."""
-    tmp = dest.with_name(dest.name + ".tmp")
+    """Write ``table`` to ``dest`` through ``.NAME.tmp`` (:func:`pipeline.output.reading.tmp_path`) + fsync +
+    :func:`os.replace` (the caller fsyncs the dir)."""
+    tmp = tmp_path(dest)
     try:
         with tmp.open("wb") as fh:
             pq.write_table(table, fh)

@@ -3,19 +3,20 @@
 Every other module (the run's commit, input validation's reserved names, status, merge, ARCHITECTURE.md)
 refers to :data:`FIXED_COLUMNS` / :func:`row_schema` here. One Parquet row per valid input record::
 
-    id, query, <passthrough columns of the input>, contexts, rag_answer, rag_status, rag_error,
+    id, query, <passthrough columns of the input>, contexts, contexts_used, rag_answer, rag_status, rag_error,
     generation, generation_json, gen_status, gen_error, attempts, endpoint, retrieve_ms, rag_llm_ms, generate_ms, model,
     rag_prompt_tokens, rag_completion_tokens, rag_finish_reason, gen_prompt_tokens, gen_completion_tokens,
-    gen_finish_reason
+    gen_finish_reason, input_index
 
 Passthrough columns keep their input type: for JSONL the type is unified over the whole input
 (string, int64, float64, bool; nested or mixed values as a JSON string); for Parquet input the column's own
 Arrow type. A passthrough field named like an output column is stored as ``input_<name>``.
 
-The token and finish-reason columns (:data:`USAGE_COLUMNS`) came later than the others: parts written before
-them lack them, and a run directory keeps the columns it started with (:func:`schema_of_run`), so an older run
-resumed by this version goes on without them. Readers (status, merge, manifest, eval-answers) read such parts
-as nulls.
+The token and finish-reason columns (:data:`USAGE_COLUMNS`), ``input_index`` (:data:`INDEX_COLUMN`) and
+``contexts_used`` came later than the others (:data:`LATER_COLUMNS`): parts written before them lack them, and a run
+directory keeps the columns it started with (:func:`schema_of_run`), so an older run resumed by this version goes on
+without them. Readers (status, merge, manifest, eval-answers) read such parts as nulls; ``merge --ordered`` refuses
+them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ FIXED_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("contexts", pa.list_(CONTEXT_TYPE),
      "retrieved chunks, best first: score float32 (cosine similarity in dense mode, the fused RRF score in hybrid, "
      "BM25 in bm25 mode), dense_rank / bm25_rank int32 (1-based rank in each source ranking, null if absent)"),
+    ("contexts_used", pa.int32(),
+     "how many of the first contexts the record's prompts carried: the passages that fit the model's context "
+     "window (and rag.context_chars), whole, best first; fewer than len(contexts) = context cut to fit; null = no "
+     "prompt carried passages (nothing retrieved, or the query went alone after a soft failure)"),
     ("rag_answer", pa.string(), "grounded answer from the RAG worker's own endpoint (rag.mode retrieve+answer)"),
     ("rag_status", pa.string(),
      "ok | soft_fail (no passage above min_score, answer too short, a failing extra source) | hard_fail "
@@ -69,6 +74,9 @@ FIXED_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("gen_finish_reason", pa.string(),
      "why the last generation reply ended: stop | length (cut by generation.max_tokens) | ...; null without a "
      "reply"),
+    ("input_index", pa.int64(),
+     "0-based position of the record among the input's valid records (blank and rejected lines are not records), "
+     "global across shards: sorting by it gives the input order"),
 )
 
 _HEAD = ("id", "query")
@@ -95,6 +103,10 @@ STAGE_LATENCY_COLUMNS = {"rag": "rag_llm_ms", "gen": "generate_ms"}
 STAGE_MAX_TOKENS_SETTING = {"rag": "rag.max_tokens", "gen": "generation.max_tokens"}
 #: every token and finish-reason column (absent from parts written before they existed).
 USAGE_COLUMNS = tuple(c for cols in STAGE_USAGE_COLUMNS.values() for c in cols)
+#: the record's position in the input (absent from parts written before it existed; ``merge --ordered`` needs it).
+INDEX_COLUMN = "input_index"
+#: the columns a run directory started by an earlier version may lack (it keeps the columns it started with).
+LATER_COLUMNS = (*USAGE_COLUMNS, INDEX_COLUMN, "contexts_used")
 
 #: Arrow type of each JSONL passthrough type name (records.py infers these; "json" = nested/mixed values as
 #: a JSON string).
@@ -134,7 +146,7 @@ def row_schema(extra_types: dict[str, Any] | None = None) -> pa.Schema:
 
 def schema_of_run(extra_types: dict[str, Any] | None, existing: pa.Schema | None) -> pa.Schema:
     """The schema new rows of a run directory are written with: :func:`row_schema`, less the
-    :data:`USAGE_COLUMNS` that the directory's committed parts lack.
+    :data:`LATER_COLUMNS` that the directory's committed parts lack.
 
     A run directory keeps the columns it started with, so that every part of it has one schema (tools that
     read a directory with the first part's schema, or refuse differing parts, see all rows the same way).
@@ -150,7 +162,7 @@ def schema_of_run(extra_types: dict[str, Any] | None, existing: pa.Schema | None
     if existing is None:
         return schema
     names = set(existing.names)
-    for name in USAGE_COLUMNS:
+    for name in LATER_COLUMNS:
         if name not in names:
             schema = schema.remove(schema.get_field_index(name))
     return schema

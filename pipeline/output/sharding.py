@@ -10,6 +10,8 @@ from pathlib import Path
 from pipeline.errors import InputError
 
 SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
+MERGED_SUFFIX = ".merged"
+"""The default merge output of ``ROOT`` is the sibling ``ROOT.merged`` (:func:`default_merge_dir`)."""
 _SHARD_ARG_RE = re.compile(r"^\s*(-?\d+)\s*/\s*(-?\d+)\s*$")
 
 
@@ -56,3 +58,10 @@ def shard_dirs(root: str | Path) -> list[tuple[int, int, Path]]:
         if m and child.is_dir():
             out.append((int(m.group(1)), int(m.group(2)), child))
     return sorted(out, key=lambda t: (t[1], t[0]))
+
+
+def default_merge_dir(root: str | Path) -> Path:
+    """``ROOT.merged``, beside the root (absolute): outside it, so that reading the root and reading the merge
+    output each give every record once, whatever reader is used."""
+    r = Path(root).resolve()
+    return r.with_name(r.name + MERGED_SUFFIX)

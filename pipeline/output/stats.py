@@ -1,7 +1,7 @@
 """Statistics over committed rows, streamed: counts per status, latency percentiles, grouped errors, token usage.
 
-Used by the run's manifest, ``status`` and ``merge``. Only the needed columns are read (never contexts or
-generations), batch by batch (:func:`pipeline.output.reading.scan_batches`). Memory: the status and error
+Used by the run's manifest, ``status`` and ``merge``. Only the needed columns are read (never the passage texts
+or generations), batch by batch (:func:`pipeline.output.reading.scan_batches`). Memory: the status and error
 counters (bounded by :data:`MAX_ERROR_KINDS`) plus, for latency percentiles, 8 bytes per row and stage
 (exact percentiles need every value: 24 MB per million rows); token sums and finish-reason counts are a few
 numbers per stage. Parts written before the token columns existed count as rows without usage.
@@ -212,6 +212,56 @@ class _StageUsage:
             "hit_max_tokens": self.finish.get(FINISH_LENGTH, 0),
             "max_tokens_setting": setting,
         }
+
+
+CONTEXT_ADVICE = ("raise the model's context window (servers.n_ctx on the CPU default, per slot; the server's own "
+                  "context length with --endpoints) or rag.context_chars if set, or retrieve fewer or smaller "
+                  "passages (retrieval.top_k, ingest.chunk_chars)")
+"""What to change when contexts were cut: the settings that decide how many passages fit a prompt."""
+
+
+def context_report(parts: list[Path]) -> dict[str, Any]:
+    """How many retrieved passages reached the model, over the rows that say it (``contexts_used`` not null).
+
+    Reads only ``contexts_used`` and the smallest leaf of ``contexts`` (its ``score``: the list lengths), part by
+    part, never the passage texts. Parts written before ``contexts_used`` existed count as rows without it.
+
+    Returns:
+        ``{"rows_with_contexts_used": int, "cut": int, "passages_retrieved": int, "passages_used": int,
+        "advice": str}``: ``cut`` = rows whose ``contexts_used`` < the number of their ``contexts`` (the
+        context was cut to fit the model's window or ``rag.context_chars``); ``passages_*`` summed over the rows
+        that say it; ``advice``: :data:`CONTEXT_ADVICE`.
+
+    Raises:
+        RunError: a part is unreadable.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.errors import RunError
+
+    rows = cut = retrieved = used = 0
+    for part in parts:
+        try:
+            pf = pq.ParquetFile(part)
+            try:
+                if "contexts_used" not in pf.schema_arrow.names:
+                    continue
+                for batch in pf.iter_batches(columns=["contexts_used", "contexts.list.element.score"],
+                                             use_threads=False):
+                    n_used = batch.column("contexts_used")
+                    n_ctx = pc.fill_null(pc.list_value_length(batch.column("contexts")), 0)
+                    known = pc.is_valid(n_used)
+                    n_used, n_ctx = pc.filter(n_used, known), pc.filter(n_ctx, known)
+                    rows += len(n_used)
+                    cut += int(pc.sum(pc.less(n_used, n_ctx)).as_py() or 0)
+                    retrieved += int(pc.sum(n_ctx).as_py() or 0)
+                    used += int(pc.sum(n_used).as_py() or 0)
+            finally:
+                pf.close()
+        except (OSError, pa.ArrowException) as exc:
+            raise RunError(f"{part}: cannot read committed part: {exc}") from None
+    return {"rows_with_contexts_used": rows, "cut": cut, "passages_retrieved": retrieved, "passages_used": used,
+            "advice": CONTEXT_ADVICE}
 
 
 def scan_stats(parts: list[Path], *, detail: bool = False) -> RowStats:

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.errors import InputError
 from pipeline.output.reading import RUN_FILE, is_run_dir
 from pipeline.output.rundir import OutputDir
-from pipeline.output.sharding import shard_dirs
+from pipeline.output.sharding import default_merge_dir, shard_dirs
 from pipeline.output.stats import scan_stats
 
 
@@ -120,7 +120,7 @@ def run_status(path: str | Path) -> dict[str, Any]:
         For a run directory, :func:`dir_status` plus ``"sharded": False``. For a sharded root:
         ``{"path", "sharded": True, "n_shards", "total", "done", "rejected", "complete", "rag_status",
         "gen_status", "shards": [dir_status + "index"...], "missing_shards": [I...], "merged": dir_status
-        of ``root/merged`` or None}``; ``complete`` = every shard present and complete; ``total`` sums the
+        of the merge output ``ROOT.merged`` (:func:`pipeline.output.sharding.default_merge_dir`) or None}``; ``complete`` = every shard present and complete; ``total`` sums the
         shards that exist (a missing shard's record count is unknown until it starts).
 
     Raises:
@@ -152,7 +152,7 @@ def run_status(path: str | Path) -> dict[str, Any]:
         add_counts(agg["gen_status"], st["gen_status"])
     for k in ("rag_status", "gen_status"):
         agg[k] = dict(sorted(agg[k].items()))
-    merged_dir = root / "merged"
+    merged_dir = default_merge_dir(root)
     return {
         "path": str(root),
         "sharded": True,

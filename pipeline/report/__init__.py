@@ -23,7 +23,9 @@ from pipeline.report.aggregate import ReportStats, scan_report
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
+REPORT_FILE = "_report.html"
+"""Default page of `rag-pipeline report` inside OUTPUT: its leading `_` keeps it out of a read of the directory
+(pyarrow and pandas skip such names; a file they cannot parse would stop them)."""
 
 
 def write_report(output: str | Path, html_path: str | Path | None = None, *, top_errors: int = 20) -> dict[str, Any]:
@@ -31,7 +33,7 @@ def write_report(output: str | Path, html_path: str | Path | None = None, *, top
 
     Args:
         output: a run directory or the root of a sharded run (``shard-I-of-N/``).
-        html_path: the file to write; default ``OUTPUT/report.html``.
+        html_path: the file to write; default ``OUTPUT/_report.html``.
         top_errors: error groups listed.
 
     Returns:

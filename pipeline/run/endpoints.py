@@ -3,8 +3,9 @@
 Two sources feed it, and the scheduler reads only this object:
 
 - **probes** (:class:`pipeline.servers.health.EndpointMonitor` in a thread): the orchestrator copies the monitor's
-  ``{url: state}`` in with :meth:`EndpointHealth.observe_probes` once per scheduling tick. States are ``up``,
-  ``down``, ``restarting``, ``failed`` (given up on). An endpoint never observed counts as up.
+  ``{url: state}`` in through :meth:`pipeline.run.scheduler.Scheduler.observe_probes` once per scheduling tick.
+  States are ``up``, ``down``, ``restarting``, ``failed`` (given up on). An endpoint never observed counts as up.
+  An endpoint probed up after being seen otherwise is *back*: its report breaker closes at once.
 - **worker reports**: each result lists the endpoints on which one of its attempts failed with a connection
   error, timeout or 5xx (``bad_endpoints``) and the endpoint that served it. ``llm.breaker_failures`` such
   reports in a row mark the endpoint unhealthy for ``llm.breaker_cooldown_s``; a result it served resets the
@@ -41,9 +42,19 @@ class EndpointHealth:
         self._unhealthy_until: dict[str, float] = {}
 
     # -- probes -------------------------------------------------------------------------------
-    def observe_probes(self, states: dict[str, str]) -> None:
-        """Replace the probe states of the endpoints in ``states`` (``{url: state}``)."""
+    def observe_probes(self, states: dict[str, str]) -> list[str]:
+        """Replace the probe states of the endpoints in ``states`` (``{url: state}``).
+
+        Returns:
+            the endpoints that came back: probed up now after a probe had seen them otherwise. Their
+            report breaker is closed with it (the probe is the fresher news).
+        """
+        back = [u for u, st in states.items() if st == UP and self._probes.get(u, UP) != UP]
         self._probes.update(states)
+        for u in back:
+            self._unhealthy_until.pop(u, None)
+            self._bad_reports[u] = 0
+        return back
 
     def any_up(self, urls: Iterable[str]) -> bool:
         """True if at least one of ``urls`` is up by probe (an endpoint never probed counts as up)."""

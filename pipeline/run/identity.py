@@ -26,11 +26,14 @@ SETTING_KEYS: tuple[str, ...] = (
     "store.collection", "retrieval.collections", "retrieval.top_k", "retrieval.min_score",
     "servers.backend", "servers.model", "llm.model", "llm.temperature",
     "rag.mode", "rag.min_answer_chars", "rag.max_tokens", "rag.context_chars",
-    "generation.max_tokens",
+    "rag.context_window_tokens",
+    "generation.max_tokens", "run.deterministic",
 )
 
 #: prompt template settings, pinned by the sha256 of the template's text (a moved but identical file is fine).
-PROMPT_KEYS: tuple[str, ...] = ("rag.prompt_file", "generation.prompt_file", "generation.fallback_prompt_file")
+PROMPT_KEYS: tuple[str, ...] = (
+    "rag.prefix_prompt_file", "rag.prompt_file", "generation.prompt_file", "generation.fallback_prompt_file",
+)
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -30,7 +30,8 @@ def build_manifest(
 
     Statistics cover every committed row of the run directory (earlier resumed invocations included),
     computed in one streamed scan of the status, latency, error and model columns
-    (:func:`pipeline.output.scan_stats`): contexts and generations are never read.
+    (:func:`pipeline.output.scan_stats`) and one of ``contexts_used`` and the contexts' list lengths
+    (:func:`pipeline.output.stats.context_report`): passage texts and generations are never read.
 
     Args:
         total: records of the run's partition; ``wall_s``: this invocation's wall time in seconds;
@@ -39,8 +40,10 @@ def build_manifest(
             (:attr:`pipeline.run.rows.RowWriter.tokens`): ``this_invocation.completion_tokens_per_s`` per stage.
     """
     from pipeline.output import part_paths, scan_stats
+    from pipeline.output.stats import context_report
 
-    stats = scan_stats(part_paths(out_dir), detail=True)
+    parts = part_paths(out_dir)
+    stats = scan_stats(parts, detail=True)
     n = stats.rows
     return {
         "complete": n == total,
@@ -51,6 +54,7 @@ def build_manifest(
         "latency_ms": stats.latency_ms(),
         "errors": stats.error_groups(50),
         "tokens": stats.token_report(),
+        "contexts": context_report(parts),
         "this_invocation": {
             "processed": processed,
             "wall_s": round(wall_s, 3),

@@ -31,6 +31,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import Interrupted, OutageError, RunError
+from pipeline.messages import EndpointsUp
 from pipeline.run.manifest import build_manifest, server_report
 from pipeline.run.signals import StopSignals
 
@@ -108,13 +109,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     """
     from pipeline.output import parse_shard, shard_dir
     from pipeline.output.lock import DirLock
-    from pipeline.run.required import require_run_names
+    from pipeline.run.required import check_response_format, require_run_names
 
     cfg = require_run_names(cfg)  # no input, output, store or collection by default: one line, nothing created
-    if cfg.generation.response_format:  # a bad schema is a config error before any server starts
-        from pipeline.llm.structured import load_schema
-
-        load_schema(cfg.generation.response_format)
+    check_response_format(cfg)  # a bad schema is a config error before any server starts
     shard = parse_shard(cfg.run.shard) if cfg.run.shard else None
     out_root = Path(cfg.run.output)
     out_dir = shard_dir(out_root, *shard) if shard else out_root
@@ -300,6 +298,13 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
     return result
 
 
+def _observe_probes(scheduler: Any, workers: Any, servers: Servers) -> None:
+    """The probes as they are now into the scheduler; endpoints that came back are announced to every worker."""
+    back = scheduler.observe_probes(servers.monitor.states(), time.monotonic())
+    if back:
+        workers.broadcast(EndpointsUp(tuple(back)))
+
+
 def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: StopSignals, servers: Servers,
               store_sup: Any, progress_view: Any, live: Any = None, metrics: Any = None) -> None:
     """The scheduling loop: feed the scheduler its events, carry out its decisions, until every record has a
@@ -320,7 +325,7 @@ def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: S
             scheduler.stop()
         if grace_deadline is not None and time.monotonic() > grace_deadline:
             raise Interrupted(f"{signals.name}: grace period of {cfg.run.grace_s:.0f} s over")
-        scheduler.health.observe_probes(servers.monitor.states())
+        _observe_probes(scheduler, workers, servers)
         if store_sup is not None:
             scheduler.observe_store(store_sup.down(), store_sup.restarted_at)
         workers.hold_dead()
@@ -338,7 +343,7 @@ def _schedule(cfg: Config, scheduler: Any, workers: Any, writer: Any, signals: S
             results = workers.note(w, msg)
             if results is not None:
                 # the probes as they are now: a failure that arrived after an endpoint went down is not the record's
-                scheduler.health.observe_probes(servers.monitor.states())
+                _observe_probes(scheduler, workers, servers)
                 retrieved = scheduler.retrieved
                 for f in scheduler.on_results(w.name, w.incarnation, *results, time.monotonic()):
                     writer.finish(f.item, f.rag, f.gen)
@@ -373,6 +378,7 @@ def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: cont
     )
     from pipeline.servers.gpus import detect_gpus
     from pipeline.servers.health import EndpointMonitor
+    from pipeline.servers.plan import fetch_default_model
     from pipeline.servers.pool import ServerPool
 
     n_gpus = detect_gpus(cfg.servers.gpus)
@@ -384,6 +390,7 @@ def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: cont
         backend = "attached"
     else:
         log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else out_dir / "_logs"
+        fetch_default_model(cfg)  # first use of the default CPU model: into the model cache
         pool = ServerPool(cfg, log_dir)
         stack.callback(pool.stop)  # whatever happens next
         pool.launch()
@@ -403,6 +410,12 @@ def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: cont
         verify_endpoints(gen_endpoints, api_key_from_env(key_env), cfg.llm.connect_timeout_s + 10)
     else:
         gen_endpoints = endpoints
+    if cfg.run.deterministic and (cfg.servers.endpoints or cfg.generation.endpoints):
+        log.warning(
+            "deterministic: the endpoints given were not started by this run; rows repeat only if those servers "
+            "were started in a deterministic mode (rag-pipeline serve --deterministic; SGLang "
+            "--enable-deterministic-inference)"
+        )
     inflight = _size_inflight(cfg, endpoints, gen_endpoints, backend)
     monitor = EndpointMonitor(list(dict.fromkeys([*endpoints, *gen_endpoints])), cfg.servers, pool)
     stack.callback(monitor.stop)
@@ -488,6 +501,7 @@ def _size_inflight(cfg: Config, endpoints: list[str], gen_endpoints: list[str], 
     :data:`pipeline.llm.client.DEFAULT_BATCH`)."""
     from pipeline.llm.client import inflight_per_endpoint, probe_batch
     from pipeline.servers.attach import api_key_from_env
+    from pipeline.servers.llamacpp import slots as llamacpp_slots
 
     keys = {e: api_key_from_env(cfg.servers.api_key_env) for e in endpoints}
     gen_key = api_key_from_env(cfg.generation.api_key_env or cfg.servers.api_key_env)
@@ -498,7 +512,7 @@ def _size_inflight(cfg: Config, endpoints: list[str], gen_endpoints: list[str], 
         if cfg.llm.max_concurrency > 0:
             batch = None
         elif backend == "llamacpp" and e in endpoints:
-            batch = cfg.servers.n_parallel  # one request per continuous-batching slot
+            batch = llamacpp_slots(cfg)  # one request per continuous-batching slot
         else:
             batch = probe_batch(e, api_key=key, timeout_s=cfg.llm.connect_timeout_s)
         inflight[e] = inflight_per_endpoint(cfg.llm, batch)

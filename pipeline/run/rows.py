@@ -36,22 +36,23 @@ class RowWriter:
 
     Attributes:
         schema: the rows' schema: the directory keeps the columns it started with
-            (:func:`pipeline.output.schema.schema_of_run`; an older run resumed has no token columns).
+            (:func:`pipeline.output.schema.schema_of_run`; an older run resumed lacks the columns added since).
         tokens: ``{"<stage>_<prompt|completion>_tokens": sum}`` over the rows finished by this invocation.
     """
 
     def __init__(self, od: Any, extra_types: dict[str, Any], *, part_rows: int, retry_ids: set[str] | None = None,
                  lock: Any = None, on_row: Any = None) -> None:
         from pipeline.output.reading import read_part_schema
-        from pipeline.output.schema import USAGE_COLUMNS, schema_of_run
+        from pipeline.output.schema import LATER_COLUMNS, schema_of_run
 
         self.od = od
         self.extra_types = extra_types
         parts = od.parts()
         self.schema = schema_of_run(extra_types, read_part_schema(parts[0]) if parts else None)
-        if parts and any(c not in self.schema.names for c in USAGE_COLUMNS):
-            log.warning("%s was started by an earlier version: its rows keep their columns, without token counts "
-                        "and finish reasons (--overwrite or a new --output to get them)", od.path)
+        lacking = [c for c in LATER_COLUMNS if c not in self.schema.names]
+        if parts and lacking:
+            log.warning("%s was started by an earlier version: its rows keep their columns, without %s "
+                        "(--overwrite or a new --output to get them)", od.path, ", ".join(lacking))
         self.tokens: collections.Counter[str] = collections.Counter()
         self.part_rows = part_rows
         self.retry_ids: set[str] = set(retry_ids or ())
@@ -83,12 +84,15 @@ class RowWriter:
         for k, t in self.extra_types.items():
             v = item.extra.get(k)
             row[k] = json.dumps(v, ensure_ascii=False) if (t == "json" and v is not None) else v
-        row.update(contexts=rag.contexts, rag_answer=rag.rag_answer, rag_status=rag.rag_status, rag_error=rag.rag_error,
+        used = gen.contexts_used if gen is not None and gen.contexts_used is not None else rag.contexts_used
+        row.update(contexts=rag.contexts, contexts_used=used, rag_answer=rag.rag_answer, rag_status=rag.rag_status,
+                   rag_error=rag.rag_error,
                    retrieve_ms=rag.retrieve_ms, rag_llm_ms=rag.rag_llm_ms, rag_prompt_tokens=rag.prompt_tokens,
                    rag_completion_tokens=rag.completion_tokens, rag_finish_reason=rag.finish_reason,
                    gen_prompt_tokens=gen.prompt_tokens if gen else None,
                    gen_completion_tokens=gen.completion_tokens if gen else None,
-                   gen_finish_reason=gen.finish_reason if gen else None)
+                   gen_finish_reason=gen.finish_reason if gen else None,
+                   input_index=item.index if item.index >= 0 else None)
         if gen is None:
             row.update(generation=None, gen_status="skipped", gen_error=rag.rag_error or "RAG hard failure",
                        generate_ms=None, attempts=rag.attempts, endpoint=rag.endpoint, model=rag.model)

@@ -271,6 +271,24 @@ class Scheduler:
         """Every record of the input has been read and finished."""
         return self.exhausted and self.outstanding() == 0
 
+    # ------------------------------------------------------------------ endpoints
+    def observe_probes(self, states: dict[str, str], now: float) -> list[str]:
+        """Take the health probe's ``{url: state}`` (see :class:`pipeline.run.endpoints.EndpointHealth`).
+
+        An endpoint that came back (probed up after being seen otherwise) ends the hold of each stage it
+        serves: a hold that waited for endpoints in trouble has nothing left to wait for.
+
+        Returns:
+            the endpoints that came back, for the workers' LLM clients
+            (:class:`pipeline.messages.EndpointsUp`); usually empty.
+        """
+        back = self.health.observe_probes(states)
+        for h in self.stages.values():
+            if any(u in h.urls for u in back) and h.hold_until > now:
+                log.debug("%s hold ended: %s answer again", h.name, ", ".join(u for u in back if u in h.urls))
+                h.hold_until = now
+        return back
+
     # ------------------------------------------------------------------ store
     def observe_store(self, down: bool, restarted_at: float) -> None:
         """The run's own Chroma server (``store.shared``): ``down`` while dead or being restarted;
@@ -339,7 +357,7 @@ class Scheduler:
         except StopIteration:
             self.exhausted = True
             return None
-        return WorkItem(rec.id, rec.query, rec.extra)
+        return WorkItem(rec.id, rec.query, rec.extra, index=rec.index)
 
     def _dispatch_gen(self, load: collections.Counter[str], now: float, sends: list[Send]) -> None:
         gen = [w for w in self.workers.values() if w.kind == GEN and w.accepting]

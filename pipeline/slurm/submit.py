@@ -11,8 +11,13 @@
   requeues its own task, so a long job continues in a new allocation. A run that stopped on an endpoint
   outage (exit 75) is requeued up to ``--outage-requeues`` times (3). SIGTERM (scancel, requeue,
   preemption) reaches the run directly from Slurm (not forwarded: a second signal would force-stop it).
-* ``merge.sbatch``: ``<python> -m pipeline merge OUT``, submitted with ``--dependency=afterok:<array id>``
-  and ``--kill-on-invalid-dep=yes`` (a failed task cancels the merge instead of leaving it pending forever).
+* ``merge.sbatch``: ``<python> -m pipeline merge OUT`` (into ``OUT.merged``), submitted with
+  ``--dependency=afterok:<array id>`` and ``--kill-on-invalid-dep=yes`` (a failed task cancels the merge instead
+  of leaving it pending forever).
+
+Each task and the merge job record their start and their end (state, exit code, log files) in
+``OUT/_slurm/tasks/`` (:mod:`pipeline.slurm.tasks`), so that ``rag-pipeline status OUT`` tells what became of
+each one without Slurm accounting; ``OUT/_slurm/submit.json`` holds the job ids.
 
 Every value that goes into a script is quoted with :func:`shlex.quote` (sbatch parses ``#SBATCH`` lines with
 the same quoting rules); ``%`` in paths used as Slurm filename patterns is escaped as ``%%``.
@@ -33,14 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import InputError, OutageError, RunError
-from pipeline.output import shard_dirs
+from pipeline.output import default_merge_dir, shard_dirs
+from pipeline.slurm.tasks import MERGE_RECORD, SLURM_DIR, TASKS_DIR, record_function, write_submit_record
 
 log = logging.getLogger(__name__)
 
 SIGNAL_SPEC = "B:USR1@120"
 OUTAGE_EXIT = OutageError.exit_code
 """Exit status of a run stopped by an endpoint outage (pipeline.errors.OutageError), requeued by the array script."""
-SLURM_DIR = "_slurm"
 SBATCH_TIMEOUT_S = 60.0
 _TIME_RE = re.compile(r"^\d+(-\d+)?(:\d+){0,2}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.,:+\-]+$")
@@ -53,7 +58,8 @@ class SubmitOptions:
 
     Attributes:
         input_path: input JSONL (must exist; stored absolute in the script).
-        output_dir: output root; task I writes ``output_dir/shard-I-of-N``; merge writes ``output_dir/merged``.
+        output_dir: output root; task I writes ``output_dir/shard-I-of-N``; merge writes ``output_dir.merged``
+            beside it (:func:`pipeline.output.default_merge_dir`).
         nodes: N, nodes used at once (one per array task); with ``shards`` 0 also the number of shards;
             0 = unset (``shards`` required then).
         gpus_per_node: GPUs requested per task (``--gres=gpu:G``); 0 = no GRES request.
@@ -272,6 +278,9 @@ def array_script(opts: SubmitOptions) -> str:
         "set -u",
         f'shard="${{SLURM_ARRAY_TASK_ID}}/{n}"',
         'task="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+        *record_function(opts.slurm_dir / TASKS_DIR, "${SLURM_ARRAY_TASK_ID}", "${task}", "run-${task}"),
+        "record running null",
+        "requeued=0",
         'echo "rag-pipeline: task ${task} (job ${SLURM_JOB_ID}, restart ${SLURM_RESTART_COUNT:-0})'
         ' shard ${shard} on $(hostname) at $(date -Is)" >&2',
         "usr1=0",
@@ -287,6 +296,7 @@ def array_script(opts: SubmitOptions) -> str:
         'while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done',
         'if [ "$usr1" = 1 ] && [ "$rc" -ne 0 ]; then',
         '  echo "rag-pipeline: SIGUSR1 (time limit near), run exited ${rc}: requeueing ${task}" >&2',
+        '  requeued=1; record requeued "$rc"',
         '  scontrol requeue "$task"',
         f'elif [ "$rc" -eq {OUTAGE_EXIT} ]; then',
         "  # every endpoint was down for run.max_outage_s: committed rows are kept; try again later",
@@ -296,11 +306,15 @@ def array_script(opts: SubmitOptions) -> str:
         f'  if [ "$n" -le {opts.outage_requeues} ]; then',
         f'    echo "rag-pipeline: endpoint outage (exit {OUTAGE_EXIT}), requeueing ${{task}} '
         f'(outage ${{n}} of at most {opts.outage_requeues})" >&2',
+        '    requeued=1; record requeued "$rc"',
         '    scontrol requeue "$task"',
         "  else",
         f'    echo "rag-pipeline: endpoint outage (exit {OUTAGE_EXIT}) ${{n}} times: not requeueing ${{task}}; '
         'fix the endpoints and resubmit (committed rows are kept)" >&2',
         "  fi",
+        "fi",
+        'if [ "$requeued" = 0 ]; then',
+        '  if [ "$rc" -eq 0 ]; then record done 0; else record failed "$rc"; fi',
         "fi",
         'exit "$rc"',
         "",
@@ -316,7 +330,7 @@ def merge_script(opts: SubmitOptions) -> str:
     """
     validate(opts)
     logs = opts.slurm_dir / "logs"
-    lines = _header("Merges the shards into OUTPUT/merged once every array task succeeded.")
+    lines = _header("Merges the shards into OUTPUT.merged (beside OUTPUT) once every array task succeeded.")
     lines += [
         _directive("--job-name", f"{opts.job_name}-merge"),
         _directive("--nodes", "1"),
@@ -327,7 +341,13 @@ def merge_script(opts: SubmitOptions) -> str:
     ]
     lines += _common_directives(opts)
     argv = [opts.python, "-m", "pipeline", "merge", str(Path(opts.output_dir).absolute())]
-    lines += ["", "set -u", f"exec {shlex.join(argv)}", ""]
+    lines += ["", "set -u",
+              *record_function(opts.slurm_dir / TASKS_DIR, MERGE_RECORD, "${SLURM_JOB_ID}", "merge-${SLURM_JOB_ID}"),
+              "record running null",
+              "rc=0",
+              f"{shlex.join(argv)} || rc=$?",
+              'if [ "$rc" -eq 0 ]; then record done 0; else record failed "$rc"; fi',
+              'exit "$rc"', ""]
     return "\n".join(lines)
 
 
@@ -409,11 +429,25 @@ def submit(
     try:
         merge_id = sbatch(m_path, [f"--dependency=afterok:{array_id}"], timeout_s=timeout_s)
     except RunError as exc:
+        _record_submission(opts, array_id, None)
         raise RunError(
             f"array job {array_id} was submitted but the merge job was not: {exc}; "
             f"run `rag-pipeline merge {opts.output_dir}` once the array has finished"
         ) from None
+    _record_submission(opts, array_id, merge_id)
     return SubmitResult(a_text, m_text, a_path, m_path, array_id, merge_id)
+
+
+def _record_submission(opts: SubmitOptions, array_id: str, merge_id: str | None) -> None:
+    """``_slurm/submit.json``: what `rag-pipeline status` needs to follow the jobs (pipeline.slurm.tasks)."""
+    try:
+        write_submit_record(opts.slurm_dir, {
+            "array_job_id": array_id, "merge_job_id": merge_id, "n_shards": opts.n_shards,
+            "merge_output": str(default_merge_dir(opts.output_dir)), "job_name": opts.job_name,
+            "submitted": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        })
+    except OSError as exc:
+        log.warning("cannot write %s: %s (status shows the shards only)", opts.slurm_dir / "submit.json", exc)
 
 
 __all__ = [

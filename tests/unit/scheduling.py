@@ -21,10 +21,11 @@ class Rec:
     id: str
     query: str
     extra: dict = field(default_factory=dict)
+    index: int = 0
 
 
 def records(n: int) -> list[Rec]:
-    return [Rec(f"r{i}", f"question {i}") for i in range(n)]
+    return [Rec(f"r{i}", f"question {i}", index=i) for i in range(n)]
 
 
 def config(**sections: dict) -> Config:
@@ -139,7 +140,7 @@ def simulate(seed: int, *, n: int = 40, endpoints=(A, B), p_death: float = 0.02,
                     down.discard(e)
                 elif e not in down and rng.random() < p_outage:
                     down.add(e)
-            health.observe_probes({e: ("down" if e in down else "up") for e in endpoints})
+            s.observe_probes({e: ("down" if e in down else "up") for e in endpoints}, now)
             if p_stop and not s.stopping and rng.random() < p_stop:
                 s.stop()
             s.dispatch(now)

@@ -207,6 +207,40 @@ def test_every_breaker_open_holds_for_the_cooldown():
     assert s.stages[RAG].hold_until == pytest.approx(2.0 + s.cfg.llm.breaker_cooldown_s)
 
 
+def test_an_endpoint_back_up_ends_the_cooldown_hold():
+    """The probe saw the endpoint down, then up: dispatch resumes at once, not after llm.breaker_cooldown_s."""
+    s = make(2, inflight=4)
+    s.dispatch(0.0)
+    a = held(s, "rag-0")[0]
+    assert s.observe_probes({A: "down"}, 1.0) == []
+    s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_fail(a, unavailable=True)], 2.0)
+    assert s.dispatch(3.0) == []
+    assert s.observe_probes({A: "up"}, 5.0) == [A]
+    assert s.stages[RAG].hold_until == 5.0
+    assert _items(s.dispatch(5.1), "rag-0")
+    assert s.observe_probes({A: "up"}, 6.0) == []  # still up: nothing came back
+
+
+def test_a_hold_with_endpoints_up_throughout_keeps_its_length():
+    """Records failed on every endpoint while the probe never saw one down: the hold is not ended."""
+    s = make(1, inflight=4)
+    s.dispatch(0.0)
+    (a,) = held(s, "rag-0")
+    s.on_results("rag-0", inc(s, "rag-0"), RAG, [rag_fail(a, unavailable=True)], 2.0)
+    assert s.observe_probes({A: "up"}, 3.0) == []
+    assert s.stages[RAG].hold_until == pytest.approx(2.0 + s.cfg.llm.breaker_cooldown_s)
+
+
+def test_an_endpoint_back_up_closes_its_report_breaker():
+    h = EndpointHealth(2, 30.0)
+    h.report(None, [A], 0.0)
+    h.report(None, [A], 1.0)
+    assert not h.healthy(A, 2.0)
+    h.observe_probes({A: "restarting"})
+    assert h.observe_probes({A: "up"}) == [A]
+    assert h.healthy(A, 3.0)
+
+
 def test_a_record_deferred_too_often_gets_its_failure_row():
     s = make(1, inflight=4)
     item = None

@@ -210,11 +210,68 @@ def test_llamacpp_default_threads_are_shared_by_the_servers(monkeypatch):
     assert {flag(s, "--n_threads") for s in llamacpp.BACKEND.plan(ctx)} == {"103"}
 
 
-def test_llamacpp_without_model_or_package_is_a_server_error(monkeypatch):
-    monkeypatch.setattr(llamacpp, "SMOLLM2_GGUF", "not-shipped.gguf")
-    ctx = PlanContext(cfg=cfg_with(backend="llamacpp", model=""), ports=(12000,), slot=0, log_dir=LOGS)
-    with pytest.raises(ServerError, match="no llama.cpp model"):
+def test_llamacpp_without_model_package_or_cache_names_fetch_model(monkeypatch, tmp_path):
+    from pipeline.servers import model_cache
+
+    monkeypatch.setattr(model_cache, "SMOLLM2_GGUF", "not-shipped.gguf")
+    ctx = PlanContext(cfg=cfg_with(backend="llamacpp", model="", model_cache_dir=str(tmp_path)), ports=(12000,),
+                      slot=0, log_dir=LOGS)
+    with pytest.raises(ServerError, match=f"no llama.cpp model: .* run `rag-pipeline fetch-model --model-cache-dir "
+                                          f"{tmp_path}`.* or pass --model PATH"):
         llamacpp.BACKEND.plan(ctx)
+    cached = model_cache.cached_model_path(tmp_path)  # the cache is the second place looked in
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"GGUF")
+    assert flag(llamacpp.BACKEND.plan(ctx)[0], "--model") == str(cached)
+
+
+def test_fetch_default_model_only_for_managed_llamacpp_without_a_model(monkeypatch, tmp_path):
+    from pipeline.servers import model_cache, plan
+
+    calls = []
+    monkeypatch.setattr(model_cache, "ensure_default_model", lambda cache, **kw: calls.append(cache))
+    plan.fetch_default_model(cfg_with(backend="llamacpp", model="/m.gguf"))  # --model PATH: never fetched
+    plan.fetch_default_model(cfg_with(backend="llamacpp", endpoints=("http://h:1",)))  # attached servers
+    plan.fetch_default_model(cfg_with(backend="sglang", model=""))
+    assert calls == []
+    plan.fetch_default_model(cfg_with(backend="llamacpp", model="", model_cache_dir=str(tmp_path)))
+    assert calls == [tmp_path]
+
+
+def test_model_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    from pipeline.servers.model_cache import model_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert model_cache_dir() == tmp_path / "rag-pipeline" / "models"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/not/used")
+    assert model_cache_dir() == Path.home() / ".cache" / "rag-pipeline" / "models"
+    assert model_cache_dir("~/m") == Path.home() / "m"
+
+
+def test_deterministic_plans_one_slot_no_cache_and_sglang_batch_invariance():
+    base = cfg_with(backend="llamacpp", model="/m.gguf", n_parallel=4)
+    det = dataclasses.replace(base, run=dataclasses.replace(base.run, deterministic=True))
+    plain = llamacpp.BACKEND.plan(PlanContext(cfg=base, ports=(1,), slot=0, log_dir=LOGS))[0]
+    same = llamacpp.BACKEND.plan(PlanContext(cfg=det, ports=(1,), slot=0, log_dir=LOGS))[0]
+    assert flag(plain, "--n_parallel") == "4" and "--deterministic" not in plain.argv
+    assert flag(same, "--n_parallel") == "1" and "--deterministic" in same.argv
+    assert llamacpp.slots(base) == 4 and llamacpp.slots(det) == 1  # what the run sizes its in-flight requests by
+    ctx = sglang_ctx(ports=(12000,))
+    sg_det = dataclasses.replace(ctx.cfg, run=dataclasses.replace(ctx.cfg.run, deterministic=True))
+    assert "--enable-deterministic-inference" not in sglang.BACKEND.plan(ctx)[0].argv
+    assert "--enable-deterministic-inference" in sglang.BACKEND.plan(dataclasses.replace(ctx, cfg=sg_det))[0].argv
+
+
+def test_deterministic_server_params_and_request_seed():
+    from pipeline.config import DETERMINISTIC_SEED
+    from pipeline.llm.client import request_seed
+    from pipeline.servers import cpu_server
+
+    args = cpu_server.parse_args(["--model", __file__, "--port", "1", "--deterministic"])
+    assert args.deterministic and not cpu_server.parse_args(["--model", __file__, "--port", "1"]).deterministic
+    cfg = load_config()
+    assert request_seed(cfg) is None
+    assert request_seed(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, deterministic=True))) == DETERMINISTIC_SEED
 
 
 def test_llamacpp_server_count_is_cpu_servers():

@@ -79,7 +79,7 @@ def test_token_columns_are_in_the_schema_with_their_types_and_meaning():
     assert set(USAGE_COLUMNS) == {f"{s}_{c}" for s in ("rag", "gen")
                                   for c in ("prompt_tokens", "completion_tokens", "finish_reason")}
     names = row_schema({"claim_id": "int64"}).names
-    assert names[:3] == ["id", "query", "claim_id"] and names[-6:] == list(USAGE_COLUMNS)
+    assert names[:3] == ["id", "query", "claim_id"] and names[-7:] == [*USAGE_COLUMNS, "input_index"]
 
 
 def test_a_run_directory_keeps_the_columns_it_started_with():
