@@ -157,7 +157,8 @@ def ingest_source(
         embed_fn: embeddings supplied instead of the model: called once per write batch with (chunk ids, chunk
             texts), n of each, it returns float32 [n, 384] L2-normalised rows in the same order (e.g. rows of
             embeddings computed elsewhere, looked up by chunk id). No model is loaded then; the write batch is
-            ``ingest.write_batch_chunks`` (0 = 8 x the CPU encode batch).
+            ``ingest.write_batch_chunks`` (0 = 8 x the CPU encode batch). Raises ValueError when it returns another
+            number of rows than chunks (nothing of that batch is written).
 
     Returns:
         An :class:`IngestSummary`.
@@ -343,6 +344,8 @@ class _Writer:
         te = time.perf_counter()
         if self.embed_fn is not None:
             emb = self.embed_fn(ids, texts)
+            if len(emb) != len(ids):
+                raise ValueError(f"embed_fn returned {len(emb)} embeddings for {len(ids)} chunks")
         else:
             emb = embed_texts(self.embedder, texts, batch_size=self.batch_size)
         self.embed_seconds += time.perf_counter() - te
