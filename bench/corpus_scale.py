@@ -385,7 +385,7 @@ def report(state: dict, project: int) -> None:
     if builds:
         print("\nBM25 build of the whole collection, standalone (seconds; peak anonymous memory above the opened "
               "client, [of which the client's first read, i.e. Chroma loading the HNSW index, where measured]):")
-        for n in sorted(builds, key=int):
+        for n in sorted((n for n in builds if builds[n]), key=int):
             print(f"  {int(n):>8}: " + "; ".join(
                 f"{k} {b['seconds']:.0f} s, {(b['peak_anon'] - _opened(b)) / mib:.0f} MiB"
                 + (f" [{(b['anon_before'] - b['anon_opened']) / mib:.0f}]" if "anon_opened" in b else "")
