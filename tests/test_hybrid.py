@@ -205,3 +205,70 @@ def test_config_defaults_and_choices():
         load_config(overrides={"retrieval.mode": "sparse"})
     with pytest.raises(ConfigError):
         dataclasses.replace(BM25Settings(), b=2.0).check()
+
+
+def test_stored_build_equals_the_in_memory_build(tmp_path, monkeypatch):
+    import numpy as np
+
+    import pipeline.retrieval.bm25 as bm25_mod
+
+    monkeypatch.setattr(bm25_mod, "SCATTER_ENTRIES", 5)  # several scatter slices, columns split across them
+    texts = ["The apple and the banana, apple pie", "banana cherry", "", "cherry date elder fig fig fig",
+             "running dogs run", "apple", "date of the elder statesman", "the a an"]
+    ids = [f"doc{i}#0" for i in range(len(texts))]
+    settings = BM25Settings()
+    whole = BM25Index.build(ids, texts, settings)
+    pages = [(ids[i:i + 3], texts[i:i + 3]) for i in range(0, len(texts), 3)]  # three pages
+    stored = BM25Index.build_stored(iter(pages), settings, tmp_path / "bm25")
+    assert [p.name for p in (tmp_path / "bm25").iterdir()] == [stored.build_id]  # no spill or tmp folder left
+    assert list(stored.chunk_ids) == ids and len(stored) == len(whole)
+    for q in ["apple", "banana apple", "fig", "elder date", "run dog", "zebra", "the"]:
+        np.testing.assert_allclose(stored.scores(q), whole.scores(q), rtol=1e-6, atol=1e-7)
+        got, want = stored.search([q], 3)[0], whole.search([q], 3)[0]
+        assert [c for c, _ in got] == [c for c, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert stored.search(["zebra"], 3) == [[]]
+    again = BM25Index.load(tmp_path / "bm25" / stored.build_id, settings)  # bm25s reads it back, memory-mapped
+    np.testing.assert_allclose(again.scores("fig"), whole.scores("fig"), rtol=1e-6)
+    empty = BM25Index.build_stored(iter([]), settings, tmp_path / "empty")
+    assert len(empty) == 0 and empty.search(["apple"], 3) == [[]]
+
+
+def test_ingest_with_supplied_embeddings_loads_no_model(tmp_path, monkeypatch):
+    import numpy as np
+
+    import pipeline.retrieval.embedding as embedding
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model must not be loaded when embeddings are supplied")
+
+    monkeypatch.setattr(embedding, "load_embedder", no_model)
+    calls: list[list[str]] = []
+
+    def supplied(ids, texts):
+        assert len(ids) == len(texts)
+        calls.append(list(ids))
+        e = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(384) for t in texts])
+        return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+
+    src = write_small_corpus(tmp_path / "src")
+    store_cfg = _store(tmp_path)
+    s = ingest_source(src, store_cfg, CHUNKED, EMBED, progress=False, embed_fn=supplied)
+    written = [i for c in calls for i in c]
+    assert s.chunks_added == len(written) == s.chunks_total and s.bm25_built
+    got = open_collection(store_cfg, create=False).get(ids=written[:3], include=["embeddings", "documents"])
+    for cid, emb, doc in zip(got["ids"], got["embeddings"], got["documents"], strict=True):
+        np.testing.assert_allclose(emb, supplied([cid], [doc])[0], rtol=1e-6)
+    from pipeline.retrieval.bm25 import iter_collection
+
+    pages = list(iter_collection(open_collection(store_cfg, create=False), page=3))
+    assert all(len(i) == len(t) <= 3 for i, t in pages) and sorted(c for i, _ in pages for c in i) == sorted(written)
+    calls.clear()
+    assert ingest_source(src, store_cfg, CHUNKED, EMBED, progress=False, embed_fn=supplied).chunks_written == 0
+    assert calls == []  # idempotent: nothing embedded again
+    (src / "bread.md").write_text("Rye bread is dense and dark because rye has little gluten.", encoding="utf-8")
+    (src / "volcano.txt").unlink()
+    s = ingest_source(src, store_cfg, CHUNKED, EMBED, progress=False, embed_fn=supplied)
+    assert (s.docs_updated, s.docs_removed) == (1, 1) and calls == [["bread.md#0"]]
+    assert _bm25_top(store_cfg, "rye gluten") == "bread.md"
+    assert _bm25_top(store_cfg, "volcano Etna Sicily") != "volcano.txt"

@@ -1,7 +1,8 @@
 """Ingest a SOURCE into a Chroma collection: read + validate, chunk, embed, write; idempotent.
 
 Steps of :func:`ingest_source` (memory bounded whatever the corpus size: one write batch, one document, and
-SQLite's page cache; the BM25 rebuild of step 6 is the exception, an in-memory index of the collection):
+SQLite's page cache; the BM25 rebuild of step 6 adds ~30-40 B per chunk plus its vocabulary, texts and tokens
+stay on disk):
 
 1. With ``on_error="fail"`` (or ``reset``): a VALIDATION pass streams all of SOURCE
    (:func:`pipeline.corpus.sources.iter_source`: parse + validate, duplicate ids detected in a temporary SQLite table),
@@ -23,7 +24,8 @@ SQLite's page cache; the BM25 rebuild of step 6 is the exception, an in-memory i
    know what it holds, so its documents stay.
 6. Keep the collection's BM25 index (:mod:`pipeline.retrieval.bm25`) in step: an ingest that changes the collection first
    clears the collection's BM25 build marker, and after writing rebuilds the index from the collection and
-   marks the new build current; an ingest that changes nothing rebuilds only when the current build is missing
+   marks the new build current (:meth:`pipeline.retrieval.bm25.BM25Index.build_stored`: paged reads of the
+   collection, two passes through spill files); an ingest that changes nothing rebuilds only when the current build is missing
    or was made with other BM25 settings. A Chroma server without ``store.bm25_path`` stores no index (readers
    build it in memory).
 
@@ -38,6 +40,7 @@ import hashlib
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +54,7 @@ from pipeline.corpus.sources import SkippedInput, SourceReport, SqliteSeenIds, i
 from pipeline.store.client import writer_lock
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     from chromadb.api.models.Collection import Collection
     from sentence_transformers import SentenceTransformer
 
@@ -135,6 +139,7 @@ def ingest_source(
     embedder: SentenceTransformer | None = None,
     progress: bool = True,
     bm25: BM25Settings | None = None,
+    embed_fn: Callable[[list[str], list[str]], np.ndarray] | None = None,
 ) -> IngestSummary:
     """Ingest SOURCE into collection ``store_cfg.collection`` (see the module docstring for the steps).
 
@@ -149,6 +154,11 @@ def ingest_source(
         progress: tqdm bars (stderr) over documents read and chunks embedded.
         bm25: settings of the collection's BM25 index (default :class:`pipeline.retrieval.bm25.BM25Settings`, i.e. the
             ``retrieval.bm25_*`` defaults).
+        embed_fn: embeddings supplied instead of the model: called once per write batch with (chunk ids, chunk
+            texts), n of each, it returns float32 [n, 384] L2-normalised rows in the same order (e.g. rows of
+            embeddings computed elsewhere, looked up by chunk id). No model is loaded then; the write batch is
+            ``ingest.write_batch_chunks`` (0 = 8 x the CPU encode batch). Raises ValueError when it returns another
+            number of rows than chunks (nothing of that batch is written).
 
     Returns:
         An :class:`IngestSummary`.
@@ -197,7 +207,7 @@ def ingest_source(
             ledger.ensure_valid(col, page)
             ledger.begin()
             writer = _Writer(col, ledger, store_cfg, ingest_cfg, embed_cfg, embedder, max_batch, name, where,
-                             set_build_marker)
+                             set_build_marker, embed_fn)
             report = SourceReport()
             chunks_unchanged = docs_unchanged = 0
             # --- 2-4. write pass ---------------------------------------------------------------
@@ -270,9 +280,11 @@ class _Writer:
 
     def __init__(self, col: Collection, ledger: IngestLedger, store_cfg: StoreConfig, ingest_cfg: IngestConfig,
                  embed_cfg: EmbeddingConfig, embedder: SentenceTransformer | None, max_batch: int, name: str,
-                 where: str, set_build_marker: Any) -> None:
+                 where: str, set_build_marker: Any,
+                 embed_fn: Callable[[list[str], list[str]], np.ndarray] | None = None) -> None:
         self.col, self.ledger, self.ingest_cfg, self.embed_cfg = col, ledger, ingest_cfg, embed_cfg
         self.embedder = embedder
+        self.embed_fn = embed_fn
         self.max_batch = max_batch
         self.name, self.where = name, where
         self._set_build_marker = set_build_marker
@@ -294,7 +306,10 @@ class _Writer:
         """Queue a new or changed document; writes the batch once it holds ``write_batch`` chunks."""
         from pipeline.retrieval.embedding import load_embedder, resolve_batch_size, resolve_write_batch
 
-        if self.embedder is None:
+        if not self.write_batch and self.embed_fn is not None:
+            self.batch_size = resolve_batch_size(self.embed_cfg.batch_size, "cpu")
+            self.write_batch = max(1, resolve_write_batch(self.ingest_cfg.write_batch_chunks, self.batch_size))
+        if self.embedder is None and self.embed_fn is None:
             self.embedder = load_embedder(self.embed_cfg.device)
         if not self.write_batch:
             self.batch_size = resolve_batch_size(self.embed_cfg.batch_size, str(self.embedder.device))
@@ -327,7 +342,12 @@ class _Writer:
                 metas.append({"doc_id": doc.doc_id, "source": doc.source, "chunk_index": i,
                               "n_chunks": len(pieces), "doc_hash": h, "chunking": chunking})
         te = time.perf_counter()
-        emb = embed_texts(self.embedder, texts, batch_size=self.batch_size)
+        if self.embed_fn is not None:
+            emb = self.embed_fn(ids, texts)
+            if len(emb) != len(ids):
+                raise ValueError(f"embed_fn returned {len(emb)} embeddings for {len(ids)} chunks")
+        else:
+            emb = embed_texts(self.embedder, texts, batch_size=self.batch_size)
         self.embed_seconds += time.perf_counter() - te
         with store_errors(f"write to collection {self.name!r} in {self.where}"):
             for lo in range(0, len(ids), self.max_batch):

@@ -24,7 +24,10 @@ in a fixed-width bytes array, also memory-mapped: a Python list of 21M ids would
 
 1. an ingest that is about to change the collection clears the key first;
 2. after writing, it builds a new index into a fresh ``<build_id>/`` directory, then sets the key, then removes
-   older builds.
+   older builds. The stored build (:meth:`BM25Index.build_stored`) pages through the collection and never holds
+   its texts or tokens: memory ~30-40 B per chunk plus the vocabulary; spill and index go to disk. The in-memory
+   build (:meth:`BM25Index.build`) remains for readers without a stored build and for Chroma servers without
+   ``store.bm25_path``.
 
 A reader (:func:`open_index`) loads the build named by the key. A crash between 1 and 2, an index built with
 other settings, a store without an index (made before this existed), or a Chroma server without a shared
@@ -39,7 +42,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +66,10 @@ INDEX_VERSION = 2
 
 READ_PAGE = 5000
 """Chunks fetched per ``collection.get`` when building an index from a collection."""
+
+SCATTER_ENTRIES = 250_000
+"""(row, term, tf) triples scored and scattered per step of :meth:`BM25Index.build_stored` (~25 MB of
+temporaries; 1,000,000 measured ~30 MB more peak memory and no faster)."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,129 @@ class BM25Index:
             model.index(tokenize(texts, settings), show_progress=False)
         return cls(model, ChunkIds.from_list(chunk_ids), settings, uuid.uuid4().hex)
 
+    @classmethod
+    def build_stored(cls, pages: Iterable[tuple[list[str], list[str]]], settings: BM25Settings,
+                     root: Path) -> BM25Index:
+        """Index the chunks of ``pages`` into a new build directory ``root/<build_id>`` in bounded memory, and
+        return it loaded (memory-mapped).
+
+        The same index as :meth:`build` + :meth:`save` (same files, same scores: bm25s's ``lucene`` method), built
+        in two passes so that neither the texts nor their tokens of the whole collection are ever in memory:
+
+        1. each page is tokenized (:func:`tokenize`) and its (row, term id, term frequency) triples are appended to
+           spill files in the build directory; the vocabulary (``dict`` token -> id), document frequencies
+           (int64 [n_terms]), document lengths (int32 [n_chunks]) and chunk ids stay in memory;
+        2. the spill is read back in slices of :data:`SCATTER_ENTRIES` triples, scored with Lucene's BM25
+           (idf = ln(1 + (N - df + 0.5) / (df + 0.5)), tf part = tf / (tf + k1 (1 - b + b dl / avgdl));
+           Kamphuis et al., "Which BM25 do you mean?", ECIR 2020, the variant bm25s implements as
+           ``method="lucene"``) and scattered column by column into memory-mapped ``.npy`` files, the
+           column-compressed (CSC) arrays bm25s loads: ``data`` float32 [nnz], ``indices`` int32 [nnz],
+           ``indptr`` int64 [n_terms + 1].
+
+        Memory: ~30-40 B per chunk (token counts, length norms, the chunk id array) + the vocabulary + one page of
+        texts and one slice of triples (bench/corpus_scale.py measured 138 MiB at 400k chunks); the spill
+        (12 B per distinct term of a chunk) and the index are on disk (written through the page cache).
+
+        Args:
+            pages: ``(chunk ids, texts)`` pages, e.g. :func:`iter_collection`; ids must be unique.
+            settings: BM25 settings.
+            root: the collection's index root (:func:`index_root`); created if missing.
+
+        Raises:
+            pipeline.errors.ConfigError: invalid settings.
+            OSError: the build directory cannot be written.
+        """
+        import bm25s
+
+        settings.check()
+        build_id = uuid.uuid4().hex
+        tmp = root / f".{build_id}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        spill = tmp / "spill"
+        spill.mkdir(parents=True)
+        vocab: dict[str, int] = {}
+        df = np.zeros(1 << 16, dtype=np.int64)
+        doc_lens: list[np.ndarray] = []
+        id_parts: list[np.ndarray] = []
+        n_docs = nnz = 0
+        with open(spill / "rows.bin", "wb") as f_rows, open(spill / "cols.bin", "wb") as f_cols, \
+                open(spill / "tf.bin", "wb") as f_tf:
+            for ids, texts in pages:
+                toks = tokenize(texts, settings)
+                lens = np.fromiter((len(t) for t in toks), dtype=np.int64, count=len(toks))
+                terms = np.fromiter((vocab.setdefault(w, len(vocab)) for t in toks for w in t), dtype=np.int64,
+                                    count=int(lens.sum()))
+                rows = np.repeat(np.arange(n_docs, n_docs + len(toks), dtype=np.int64), lens)
+                pairs, tf = np.unique((rows << 32) | terms, return_counts=True)  # sorted by (row, term)
+                cols = (pairs & 0xFFFFFFFF).astype(np.int32)
+                if len(vocab) > len(df):
+                    df = np.concatenate([df, np.zeros(max(len(vocab), 2 * len(df)) - len(df), dtype=np.int64)])
+                df += np.bincount(cols, minlength=len(df))
+                f_rows.write((pairs >> 32).astype(np.int32).tobytes())
+                f_cols.write(cols.tobytes())
+                f_tf.write(tf.astype(np.float32).tobytes())
+                doc_lens.append(lens.astype(np.int32))
+                id_parts.append(ChunkIds.from_list(ids).arr)
+                n_docs += len(toks)
+                nnz += len(pairs)
+        chunk_ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype="S1")
+        del id_parts
+        if n_docs:
+            n_terms = len(vocab)
+            df = df[:n_terms]
+            dl = np.concatenate(doc_lens).astype(np.float32)
+            del doc_lens
+            k1, b = settings.k1, settings.b
+            norm = (k1 * (1 - b + b * dl / max(float(dl.mean()), 1e-9))).astype(np.float32)  # [n_chunks]
+            idf = np.log1p((n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)  # [n_terms]
+            indptr = np.zeros(n_terms + 1, dtype=np.int64)
+            np.cumsum(df, out=indptr[1:])
+            cursor = indptr[:-1].copy()
+            data = np.lib.format.open_memmap(tmp / "data.csc.index.npy", mode="w+", dtype=np.float32, shape=(nnz,))
+            indices = np.lib.format.open_memmap(tmp / "indices.csc.index.npy", mode="w+", dtype=np.int32,
+                                                shape=(nnz,))
+            rows_m = np.memmap(spill / "rows.bin", dtype=np.int32, mode="r", shape=(nnz,))
+            cols_m = np.memmap(spill / "cols.bin", dtype=np.int32, mode="r", shape=(nnz,))
+            tf_m = np.memmap(spill / "tf.bin", dtype=np.float32, mode="r", shape=(nnz,))
+            for lo in range(0, nnz, SCATTER_ENTRIES):
+                r = np.asarray(rows_m[lo:lo + SCATTER_ENTRIES])
+                c = np.asarray(cols_m[lo:lo + SCATTER_ENTRIES])
+                tf_s = np.asarray(tf_m[lo:lo + SCATTER_ENTRIES])
+                order = np.argsort(c, kind="stable")  # rows stay ascending inside each column
+                cs = c[order]
+                uc, start, count = np.unique(cs, return_index=True, return_counts=True)
+                pos = cursor[cs] + (np.arange(len(cs)) - np.repeat(start, count))
+                cursor[uc] += count
+                tf_o = tf_s[order]
+                data[pos] = idf[cs] * tf_o / (tf_o + norm[r[order]])
+                indices[pos] = r[order]
+            data.flush()
+            indices.flush()
+            del data, indices, rows_m, cols_m, tf_m
+            np.save(tmp / "indptr.csc.index.npy", indptr)
+            # bm25s writes its own vocabulary and parameter files (an empty score matrix into a scratch folder)
+            model = bm25s.BM25(k1=settings.k1, b=settings.b, method="lucene")
+            vocab[""] = n_terms  # bm25s's empty token, as its own index() adds it
+            model.vocab_dict = vocab
+            model.nonoccurrence_array = None
+            model.scores = {"data": np.zeros(0, dtype=np.float32), "indices": np.zeros(0, dtype=np.int32),
+                            "indptr": np.zeros(1, dtype=np.int64), "num_docs": n_docs}
+            model.save(str(spill / "meta"), show_progress=False)
+            del model, vocab
+            for name in ("vocab.index.json", "params.index.json"):
+                (spill / "meta" / name).rename(tmp / name)
+        shutil.rmtree(spill)
+        np.save(tmp / "chunk_ids.npy", chunk_ids)
+        meta = {"version": INDEX_VERSION, "build_id": build_id, "settings": asdict(settings),
+                "n_chunks": n_docs, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        d = root / build_id
+        tmp.rename(d)
+        index = cls.load(d, settings)
+        if index is None:
+            raise OSError(f"the BM25 build {d} cannot be read back")
+        return index
+
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every indexed chunk for one query: float32 [len(self)] (0 where no term matches)."""
         if not len(self.chunk_ids):
@@ -259,25 +389,38 @@ def set_build_marker(col: Collection, build_id: str) -> None:
         col.modify(metadata=meta)
 
 
-def read_collection(col: Collection, page: int = READ_PAGE) -> tuple[list[str], list[str]]:
-    """Every chunk id and text of the collection (paged ``get``), in the collection's order.
+def iter_collection(col: Collection, page: int = READ_PAGE) -> Iterator[tuple[list[str], list[str]]]:
+    """Pages ``(chunk ids, texts)`` of ``page`` chunks of the collection (paged ``get``), in the collection's order.
 
     Raises:
         pipeline.errors.StoreError: the store fails.
     """
     from pipeline.store.client import store_errors
 
+    offset = 0
+    while True:
+        with store_errors(f"read collection {col.name!r}"):
+            res = col.get(include=["documents"], limit=page, offset=offset)
+        ids = list(res["ids"])
+        if ids:
+            yield ids, [d or "" for d in (res["documents"] or [""] * len(ids))]
+        if len(ids) < page:
+            return
+        offset += len(ids)
+
+
+def read_collection(col: Collection, page: int = READ_PAGE) -> tuple[list[str], list[str]]:
+    """Every chunk id and text of the collection (paged ``get``), in the collection's order.
+
+    Raises:
+        pipeline.errors.StoreError: the store fails.
+    """
     ids: list[str] = []
     texts: list[str] = []
-    offset = 0
-    with store_errors(f"read collection {col.name!r}"):
-        while True:
-            res = col.get(include=["documents"], limit=page, offset=offset)
-            ids.extend(res["ids"])
-            texts.extend(d or "" for d in (res["documents"] or [""] * len(res["ids"])))
-            if len(res["ids"]) < page:
-                return ids, texts
-            offset += len(res["ids"])
+    for page_ids, page_texts in iter_collection(col, page):
+        ids.extend(page_ids)
+        texts.extend(page_texts)
+    return ids, texts
 
 
 def stored_build(col: Collection, store_cfg: StoreConfig, settings: BM25Settings) -> BM25Index | None:
@@ -298,21 +441,20 @@ def rebuild(col: Collection, store_cfg: StoreConfig, settings: BM25Settings) -> 
         pipeline.errors.StoreError: the collection cannot be read, or the index cannot be written.
     """
     t0 = time.perf_counter()
-    ids, texts = read_collection(col)
-    index = BM25Index.build(ids, texts, settings)
     root = index_root(store_cfg, col.name)
     if root is None:
+        index = BM25Index.build(*read_collection(col), settings)
         log.info("BM25 index of %r not stored: a Chroma server without store.bm25_path", col.name)
         return index
     try:
-        index.save(root)
+        index = BM25Index.build_stored(iter_collection(col), settings, root)
     except OSError as exc:
         raise StoreError(f"cannot write the BM25 index to {root}: {exc}") from exc
     set_build_marker(col, index.build_id)
     for old in root.iterdir():
         if old.name != index.build_id:
             shutil.rmtree(old, ignore_errors=True)
-    log.info("BM25 index of %r: %d chunks, built in %.1f s (%s)", col.name, len(ids),
+    log.info("BM25 index of %r: %d chunks, built in %.1f s (%s)", col.name, len(index),
              time.perf_counter() - t0, root / index.build_id)
     return index
 
