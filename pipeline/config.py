@@ -319,7 +319,7 @@ class RunConfig:
     metrics_host: str = _f("127.0.0.1", "Interface the metrics port binds (0.0.0.0 = every interface).")
     deterministic: bool = _f(
         False, "Reproducible rows: every request carries seed 0; managed llama.cpp servers get one slot and no "
-        "prompt-cache reuse, SGLang --enable-deterministic-inference (costs throughput; README)."
+        "prompt-cache reuse, SGLang --enable-deterministic-inference (lower throughput)."
     )
 
 
