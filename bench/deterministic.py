@@ -67,7 +67,7 @@ def one_run(work: Path, mode: str, records: Path, store: Path, collection: str, 
     if rate is None:
         raise SystemExit(f"{mode}: too few commits for a steady-state window (raise --records)")
     r, t0, t1, n = rate
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     return r, t1 - t0, n, manifest["this_invocation"]["records_per_s"]
 
 

@@ -5,11 +5,11 @@ A run of ``--duration-s`` (default 600 s) against benchmark endpoints (bench/ben
 ``duration - stall``; ``--stall-s`` (default 120 s) into the middle, every endpoint hangs (completions and /health
 wait: a stalled GPU server). While it runs, this script samples once a second, as an operator's tools would:
 
-- ``OUTPUT/_state.json``: the gaps between rewrites (its ``updated_unix``), the phase, the rate and ETA;
+- ``OUTPUT/.rag-pipeline/state.json``: the gaps between rewrites (its ``updated_unix``), the phase, the rate and ETA;
 - the plain progress lines on the run's stderr (timestamped): the gaps between them;
 - ``rag-pipeline status --json OUTPUT`` every ``--status-every-s``: the run's liveness (running / stopped / complete;
   ``complete`` only when sampled as the run ends);
-- a Prometheus scrape of the run's ``--metrics-port 0`` (the URL from ``_state.json``) every ``--scrape-every-s``,
+- a Prometheus scrape of the run's ``--metrics-port 0`` (the URL from the state file) every ``--scrape-every-s``,
   parsed with ``prometheus_client``'s text parser: ``rag_pipeline_records_total`` must never fall and must grow.
 
 Afterwards it renders ``rag-pipeline report`` and prints every figure as a ratio to the interval the run was
@@ -88,7 +88,7 @@ class Sampler:
 
     def _state(self) -> dict | None:
         try:
-            return json.loads((self.out / "_state.json").read_text())
+            return json.loads((self.out / ".rag-pipeline/state.json").read_text())
         except (OSError, ValueError):
             return None
 
@@ -194,7 +194,7 @@ def main() -> int:
         upd = [u for u, phase, _ in sampler.state_updates if phase == "running"]
         g_all, g_stall = gaps(upd), gaps(upd, t_stall, t_stall_end)
         rows_during = [r for u, _, r in sampler.state_updates if t_stall <= u <= t_stall_end]
-        print(f"_state.json: {len(upd)} rewrites while running; max gap {max(g_all, default=0):.1f} s "
+        print(f"state.json: {len(upd)} rewrites while running; max gap {max(g_all, default=0):.1f} s "
               f"(ratio to interval {max(g_all, default=0) / args.interval_s:.2f}); during the stall "
               f"{len(g_stall)} rewrites, max gap {max(g_stall, default=0):.1f} s "
               f"(ratio {max(g_stall, default=0) / args.interval_s:.2f}); rows during the stall "

@@ -88,7 +88,7 @@ def main() -> None:
                 sampler.stop()
         if rc != 0:
             raise SystemExit(f"rag-pipeline run exited with {rc}; log tail:\n{run.log_tail()}")
-        manifest = json.loads((work / "out" / "_manifest.json").read_text())
+        manifest = json.loads((work / "out" / ".rag-pipeline/manifest.json").read_text())
         names = run.started_pids()
     finally:
         if args.keep:

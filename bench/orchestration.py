@@ -113,7 +113,7 @@ def run_ours(servers: BenchServers, n: int, args: argparse.Namespace, store: Pat
         sampler.stop()
     if rc != 0:
         raise RuntimeError(f"rag-pipeline run (N={n}) exited with {rc}; log tail:\n{run.log_tail()}")
-    manifest = json.loads((d / "out" / "_manifest.json").read_text())
+    manifest = json.loads((d / "out" / ".rag-pipeline/manifest.json").read_text())
     ready = run.ready_times()
     want = {f"rag-{i}" for i in range(n)} | {f"gen-{i}" for i in range(gen_procs)}
     if not want <= set(ready):

@@ -122,9 +122,9 @@ def dataset_baseline(out: Path, html: Path) -> dict[str, Any]:
 
 
 def tenth_of(out: Path, dest: Path, parts: int) -> Path:
-    """A run directory holding hard links to the first tenth of ``out``'s parts (same ``_run.json``)."""
-    dest.mkdir(parents=True)
-    shutil.copy2(out / "_run.json", dest / "_run.json")
+    """A run directory holding hard links to the first tenth of ``out``'s parts (same ``run.json``)."""
+    (dest / ".rag-pipeline").mkdir(parents=True)
+    shutil.copy2(out / ".rag-pipeline/run.json", dest / ".rag-pipeline/run.json")
     for k in range(max(1, parts // 10)):
         os.link(out / f"part-{k:05d}.parquet", dest / f"part-{k:05d}.parquet")
     return dest

@@ -139,7 +139,7 @@ def _with_part_rows(cfg: Any, rows: int) -> Any:
 
 
 def to_shards(input_path: Path, out: Path, root: Path, parts: int, rows: int) -> None:
-    """Move part k of ``out`` to ``root/shard-k-of-parts/part-00000.parquet`` with its ``_run.json`` and a
+    """Move part k of ``out`` to ``root/shard-k-of-parts/part-00000.parquet`` with its ``run.json`` and a
     complete manifest: the layout P array tasks of ``run --shard k/P`` leave."""
     from pipeline.config import Config
     from pipeline.output import OutputDir, input_fingerprint, shard_dir
@@ -242,7 +242,7 @@ def part_a(work: Path, parts: int, rows: int, contexts: int, context_chars: int)
     res["merge"] = in_child("cli", "merge", str(root))
     from pipeline.output import default_merge_dir
 
-    merged = json.loads((default_merge_dir(root) / "_manifest.json").read_text())
+    merged = json.loads((default_merge_dir(root) / ".rag-pipeline/manifest.json").read_text())
     res["merged_ok"] = bool(merged["complete"] and merged["rows"] == n and merged["n_shards"] == parts)
     for k in ("ledger", "manifest", "status_run_dir", "status_sharded_root", "merge"):
         res[k].pop("stdout", None)
@@ -325,7 +325,7 @@ def part_b(work: Path, n_records: int, n_servers: int, service_ms: float, capaci
             break
     s10 = next((x for x in samples if x[0] >= t_tenth), samples[-1])
     s100 = samples[-1]
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     return {
         "records": n_records, "rows": total, "servers": n_servers, "service_ms": service_ms, "capacity": capacity,
         "wall_s": round(s100[0] - t0, 1), "complete": manifest["complete"],

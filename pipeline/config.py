@@ -166,7 +166,7 @@ class ServersConfig:
         False, "Let managed servers bind a non-loopback host without an API key (anyone reaching the port may use them).")
     startup_timeout_s: float = _f(1800.0, "Seconds one managed server may take to become ready (each attempt).")
     shutdown_timeout_s: float = _f(10.0, "Seconds between SIGTERM and SIGKILL when stopping a server.")
-    log_dir: str = _f("", "Server log directory; empty = <output>/_logs or a temporary directory.")
+    log_dir: str = _f("", "Server log directory; empty = <output>/.rag-pipeline/logs or a temporary directory.")
     # -- managed SGLang on GPUs --
     tp_size: int = _f(1, "SGLang: GPUs per server (tensor parallel); servers = GPUs / tp_size, one RAG worker each.")
     mem_fraction_static: float = _f(
@@ -263,7 +263,7 @@ class RunConfig:
         "run needs --input or this key in your --config."
     )
     output: str = _f(
-        "", "Output directory (Parquet parts + _manifest.json); empty = none: run needs --output or this key in "
+        "", "Output directory (Parquet parts; .rag-pipeline/manifest.json and logs); empty = none: run needs --output or this key in "
         "your --config."
     )
     id_field: str = _f("id", "Record field holding the unique id.")
@@ -273,7 +273,7 @@ class RunConfig:
         0, "Process only the first N records; 0 = all. A resume may raise it (or set 0) to extend the run, not lower it."
     )
     on_bad_record: str = _f(
-        "fail", "'fail' stops before any server starts; 'skip' writes them to _rejected.jsonl.", choices=("fail", "skip")
+        "fail", "'fail' stops before any server starts; 'skip' writes them to .rag-pipeline/rejected.jsonl.", choices=("fail", "skip")
     )
     queue_size: int = _f(256, "Bound of the RAG request queue (backpressure).")
     part_rows: int = _f(1000, "Rows per committed Parquet part.")
@@ -287,7 +287,7 @@ class RunConfig:
     overwrite: bool = _f(False, "Discard an existing output directory instead of resuming.")
     shard: str = _f("", "'I/N': process partition I of N of the input (by record index).")
     progress_interval_s: float = _f(
-        30.0, "Seconds between plain progress lines (stderr not a terminal, or --no-progress) and rewrites of _state.json."
+        30.0, "Seconds between plain progress lines (stderr not a terminal, or --no-progress) and rewrites of .rag-pipeline/state.json."
     )
     retry_failed: bool = _f(
         False, "Re-process the committed rows with rag_status hard_fail or gen_status failed or invalid_output."

@@ -19,7 +19,7 @@ level   the project's loggers (pipeline, workers)  third-party loggers
 ======  =========================================  ==========================
 
 Worker processes (spawned) call :func:`setup_worker` first thing with the :class:`LogSetup` main handed them:
-their full log (at least INFO) goes to their own file ``OUTPUT/_logs/<role>.log``, and what the run's stderr
+their full log (at least INFO) goes to their own file ``OUTPUT/.rag-pipeline/logs/<role>.log``, and what the run's stderr
 would show is sent to main as a :class:`pipeline.messages.LogLine` over the worker's own result pipe (never a
 shared queue a killed worker could leave locked); main's channel reader hands it to :func:`emit_forwarded`,
 which logs it in main with the worker's role and time.

@@ -55,17 +55,9 @@ READERS = {
 }
 """name -> reader(D, tmp_dir) -> ids read."""
 
-DATA_DIR_LIMIT = ("datasets' data_dir takes every file with a data extension, so the .json/.jsonl bookkeeping "
-                  "files (_run.json, _manifest.json, _rejected.jsonl, ...) are read as Parquet and fail")
-
-
 def reader_params() -> list:
-    """``pytest.param`` per reader; the data_dir form of datasets is a strict xfail (:data:`DATA_DIR_LIMIT`)."""
-    out = []
-    for name, fn in READERS.items():
-        marks = [pytest.mark.xfail(strict=True, reason=DATA_DIR_LIMIT)] if "data_dir" in name else []
-        out.append(pytest.param(fn, id=name, marks=marks))
-    return out
+    """``pytest.param`` per reader, named by how a user calls it."""
+    return [pytest.param(fn, id=name) for name, fn in READERS.items()]
 
 
 def assert_each_once(reader, d: Path, expected: list[str], tmp: Path) -> None:

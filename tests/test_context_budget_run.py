@@ -148,7 +148,7 @@ def _run(tmp_path, name, url, example_store, overrides, *extra):
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     assert wait_no_survivors(marker) == []
-    return read_rows(out), json.loads((out / "_manifest.json").read_text()), err
+    return read_rows(out), json.loads((out / ".rag-pipeline/manifest.json").read_text()), err
 
 
 def test_a_small_window_cuts_the_context_to_whole_passages_and_the_run_says_so(

@@ -101,10 +101,10 @@ def test_a_run_grows_with_its_limit_and_keeps_what_it_committed(tmp_path: Path, 
             assert rows[rid] == row, rid
         for name, table in parts.items():  # their parts are the very same files' content
             assert pq.read_table(out / name).equals(table), name
-        manifest = json.loads((out / "_manifest.json").read_text())
+        manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
         assert (manifest["total_records"], manifest["rows"], manifest["complete"]) == (5, 5, True)
         assert manifest["this_invocation"]["processed"] == 2
-        info = json.loads((out / "_run.json").read_text())
+        info = json.loads((out / ".rag-pipeline/run.json").read_text())
         assert info["total_records"] == 5 and info["identity"]["run.limit"] == 5
         assert [(c["key"], c["old"], c["new"]) for c in info["config_changes"]] == [("run.limit", 3, 5)]
 
@@ -119,5 +119,5 @@ def test_a_run_grows_with_its_limit_and_keeps_what_it_committed(tmp_path: Path, 
         _run(base)  # no limit: the whole input
         rows = _rows_by_id(out)
         assert sorted(rows) == sorted(ids) and all(rows[i] == first[i] for i in first)
-        manifest = json.loads((out / "_manifest.json").read_text())
+        manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
         assert (manifest["total_records"], manifest["complete"]) == (6, True)

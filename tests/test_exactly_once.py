@@ -40,9 +40,11 @@ def records(tmp_path: Path) -> Path:
 def _litter(d: Path) -> None:
     """What else a real run leaves in a directory besides its parts."""
     (d / ".part-00099.parquet.tmp").write_bytes(b"PAR1 half a part")  # a crash in the middle of a commit
-    (d / "_report.html").write_text("<html></html>")
-    (d / "_logs").mkdir(exist_ok=True)
-    (d / "_logs" / "main.log").write_text("log\n")
+    for name in ("report.html", "state.json", "lock.json", "manifest.json"):
+        (d / ".rag-pipeline" / name).write_text("{}")
+    (d / ".rag-pipeline/rejected.jsonl").write_text('{"line": 3}\n')
+    (d / ".rag-pipeline/logs").mkdir(exist_ok=True)
+    (d / ".rag-pipeline/logs" / "main.log").write_text("log\n")
 
 
 def _retry_rows(od: OutputDir, ids: list[str]) -> pa.Table:
@@ -60,7 +62,7 @@ def test_every_output_directory_reads_each_record_once(reader, tmp_path: Path, r
     run_dir = shard_dir(one, 0, 1)
     _litter(run_dir)
     od.commit_retry_part(_retry_rows(od, ["r0", "r1"]))
-    assert [p.name for p in od.retry_parts()] == ["_retry-00000.pending"]
+    assert [p.name for p in od.retry_parts()] == ["retry-00000.pending"]
     assert_each_once(reader, run_dir, ALL_IDS, tmp_path)
     # after the retry was applied
     assert od.apply_retries() == 2
@@ -70,9 +72,9 @@ def test_every_output_directory_reads_each_record_once(reader, tmp_path: Path, r
     root = tmp_path / "root"
     for i in range(2):
         _litter(make_shard(root, records, i, 2).path)
-    (root / "_input_scan.json").write_text("{}")
-    (root / "_slurm" / "tasks").mkdir(parents=True)
-    (root / "_slurm" / "tasks" / "0.json").write_text("{}")
+    (root / ".rag-pipeline/slurm" / "tasks").mkdir(parents=True)
+    (root / ".rag-pipeline/input_scan.json").write_text("{}")
+    (root / ".rag-pipeline/slurm" / "tasks" / "0.json").write_text("{}")
     assert_each_once(reader, root, ALL_IDS, tmp_path)
     merge_shards(root)
     merged = default_merge_dir(root)
@@ -95,7 +97,7 @@ def test_merge_writes_outside_the_root_and_refuses_an_output_inside_it(tmp_path:
     assert not (root / "merged").exists()
     res = CliRunner().invoke(main, ["merge", str(root) + "/"])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "out.merged" / "_manifest.json").is_file()
+    assert (tmp_path / "out.merged" / ".rag-pipeline/manifest.json").is_file()
 
 
 def test_merge_ordered_writes_input_order_in_parts_of_bounded_rows(tmp_path: Path, records: Path) -> None:
@@ -110,7 +112,7 @@ def test_merge_ordered_writes_input_order_in_parts_of_bounded_rows(tmp_path: Pat
     assert table.column("id").to_pylist() == ALL_IDS  # shard order would be r0 r3 r6 r9 r1 ...
     assert table.column("input_index").to_pylist() == list(range(12))
     assert table.column("input_index").type == pa.int64()
-    assert json.loads((merged / "_manifest.json").read_text())["ordered"] is True
+    assert json.loads((merged / ".rag-pipeline/manifest.json").read_text())["ordered"] is True
     assert not [p for p in merged.iterdir() if p.name.endswith(".tmp")]  # the sort's files are gone
     # bounded rows per part, order kept across parts
     merge_shards(root, ordered=True, part_rows=5)

@@ -272,7 +272,7 @@ def test_run_with_a_shared_store_retrieves_what_a_local_run_does(tmp_path, examp
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         assert wait_no_survivors(marker) == []  # the Chroma server too
-        manifest = json.loads((out / "_manifest.json").read_text())
+        manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
         got[mode] = ({r["id"]: [c["chunk_id"] for c in r["contexts"]] for r in read_rows(out)}, manifest["store"])
     (local, m_local), (shared, m_shared) = got["off"], got["on"]
     assert m_local["mode"] == "local" and m_shared["mode"] == "shared" and m_shared["url"].startswith("http://127.")

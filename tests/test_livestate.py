@@ -1,4 +1,4 @@
-"""Live state and logs of a real run: ``_state.json``, ``rag-pipeline status``, progress lines and worker log lines
+"""Live state and logs of a real run: ``.rag-pipeline/state.json``, ``rag-pipeline status``, progress lines and worker log lines
 through a stall, a kill -9 of the run and its resume.
 
 Real: the example Chroma store, the packaged embedding model, spawned RAG workers and generation processes, the
@@ -76,7 +76,7 @@ def _status(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _state(out: Path) -> dict:
-    return json.loads((out / "_state.json").read_text())
+    return json.loads((out / ".rag-pipeline/state.json").read_text())
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def bench():
 
 
 def test_state_status_progress_and_logs_through_a_stall_a_kill_and_a_resume(tmp_path, example_store, bench):
-    """The endpoint hangs for 8 s mid-run: _state.json keeps being rewritten with a fresh time, progress lines
+    """The endpoint hangs for 8 s mid-run: the state file keeps being rewritten with a fresh time, progress lines
     keep their 1 s interval, `status` says running with a heartbeat age and the run's counts; a worker's
     warning (its LLM client's breaker) reaches the run's stderr with timestamp and role, and its own log file;
     no DEBUG line at default verbosity. kill -9 of the run: `status` says stopped (the run died). The resume
@@ -156,12 +156,12 @@ def test_state_status_progress_and_logs_through_a_stall_a_kill_and_a_resume(tmp_
                                r"\d+ failures in a row \(last: \w+: .+\): skipped until \d\d:\d\d:\d\d", stderr, re.M)
     assert worker_warning, stderr[-4000:]
     role = worker_warning.group(1) + "-0"
-    assert "failures in a row" in (out / "_logs" / f"{role}.log").read_text()
+    assert "failures in a row" in (out / ".rag-pipeline/logs" / f"{role}.log").read_text()
     assert not [ln for ln in stderr.splitlines() if "DEBUG" in ln], "no DEBUG line at default verbosity"
     assert (store / "bm25").is_dir()  # rank0 built the index (bm25s logged at DEBUG meanwhile: not shown)
     log_lines = [ln for ln in stderr.splitlines() if re.match(rf"^{STAMP} (INFO|WARNING|ERROR) ", ln)]
     assert log_lines and all(re.match(rf"^{STAMP} \w+ (main|rag-\d+|gen-\d+) [\w.]+: ", ln) for ln in log_lines)
-    assert "[progress]" in (out / "_logs" / "main.log").read_text()
+    assert "[progress]" in (out / ".rag-pipeline/logs" / "main.log").read_text()
 
     stopped = json.loads(_status(out, "--json").stdout)
     assert stopped["run"]["state"] == "stopped", stopped["run"]
@@ -178,7 +178,7 @@ def test_state_status_progress_and_logs_through_a_stall_a_kill_and_a_resume(tmp_
     assert done["done"] == 60 and _state(out)["phase"] == "complete"
     assert ", complete" in _status(out).stdout.splitlines()[0]
     assert sorted(read_ids(out)) == sorted(json.loads(x)["id"] for x in records.read_text().splitlines())
-    main_log = (out / "_logs" / "main.log").read_text()
+    main_log = (out / ".rag-pipeline/logs" / "main.log").read_text()
     assert main_log.count("run phase: running") == 2 and "run phase: complete" in main_log
 
 

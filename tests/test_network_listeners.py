@@ -6,7 +6,7 @@
   server requires the key (401 without it) and the key is on no command line and in no log;
 * `ingest` and `run --chroma-url` reach a real Chroma server through an authenticating proxy with the token of
   --store-token-env (Authorization: Bearer, or X-Chroma-Token): the token is sent, and is in no output, log,
-  `_run.json` or `_manifest.json`; without it the run stops with one line, exit 4.
+  `run.json` or `manifest.json`; without it the run stops with one line, exit 4.
 
 The proxy is a stand-in for the user's own (nginx, Caddy...): a few lines of http.server that check the token and
 forward each request to the real Chroma server.
@@ -212,10 +212,10 @@ def test_token_reaches_the_proxy_and_nowhere_else(tmp_path: Path, proxied_chroma
     for p in out.rglob("*"):
         if p.is_file():
             texts[str(p)] = p.read_bytes().decode("utf-8", errors="replace")
-    assert any(name.endswith("_manifest.json") for name in texts) and any(name.endswith("main.log") for name in texts)
+    assert any(name.endswith(".rag-pipeline/manifest.json") for name in texts) and any(name.endswith("main.log") for name in texts)
     leaks = [name for name, text in texts.items() if TOKEN in text]
     assert not leaks, f"the token appears in {leaks}"
-    assert "MY_CHROMA_TOKEN" in texts[str(out / "_run.json")]  # the variable's name is recorded, not its value
+    assert "MY_CHROMA_TOKEN" in texts[str(out / ".rag-pipeline/run.json")]  # the variable's name is recorded, not its value
 
     # without the token the proxy refuses, and the run says so in one line before starting any server
     out2 = tmp_path / "out2"

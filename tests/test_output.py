@@ -71,7 +71,7 @@ def test_fingerprint_is_size_and_sha256_of_content(run_input: Path) -> None:
 
 def test_prepare_writes_run_file(tmp_path: Path, run_input: Path) -> None:
     od = _prepare(tmp_path / "out", run_input, shard="1/4")
-    info = json.loads((tmp_path / "out" / "_run.json").read_text())
+    info = json.loads((tmp_path / "out" / ".rag-pipeline/run.json").read_text())
     assert info["input"] == str(run_input.resolve())
     assert info["fingerprint"] == input_fingerprint(run_input)
     assert info["shard"] == "1/4" and info["total_records"] == 10
@@ -140,11 +140,11 @@ def test_changed_or_other_input_is_refused_and_overwrite_starts_afresh(tmp_path:
     od = _prepare(out, run_input)
     od.commit_part(_rows(["0", "1"]))
     od.write_manifest({"complete": False})
-    created = json.loads((out / "_run.json").read_text())["created"]
+    created = json.loads((out / ".rag-pipeline/run.json").read_text())["created"]
 
     _prepare(out, run_input)  # same input: resume keeps parts and the creation time
     assert OutputDir(out).committed_ids() == {"0", "1"}
-    assert json.loads((out / "_run.json").read_text())["created"] == created
+    assert json.loads((out / ".rag-pipeline/run.json").read_text())["created"] == created
 
     with pytest.raises(InputError, match="belongs to shard None"):
         _prepare(out, run_input, shard="0/2")
@@ -165,17 +165,17 @@ def test_changed_or_other_input_is_refused_and_overwrite_starts_afresh(tmp_path:
     _prepare(out, other, overwrite=True)
     # overwrite removed the previous parts and manifest
     assert part_paths(out) == []
-    assert not (out / "_manifest.json").exists()
-    assert json.loads((out / "_run.json").read_text())["input"] == str(other.resolve())
+    assert not (out / ".rag-pipeline/manifest.json").exists()
+    assert json.loads((out / ".rag-pipeline/run.json").read_text())["input"] == str(other.resolve())
 
 
 def test_manifest_and_rejected_written_atomically(tmp_path: Path, run_input: Path) -> None:
     od = _prepare(tmp_path / "out", run_input)
     od.write_manifest({"complete": True, "rows": 3})
     od.write_rejected([{"line": 4, "error": "bad"}, {"line": 9, "error": "worse"}])
-    assert json.loads((tmp_path / "out" / "_manifest.json").read_text()) == {"complete": True, "rows": 3}
+    assert json.loads((tmp_path / "out" / ".rag-pipeline/manifest.json").read_text()) == {"complete": True, "rows": 3}
     assert od.manifest() == {"complete": True, "rows": 3}
-    lines = (tmp_path / "out" / "_rejected.jsonl").read_text().splitlines()
+    lines = (tmp_path / "out" / ".rag-pipeline/rejected.jsonl").read_text().splitlines()
     assert [json.loads(x)["line"] for x in lines] == [4, 9]
     assert not list((tmp_path / "out").glob("*.tmp"))
 

@@ -1,5 +1,5 @@
 """One writer and one identity per output directory: the heartbeat lock, takeover of a dead
-holder's lock, the tombstoned --overwrite, and the identity / settings pinned in _run.json."""
+holder's lock, the tombstoned --overwrite, and the identity / settings pinned in .rag-pipeline/run.json."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.output import OutputDir, input_fingerprint
-from pipeline.output.lock import LOCK_FILE, DirLock, LockHeld
+from pipeline.output.layout import LOCK_FILE, meta_path
+from pipeline.output.lock import DirLock, LockHeld
 from pipeline.run.identity import result_settings, run_identity
 from tests.runtools import REPO
 
@@ -48,26 +49,26 @@ def test_second_holder_is_refused_naming_host_and_pid_and_release_frees_it(tmp_p
         assert time.monotonic() - t0 < 2.0  # refused at once
         assert f"pid {proc.pid}" in str(exc.value) and socket.gethostname() in str(exc.value)
         # the holder's heartbeat moves the mtime forward
-        m1 = (tmp_path / LOCK_FILE).stat().st_mtime
+        m1 = meta_path(tmp_path, LOCK_FILE).stat().st_mtime
         time.sleep(0.6)
-        assert (tmp_path / LOCK_FILE).stat().st_mtime > m1
+        assert meta_path(tmp_path, LOCK_FILE).stat().st_mtime > m1
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     with DirLock(tmp_path) as lock:  # a terminated holder's lock is taken over at once (its pid is gone)
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == lock.token
-    assert not (tmp_path / LOCK_FILE).exists()
+        assert json.loads(meta_path(tmp_path, LOCK_FILE).read_text())["token"] == lock.token
+    assert not meta_path(tmp_path, LOCK_FILE).exists()
 
 
 def test_lock_of_a_killed_process_is_taken_over_at_once(tmp_path: Path) -> None:
     proc = _holder(tmp_path)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
-    assert (tmp_path / LOCK_FILE).exists()  # kill -9 left it behind
+    assert meta_path(tmp_path, LOCK_FILE).exists()  # kill -9 left it behind
     lock = DirLock(tmp_path)
     lock.acquire()
     try:
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads(meta_path(tmp_path, LOCK_FILE).read_text())["pid"] == os.getpid()
     finally:
         lock.release()
 
@@ -75,7 +76,8 @@ def test_lock_of_a_killed_process_is_taken_over_at_once(tmp_path: Path) -> None:
 def _remote_lock(directory: Path, age_s: float) -> None:
     """A lock written by a process on another node of a shared filesystem (pid not checkable here)."""
     info = {"host": "other-node", "pid": 12345, "boot_id": "x", "pid_ns": "y", "token": "remote", "started": "t"}
-    path = directory / LOCK_FILE
+    path = meta_path(directory, LOCK_FILE)
+    path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(info))
     now = time.time()
     os.utime(path, (now - age_s, now - age_s))
@@ -87,7 +89,7 @@ def test_remote_lock_is_honoured_while_its_heartbeat_is_fresh_and_taken_over_whe
         DirLock(tmp_path, stale_s=30.0).acquire()
     _remote_lock(tmp_path, age_s=120.0)
     with DirLock(tmp_path, stale_s=30.0) as lock:
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == lock.token
+        assert json.loads(meta_path(tmp_path, LOCK_FILE).read_text())["token"] == lock.token
 
 
 def test_remote_lock_that_missed_heartbeats_is_watched_until_stale(tmp_path: Path) -> None:
@@ -96,7 +98,7 @@ def test_remote_lock_that_missed_heartbeats_is_watched_until_stale(tmp_path: Pat
     t0 = time.monotonic()
     with DirLock(tmp_path, refresh_s=0.5, stale_s=4.0) as lock:
         waited_s = time.monotonic() - t0
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == lock.token
+        assert json.loads(meta_path(tmp_path, LOCK_FILE).read_text())["token"] == lock.token
     assert 1.0 < waited_s < 10.0
 
 
@@ -176,7 +178,7 @@ def test_changed_prompt_or_model_needs_allow_config_change(tmp_path: Path, inp: 
     with pytest.raises(InputError, match=r"llm\.model changed"):
         _prepare(out, inp, {"llm.model": "other"})
     _prepare(out, inp, {"generation.prompt_file": str(prompt), "rag.max_tokens": 9}, allow=True)
-    info = json.loads((out / "_run.json").read_text())
+    info = json.loads((out / ".rag-pipeline/run.json").read_text())
     assert {c["key"] for c in info["config_changes"]} == {"generation.prompt_file", "rag.max_tokens"}
     assert OutputDir(out).committed_ids() == {"0"}
 
@@ -189,16 +191,16 @@ def test_interrupted_overwrite_never_leaves_adoptable_parts(tmp_path: Path, inp:
     # the first step of --overwrite, then "kill -9": the identity is a tombstone, the old parts are still there
     from pipeline.output.files import atomic_write_json
 
-    atomic_write_json(out / "_run.json", {"state": "overwriting", "since": "now"})
+    atomic_write_json(out / ".rag-pipeline/run.json", {"state": "overwriting", "since": "now"})
     with pytest.raises(InputError, match="--overwrite was interrupted"):
         _prepare(out, inp)
-    # parts without any _run.json (e.g. deleted by hand) are not adopted either
-    (out / "_run.json").unlink()
-    with pytest.raises(InputError, match="no _run.json"):
+    # parts without any run.json (e.g. deleted by hand) are not adopted either
+    (out / ".rag-pipeline/run.json").unlink()
+    with pytest.raises(InputError, match="no run.json"):
         _prepare(out, inp)
     _prepare(out, inp, overwrite=True)
     assert OutputDir(out).parts() == []
-    assert "identity" in json.loads((out / "_run.json").read_text())
+    assert "identity" in json.loads((out / ".rag-pipeline/run.json").read_text())
 
 
 OVERWRITER = textwrap.dedent("""
@@ -231,7 +233,7 @@ def test_kill9_during_overwrite_at_random_moments_never_adopts_old_parts(tmp_pat
         time.sleep(rng.uniform(0.0, 0.15))
         proc.kill()
         proc.wait(timeout=10)
-        info = json.loads((out / "_run.json").read_text())
+        info = json.loads((out / ".rag-pipeline/run.json").read_text())
         try:  # a plain resume either keeps the old run whole, or is refused; it never adopts a subset
             _prepare(out, inp, {"run.limit": 3})
             assert len(OutputDir(out).parts()) == 60, f"seed {seed}"

@@ -78,6 +78,6 @@ def test_merge_of_50_shards_holds_one_part_at_a_time(big_contexts) -> None:
     st = in_child("cli", "status", str(work / "sharded"), "--json")
     assert json.loads(st["stdout"])["n_shards"] == PARTS and st["arrow_peak_mb"] * 2**20 < data_bytes / 20
     mg = in_child("cli", "merge", str(work / "sharded"))
-    manifest = json.loads((work / "sharded.merged" / "_manifest.json").read_text())  # beside the root
+    manifest = json.loads((work / "sharded.merged" / ".rag-pipeline/manifest.json").read_text())  # beside the root
     assert manifest["complete"] is True and manifest["rows"] == PARTS * ROWS and manifest["n_shards"] == PARTS
     assert mg["arrow_peak_mb"] * 2**20 < data_bytes / 5, mg  # a few parts' worth, never the whole output

@@ -149,7 +149,7 @@ def test_run_on_a_parquet_directory_keeps_types_and_resumes(tmp_path, example_st
     proc, _ = start_run(args)  # resume: same fingerprint, nothing to do
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert json.loads((out / "_manifest.json").read_text())["this_invocation"]["processed"] == 0
+    assert json.loads((out / ".rag-pipeline/manifest.json").read_text())["this_invocation"]["processed"] == 0
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -164,7 +164,7 @@ def test_shards_share_one_scan_of_the_input(tmp_path, fmt, monkeypatch):
     else:
         p = tmp_path / "in.parquet"
         pq.write_table(pa.Table.from_pylist(rows), p)
-    cache = tmp_path / "out" / "_input_scan.json"
+    cache = tmp_path / "out" / ".rag-pipeline/input_scan.json"
     fp = input_fingerprint(p)
     first = scan_input_cached(p, cache, fp, on_bad_record="skip")
     calls = []

@@ -162,7 +162,7 @@ def test_report_of_outputs_with_and_without_token_columns_in_a_browser(tmp_path,
     write_output(with_tokens, 400, 25, tokens=True)
     res = report(with_tokens)
     assert res.returncode == 0, res.stderr
-    page = with_tokens / "_report.html"
+    page = with_tokens / ".rag-pipeline/report.html"
     assert f"wrote {page}" in res.stdout and "400 rows" in res.stdout
     text = check_in_browser(browser, page, tmp_path / "tokens.png", n_images=6)
     assert NO_TOKENS not in text
@@ -178,7 +178,7 @@ def test_report_of_outputs_with_and_without_token_columns_in_a_browser(tmp_path,
     write_output(root / "shard-1-of-2", 150, 50, tokens=False, shard="1/2", seed=2)
     res = report(root, "-o", str(tmp_path / "sharded.html"), "--top-errors", "2")
     assert res.returncode == 0, res.stderr
-    assert not (root / "_report.html").exists()
+    assert not (root / ".rag-pipeline/report.html").exists()
     text = check_in_browser(browser, tmp_path / "sharded.html", tmp_path / "sharded.png", n_images=4)
     assert NO_TOKENS in text
     assert "300 of 300 records expected" in text and "run directories 2" in text
@@ -211,7 +211,7 @@ def test_report_of_a_real_run(tmp_path, browser, example_store, llama_endpoints)
     res = report(out)
     assert res.returncode == 0, res.stderr
     has_tokens = any(c in pq.read_schema(p).names for p in out.glob("part-*.parquet") for c in TOKEN_FIELDS)
-    text = check_in_browser(browser, out / "_report.html", tmp_path / "real.png", n_images=6 if has_tokens else 4)
+    text = check_in_browser(browser, out / ".rag-pipeline/report.html", tmp_path / "real.png", n_images=6 if has_tokens else 4)
     assert "6 of 6 records expected (100.0%)" in text and "run directories 1 (1 complete)" in text
     assert any(ep in text for ep in llama_endpoints)
     assert (NO_TOKENS in text) != has_tokens

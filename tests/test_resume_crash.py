@@ -56,7 +56,7 @@ def test_kill9_at_random_moments_then_resume_exactly_once(tmp_path, example_stor
     assert not list(out.glob("*.tmp"))
     assert len(committed_parts(out)) >= 1
     assert wait_no_survivors(marker) == []
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     assert manifest["complete"] is True and manifest["rows"] == 12
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from pipeline.errors import RunError
 from pipeline.output import OutputDir, input_fingerprint, read_rows, row_schema
+from pipeline.output.migrate import migrate
 from tests.fixtures.llm import requires_llama
 from tests.readers import READERS, assert_each_once
 from tests.runtools import (
@@ -76,12 +77,16 @@ def test_failed_ids_and_apply_replaces_each_row_once_in_place(od: OutputDir) -> 
 
 
 def test_retry_parts_are_hidden_and_those_of_an_earlier_version_still_applied(od: OutputDir) -> None:
-    """Retry parts are ``_retry-NNNNN.pending`` (no reader of the directory takes them for rows); one left as
-    ``retry-NNNNN.parquet`` by an earlier version's interrupted retry is applied too, in index order."""
+    """Retry parts are ``.rag-pipeline/retry-NNNNN.pending`` (no reader of the directory takes them for rows);
+    one left as ``retry-NNNNN.parquet`` or ``_retry-NNNNN.pending`` at the top by an earlier version's interrupted
+    retry is moved there by the next run and applied too, in index order."""
     od.commit_part(pa.concat_tables([_rows([str(i)], "failed") for i in range(4)]))
-    pq.write_table(_rows(["0", "1"], "ok", "old-name"), od.path / "retry-00000.parquet")  # an earlier version's
-    assert od.commit_retry_part(_rows(["2"], "ok", "new")).name == "_retry-00001.pending"
-    assert [p.name for p in od.retry_parts()] == ["retry-00000.parquet", "_retry-00001.pending"]
+    pq.write_table(_rows(["0"], "ok", "old-name"), od.path / "retry-00000.parquet")  # earlier versions' names
+    pq.write_table(_rows(["1"], "ok", "old-name"), od.path / "_retry-00001.pending")
+    assert sorted(p.name for p in migrate(od.path)) == ["retry-00000.pending", "retry-00001.pending"]
+    assert od.commit_retry_part(_rows(["2"], "ok", "new")).name == "retry-00002.pending"
+    assert [p.name for p in od.retry_parts()] == ["retry-00000.pending", "retry-00001.pending", "retry-00002.pending"]
+    assert {p.parent.name for p in od.retry_parts()} == {".rag-pipeline"}
     assert od.apply_retries() == 3
     rows = {r["id"]: r["generation"] for r in read_rows(od.path).to_pylist()}
     assert rows == {"0": "old-name", "1": "old-name", "2": "new", "3": None}
@@ -124,7 +129,7 @@ def test_kill9_while_applying_retries_loses_and_duplicates_nothing(od: OutputDir
     rows = read_rows(od.path).to_pylist()
     assert sorted(r["id"] for r in rows) == want
     assert {r["id"] for r in rows if r["generation"] == "new"} == {f"{k}-a" for k in range(n_parts)}, f"seed {seed}"
-    assert not list(od.path.glob("_retry-*")) and not list(od.path.glob("*.tmp"))
+    assert not list(od.path.glob("**/*retry-*")) and not list(od.path.glob("**/*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -175,7 +180,7 @@ def test_retry_failed_end_to_end_with_kill9_at_random_moments(tmp_path, example_
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         ids = read_rows(out, columns=["id"]).column("id").to_pylist()
-        history.append((round(delay_s, 1), len(list(out.glob("_retry-*.pending")))))
+        history.append((round(delay_s, 1), len(list(out.glob(".rag-pipeline/retry-*.pending")))))
         assert sorted(ids) == want, f"seed {seed} attempt {attempt}: {collections.Counter(ids).most_common(2)}"
         # a plain reader of the directory too, whatever the kill left (pending retry rows, a half-written part)
         plain = pq.read_table(out, columns=["id"]).column("id").to_pylist()
@@ -189,13 +194,12 @@ def test_retry_failed_end_to_end_with_kill9_at_random_moments(tmp_path, example_
     rows = read_rows(out).to_pylist()
     assert sorted(r["id"] for r in rows) == want, f"seed {seed} history {history}"
     assert all(r["gen_status"] == "ok" and r["generation"] for r in rows), f"seed {seed}"
-    assert not list(out.glob("_retry-*")) and not list(out.glob("*.tmp"))
-    manifest = json.loads((out / "_manifest.json").read_text())
+    assert not list(out.glob("**/*retry-*")) and not list(out.glob("**/*.tmp"))
+    manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     assert manifest["complete"] is True and manifest["counts"]["gen_status"] == {"ok": 8}
-    for name, reader in READERS.items():  # after --retry-failed, every reader installed here
-        if "data_dir" not in name:  # (tests/readers.py: DATA_DIR_LIMIT)
-            with contextlib.suppress(pytest.skip.Exception):
-                assert_each_once(reader, out, want, tmp_path)
+    for reader in READERS.values():  # after --retry-failed, every reader installed here
+        with contextlib.suppress(pytest.skip.Exception):
+            assert_each_once(reader, out, want, tmp_path)
 
 
 
@@ -246,7 +250,7 @@ def test_retry_failed_takes_invalid_output_and_failed_rows_and_says_how_many(tmp
     for r in rows:  # every row made again, by the llama.cpp servers this time
         assert r["endpoint"] in llama_endpoints and r["gen_status"] == "ok", r
         assert json.loads(r["generation_json"])["label"] in ("supported", "refuted", "unknown")
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     assert manifest["this_invocation"]["retried"] == {"hard_fail": 0, "failed": 1, "invalid_output": 3}
     assert manifest["this_invocation"]["processed"] == 4 and manifest["counts"]["gen_status"] == {"ok": 4}
 

@@ -57,7 +57,7 @@ def test_twenty_records_twenty_rows_with_generations(tmp_path, example_store, ll
         qrels.setdefault(q, set()).add(d)
     hits = sum(1 for r in rows if {c["doc_id"] for c in r["contexts"]} & qrels.get(str(r["claim_id"]), set()))
     assert hits >= 12, f"relevant abstract retrieved for only {hits}/20 claims"
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     assert manifest["complete"] is True and manifest["rows"] == 20
     assert manifest["counts"]["gen_status"] == {"ok": 20}
     assert manifest["latency_ms"]["generate"]["p95"] >= manifest["latency_ms"]["generate"]["p50"] > 0
@@ -71,7 +71,7 @@ def test_twenty_records_twenty_rows_with_generations(tmp_path, example_store, ll
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert sorted(read_ids(out)) == sorted(want)
-    assert json.loads((out / "_manifest.json").read_text())["this_invocation"]["processed"] == 0
+    assert json.loads((out / ".rag-pipeline/manifest.json").read_text())["this_invocation"]["processed"] == 0
 
 
 def test_managed_server_and_soft_failure_path(tmp_path, example_store):
@@ -94,7 +94,7 @@ def test_managed_server_and_soft_failure_path(tmp_path, example_store):
         assert "min_score" in r["rag_error"]
         assert r["contexts"] == [] and r["rag_answer"] is None
         assert r["gen_status"] == "ok" and r["generation"].strip()
-    assert (out / "_logs").is_dir() and list((out / "_logs").iterdir())
+    assert (out / ".rag-pipeline/logs").is_dir() and list((out / ".rag-pipeline/logs").iterdir())
     assert wait_no_survivors(marker) == []  # the managed server is gone too
 
 
@@ -155,7 +155,7 @@ def test_rank0_failure_stops_fast_with_its_message(tmp_path, llama_endpoints):
     assert "RAG worker 0 (rank0) failed during startup" in err
     assert "StoreError" in err or "store" in err.lower()
     assert "Traceback" not in err  # one clear message; the traceback is kept in a file
-    assert "Traceback" in (tmp_path / "out" / "_logs" / "rank0-error.txt").read_text()
+    assert "Traceback" in (tmp_path / "out" / ".rag-pipeline/logs" / "rank0-error.txt").read_text()
     assert time.monotonic() - t0 < 120
     assert wait_no_survivors(marker) == []
 
@@ -176,7 +176,7 @@ def test_signal_stops_cleanly_commits_and_resumes_exactly_once(tmp_path, example
     assert wait_no_survivors(marker) == []
     first = read_ids(out)
     assert 2 <= len(first) < 16 and len(set(first)) == len(first)
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     assert manifest["complete"] is False and manifest["interrupted_by"]
     assert not list(out.glob("*.tmp"))
 
@@ -274,7 +274,7 @@ def test_on_bad_record_skip_writes_rejected_lines_and_runs_the_rest(tmp_path, ex
     rows = read_rows(out)
     assert sorted(r["id"] for r in rows) == ["a", "d"]
     assert all(r["rag_answer"] is None and r["contexts"] and r["generation"] for r in rows)  # retrieve mode
-    rejected = [json.loads(x) for x in (out / "_rejected.jsonl").read_text().splitlines()]
+    rejected = [json.loads(x) for x in (out / ".rag-pipeline/rejected.jsonl").read_text().splitlines()]
     assert [(r["line"], "malformed JSON" in r["error"]) for r in rejected][0] == (2, True)
     assert rejected[1]["line"] == 3 and "field 'query'" in rejected[1]["error"]
 

@@ -373,7 +373,7 @@ def test_run_under_slurm_late_server_joins_failed_one_is_reported(tmp_path, exam
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert wait_no_survivors(marker) == []  # servers (the failed one's retries too), workers: all gone
-    servers = json.loads((out / "_manifest.json").read_text())["servers"]
+    servers = json.loads((out / ".rag-pipeline/manifest.json").read_text())["servers"]
     assert [s["gpus"] for s in servers] == [["4"], ["5"], ["7"]]
     assert [s["status"] for s in servers] == ["ready", "ready", "failed"]
     assert [s["rag_worker"] for s in servers] == ["rag-0", "rag-1", None]

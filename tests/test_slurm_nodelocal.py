@@ -95,7 +95,7 @@ def test_two_shards_stage_the_store_and_listen_on_loopback_only(slurm_cluster: S
             cmds.setdefault(run.pid, " ".join(run.info["cmdline"]))
         time.sleep(0.2)
     state = slurm_cluster.state(merge_id)
-    logs = "\n".join(p.read_text(errors="replace") for p in sorted((out / "_slurm" / "logs").glob("*")))
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted((out / ".rag-pipeline/slurm" / "logs").glob("*")))
     assert state == "COMPLETED", f"merge job {state}\n{logs[-6000:]}"
 
     assert len(seen) >= 2, f"saw the process trees of {len(seen)} runs"
@@ -106,7 +106,7 @@ def test_two_shards_stage_the_store_and_listen_on_loopback_only(slurm_cluster: S
         kinds = " ".join(per_run.values())
         assert "cpu_server" in kinds and "chroma" in kinds and "pipeline" in kinds, (pid, per_run, cmds)
 
-    manifests = [json.loads((shard_dir(out, i, 2) / "_manifest.json").read_text()) for i in range(2)]
+    manifests = [json.loads((shard_dir(out, i, 2) / ".rag-pipeline/manifest.json").read_text()) for i in range(2)]
     staged = [m["store"]["staged"] for m in manifests]
     assert staged[0]["path"] == staged[1]["path"] and Path(staged[0]["path"]).parent.parent == local
     assert sorted(s["copied"] for s in staged) == [False, True]  # one copy for the node

@@ -63,7 +63,7 @@ def test_dry_run_prints_both_scripts_and_writes_nothing(tmp_path: Path, inp: Pat
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     text = res.output
-    array, merge = text.split(f"# ---- {out / '_slurm' / 'merge.sbatch'}")
+    array, merge = text.split(f"# ---- {out / '.rag-pipeline/slurm' / 'merge.sbatch'}")
     for line in [
         "#SBATCH --array=0-2",
         "#SBATCH --requeue",
@@ -75,8 +75,8 @@ def test_dry_run_prints_both_scripts_and_writes_nothing(tmp_path: Path, inp: Pat
         "#SBATCH --mem=64G",
         "#SBATCH --exclusive",
         "#SBATCH --open-mode=append",
-        f"#SBATCH --output={out}/_slurm/logs/run-%A_%a.out",
-        f"#SBATCH --error={out}/_slurm/logs/run-%A_%a.err",
+        f"#SBATCH --output={out}/.rag-pipeline/slurm/logs/run-%A_%a.out",
+        f"#SBATCH --error={out}/.rag-pipeline/slurm/logs/run-%A_%a.err",
         'shard="${SLURM_ARRAY_TASK_ID}/3"',
         f"{PY} -m pipeline run --input {inp} --output {out} --chroma-url http://node7:8000 "
         '--shard "$shard" --limit 6 --num_processes 16 --collection docs &',
@@ -88,7 +88,7 @@ def test_dry_run_prints_both_scripts_and_writes_nothing(tmp_path: Path, inp: Pat
         "#SBATCH --kill-on-invalid-dep=yes",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj1",
-        f"#SBATCH --output={out}/_slurm/logs/merge-%j.out",
+        f"#SBATCH --output={out}/.rag-pipeline/slurm/logs/merge-%j.out",
         f"{PY} -m pipeline merge {out} || rc=$?",
     ]:
         assert line in merge.splitlines(), line
@@ -235,7 +235,7 @@ def test_controller_unreachable_is_a_clear_error(tmp_path: Path, inp: Path, real
     assert "Unable to contact slurm controller" in res.output and f"SLURM_CONF ({conf})" in res.output
     assert len(res.output.strip().splitlines()) == 1
     # the scripts were written for inspection, nothing else
-    assert (tmp_path / "out" / "_slurm" / "array.sbatch").exists()
+    assert (tmp_path / "out" / ".rag-pipeline/slurm" / "array.sbatch").exists()
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [

@@ -148,7 +148,7 @@ def test_status_of_an_incomplete_run(tmp_path: Path, records: Path) -> None:
 def test_status_of_not_an_output_dir_is_a_one_line_error(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["status", str(tmp_path)])
     assert res.exit_code == InputError.exit_code
-    assert res.output.strip() == f"Error: {tmp_path}: not a rag-pipeline output (no _run.json and no shard-I-of-N directories)"
+    assert res.output.strip() == f"Error: {tmp_path}: not a rag-pipeline output (no .rag-pipeline/run.json and no shard-I-of-N directories)"
     res = CliRunner().invoke(main, ["status", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "output directory not found" in res.output
 
@@ -166,11 +166,11 @@ def test_merge_combines_shards_exactly_once(tmp_path: Path, records: Path) -> No
     merged = read_rows(default_merge_dir(root))
     assert sorted(merged.column("id").to_pylist()) == sorted(ALL_IDS)
     assert merged.column("topic").type == pa.int64()
-    man = json.loads((default_merge_dir(root) / "_manifest.json").read_text())
+    man = json.loads((default_merge_dir(root) / ".rag-pipeline/manifest.json").read_text())
     assert man["complete"] is True and man["rows"] == 12 and man["total_records"] == 12
     assert man["counts"] == {"rag_status": rag, "gen_status": gen}
     assert man["rejected"] == 1 and man["misplaced"] == 0
-    rejected = [json.loads(x) for x in (default_merge_dir(root) / "_rejected.jsonl").read_text().splitlines()]
+    rejected = [json.loads(x) for x in (default_merge_dir(root) / ".rag-pipeline/rejected.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rejected] == [5]
     assert run_status(default_merge_dir(root))["complete"] is True
     assert run_status(root)["merged"]["done"] == 12

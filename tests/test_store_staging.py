@@ -224,7 +224,7 @@ def test_run_on_a_full_node_disk_stops_in_one_line_before_any_server(store: Path
         (line,) = [x for x in res.stderr.splitlines() if x.startswith("Error:")]
         assert line.startswith(f"Error: {small}/") and "not enough free space to stage the store" in line
         assert "Traceback" not in res.stderr
-        main_log = (tmp_path / "out" / "_logs" / "main.log").read_text()
+        main_log = (tmp_path / "out" / ".rag-pipeline/logs" / "main.log").read_text()
         assert "endpoint" not in main_log.split("not enough free space")[0].lower()  # no server was reached first
     finally:
         subprocess.run(["umount", str(small)], check=True)

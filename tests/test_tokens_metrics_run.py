@@ -64,7 +64,7 @@ def test_rows_carry_tokens_and_finish_reasons_and_the_manifest_counts_max_tokens
     assert all(c in schema.names for c in USAGE_COLUMNS)
     assert schema.field("gen_completion_tokens").type == "int32"
 
-    man = json.loads((out / "_manifest.json").read_text())
+    man = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     tok = man["tokens"]
     assert tok["gen"]["hit_max_tokens"] == 4 and tok["gen"]["max_tokens_setting"] == "generation.max_tokens"
     assert tok["gen"]["finish_reasons"] == {"length": 4}
@@ -166,7 +166,7 @@ def test_metrics_port_zero_serves_prometheus_text_whose_counters_grow(tmp_path, 
     assert last["rag_pipeline_restarts_total"] == {(("kind", "server"),): 0, (("kind", "worker"),): 0}
     assert "rag_pipeline_retries_total" in last and "rag_pipeline_outage_seconds_total" in last
 
-    man = json.loads((out / "_manifest.json").read_text())
+    man = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     assert man["metrics"] == {"url": url, "servers": []}  # attached endpoints: none of ours
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     assert not port_in_use("127.0.0.1", port)  # free again once the run ended
@@ -191,7 +191,7 @@ def test_taken_metrics_port_is_one_line_exit_2_before_any_server_starts(tmp_path
     assert f"port {port} on 127.0.0.1 is already in use" in err and "--metrics-port" in err
     assert "Traceback" not in err
     # no server was started: its log would be in _logs beside main's own log
-    assert sorted(p.name for p in (out / "_logs").glob("*")) in ([], ["main.log"])
+    assert sorted(p.name for p in (out / ".rag-pipeline/logs").glob("*")) in ([], ["main.log"])
     assert not committed_parts(out)
     assert time.monotonic() - t0 < 60
     assert wait_no_survivors(marker) == []
@@ -228,7 +228,7 @@ def test_directory_of_an_earlier_version_resumes_with_its_columns_and_stays_read
     assert len(schemas) == 1 and not set(USAGE_COLUMNS) & set(next(iter(schemas)))  # one schema, the old one
     assert sorted(r["id"] for r in read_rows(out)) == sorted(json.loads(x)["id"] for x in
                                                              records.read_text().splitlines())
-    man = json.loads((out / "_manifest.json").read_text())
+    man = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     assert man["rows"] == 6 and man["tokens"]["gen"]["rows_with_usage"] == 0
     assert "rag tokens:" not in err and "gen tokens:" not in err  # nothing to report: the summary has no token line
     st = run_status(out)

@@ -10,7 +10,7 @@ from pipeline.cli.options import handle_errors
 @click.command("report", short_help="Self-contained HTML report with plots.")
 @click.argument("output_dir", metavar="OUTPUT", type=click.Path(file_okay=False))
 @click.option("--output", "-o", "html_path", type=click.Path(dir_okay=False), default=None,
-              help="HTML file to write (default OUTPUT/_report.html; replaced if it exists).")
+              help="HTML file to write (default OUTPUT/.rag-pipeline/report.html; replaced if it exists).")
 @click.option("--top-errors", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="Error groups listed in the report.")
 @handle_errors

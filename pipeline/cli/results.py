@@ -178,7 +178,7 @@ def status_cmd(output_dir: str, as_json: bool) -> None:
 def merge_cmd(dir_: str, output: str | None, ordered: bool, memory_limit_mb: int) -> None:
     """Combine the shards of DIR into one output, verifying every input id appears exactly once.
 
-    Reads the input named in the shards' _run.json; a duplicate, missing or unknown id is an error that
+    Reads the input named in the shards' run.json; a duplicate, missing or unknown id is an error that
     lists a few of them (nothing is written then). Prints counts per status. The merge output lies outside DIR
     (default DIR.merged), so that reading DIR and reading the merge output each give every record once.
     """

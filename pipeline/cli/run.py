@@ -61,7 +61,7 @@ def context_lines(manifest: dict) -> list[str]:
 @config_option("--input", "-i", "input_", key="run.input", type=click.Path(),
                help="Input: JSONL (one record a line), a .parquet file or a directory of .parquet parts.")
 @config_option("--output", "-o", key="run.output", type=click.Path(file_okay=False),
-               help="Output directory (Parquet parts + _manifest.json). Re-running resumes.")
+               help="Output directory (Parquet parts; .rag-pipeline/manifest.json and logs). Re-running resumes.")
 @config_option("--num_processes", "--num-processes", "num_processes", key="generation.num_processes", type=int,
                help="Generation processes (CPU).")
 @config_file_option
@@ -113,7 +113,7 @@ def context_lines(manifest: dict) -> list[str]:
 @config_option("--limit", key="run.limit", type=int,
                help="Only the first N records (0: all). Resuming with a larger N (or 0) extends the run.")
 @config_option("--on-bad-record", key="run.on_bad_record",
-               help="fail: stop before any server starts; skip: write bad lines to _rejected.jsonl.")
+               help="fail: stop before any server starts; skip: write bad lines to .rag-pipeline/rejected.jsonl.")
 @config_option("--overwrite/--resume", key="run.overwrite", help="Start afresh instead of resuming.")
 @config_option("--shard", key="run.shard", help="I/N: process partition I of N of the input.")
 @config_option("--retry-failed", key="run.retry_failed", is_flag=True, default=None,

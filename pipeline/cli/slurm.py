@@ -155,7 +155,7 @@ def _preflight(opts, dry_run: bool) -> None:
     is never queued.
 
     The run options are parsed by `run`'s own parser and built into the configuration as each task builds it. The
-    input scan is kept in ``OUTPUT/_input_scan.json`` for the tasks to reuse (only when every check passed). A dry
+    input scan is kept in ``OUTPUT/.rag-pipeline/input_scan.json`` for the tasks to reuse (only when every check passed). A dry
     run checks only that a store and collection are named.
 
     Raises:
@@ -166,6 +166,7 @@ def _preflight(opts, dry_run: bool) -> None:
     from pipeline.cli.options import build_config
     from pipeline.cli.run import run_cmd
     from pipeline.errors import InputError, StoreError
+    from pipeline.output.layout import INPUT_SCAN_FILE, meta_path
     from pipeline.run.required import preflight
     from pipeline.store.preflight import require_store_named
 
@@ -187,7 +188,7 @@ def _preflight(opts, dry_run: bool) -> None:
         else:
             # without --gpus-per-node a node may still show GPUs to the task: its backend "auto" stays unresolved
             preflight(cfg, gpus=opts.gpus_per_node or None,
-                      scan_cache=Path(opts.output_dir).absolute() / "_input_scan.json")
+                      scan_cache=meta_path(Path(opts.output_dir).absolute(), INPUT_SCAN_FILE))
     except StoreError as exc:
         hint = ("; for submit: --chroma-url URL, or run options after --, e.g. -- --store DIR --collection NAME"
                 if "named" in str(exc) else "")

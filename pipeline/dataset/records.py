@@ -479,7 +479,7 @@ def scan_input_cached(
     parsing the input again, so a task then parses only its own records (:func:`iter_records` with ``shard``).
 
     Args:
-        cache_file: ``OUTPUT_ROOT/_input_scan.json``.
+        cache_file: ``OUTPUT_ROOT/.rag-pipeline/input_scan.json``.
         fingerprint: :func:`pipeline.output.input_fingerprint` of ``path``.
 
     Raises:

@@ -3,6 +3,8 @@
 Modules, one concern each:
 
 * :mod:`~pipeline.output.schema`: the output row schema (the one place it is defined).
+* :mod:`~pipeline.output.layout`: where a directory keeps what is not rows (``.rag-pipeline/``).
+* :mod:`~pipeline.output.migrate`: an earlier version's names moved into ``.rag-pipeline/``.
 * :mod:`~pipeline.output.files`: atomic writes, JSON bookkeeping files, the input fingerprint.
 * :mod:`~pipeline.output.sharding`: ``--shard I/N`` partition and shard directories.
 * :mod:`~pipeline.output.reading`: committed parts, streamed column-projected scans (pyarrow.dataset).
@@ -14,11 +16,11 @@ Modules, one concern each:
 """
 
 from pipeline.output.files import atomic_write_bytes, atomic_write_json, input_fingerprint, read_json
+from pipeline.output.layout import MANIFEST_FILE, META_DIR, REJECTED_FILE, RUN_FILE, locate, meta_path
 from pipeline.output.ledger import Ledger
 from pipeline.output.merge import merge_shards
 from pipeline.output.reading import (
     PART_RE,
-    RUN_FILE,
     is_run_dir,
     iter_part_tables,
     part_paths,
@@ -26,7 +28,7 @@ from pipeline.output.reading import (
     run_dirs,
     scan_batches,
 )
-from pipeline.output.rundir import MANIFEST_FILE, REJECTED_FILE, OutputDir
+from pipeline.output.rundir import OutputDir
 from pipeline.output.schema import RESERVED_COLUMNS, row_schema
 from pipeline.output.sharding import (
     SHARD_RE,
@@ -42,6 +44,7 @@ from pipeline.output.status import dir_status, run_status
 
 __all__ = [
     "MANIFEST_FILE",
+    "META_DIR",
     "PART_RE",
     "REJECTED_FILE",
     "RESERVED_COLUMNS",
@@ -58,6 +61,8 @@ __all__ = [
     "input_fingerprint",
     "is_run_dir",
     "iter_part_tables",
+    "locate",
+    "meta_path",
     "merge_shards",
     "parse_shard",
     "part_paths",

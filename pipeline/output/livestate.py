@@ -1,9 +1,9 @@
-"""A run's live state as readers see it: ``_state.json`` (written by the run, :mod:`pipeline.run.state`) judged by
-``_lock.json``'s heartbeat (:mod:`pipeline.output.lock`).
+"""A run's live state as readers see it: ``.rag-pipeline/state.json`` (written by the run, :mod:`pipeline.run.state`)
+judged by ``.rag-pipeline/lock.json``'s heartbeat (:mod:`pipeline.output.lock`).
 
 Whether a run is alive has one source, the lock: a live lock (its holder's pid exists on this machine, or its
-heartbeat is fresh when held from another node) is a running run, whatever ``_state.json`` says; a stale lock is a
-run that died; no lock is a run that ended (its last ``_state.json`` says how: ``complete`` or ``stopped``). A state
+heartbeat is fresh when held from another node) is a running run, whatever the state file says; a stale lock is a
+run that died; no lock is a run that ended (its last state file says how: ``complete`` or ``stopped``). A state
 file left with a running phase by a run that died is read as a dead run, never as a running one.
 """
 
@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-STATE_FILE = "_state.json"
-"""The live state file in a run directory (rewritten every ``run.progress_interval_s`` while the run runs)."""
+from pipeline.output.layout import LOCK_FILE, STATE_FILE, locate
+
 LIVE_PHASES = ("starting servers", "starting workers", "running", "draining")
 """Phases of a run that holds its lock (``draining``: a stop signal arrived, in-flight records finish)."""
 FINAL_PHASES = ("stopped", "complete")
@@ -22,10 +22,10 @@ FINAL_PHASES = ("stopped", "complete")
 
 
 def read_state(run_dir: str | Path) -> dict[str, Any] | None:
-    """The content of ``run_dir/_state.json``, or None when absent or unreadable (it is replaced atomically, so
+    """The content of ``run_dir/.rag-pipeline/state.json``, or None when absent or unreadable (it is replaced atomically, so
     unreadable means damaged, not half-written)."""
     try:
-        data = json.loads((Path(run_dir) / STATE_FILE).read_text())
+        data = json.loads(locate(run_dir, STATE_FILE).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -51,7 +51,7 @@ def run_liveness(run_dir: str | Path, *, complete: bool, stale_s: float = 60.0) 
 
     d = Path(run_dir)
     st = read_state(d)
-    lock = inspect_lock(d, stale_s=stale_s)
+    lock = inspect_lock(d, stale_s=stale_s, path=locate(d, LOCK_FILE))
     updated_age_s = None
     if st is not None and isinstance(st.get("updated_unix"), (int, float)):
         updated_age_s = round(max(0.0, time.time() - float(st["updated_unix"])), 1)

@@ -4,9 +4,9 @@ Why a heartbeat file and not ``fcntl``/``flock``: on the shared filesystems of c
 one node (Lustre ``localflock``, GPFS/NFS mounted ``nolock``: two nodes both "get" the lock, silently) or is
 held by the server long after the node died (NFSv3 NLM). A file created with ``O_CREAT | O_EXCL`` (atomic on
 local filesystems and on NFSv3+) plus an mtime the holder refreshes works the same everywhere and can be
-inspected (``cat _lock.json`` names the holder).
+inspected (``cat .rag-pipeline/lock.json`` names the holder).
 
-Protocol (file ``_lock.json`` in the run directory):
+Protocol (file ``.rag-pipeline/lock.json`` in the run directory, :mod:`pipeline.output.layout`):
 
 * **Acquire**: create it exclusively with ``{"host", "pid", "boot_id", "pid_ns", "pid_started", "token",
   "started"}``. A thread of the holder touches it every ``refresh_s`` seconds (its mtime is the heartbeat)
@@ -35,11 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RagPipelineError
+from pipeline.output.layout import LOCK_FILE, meta_path
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = "_lock.json"
-
 
 class LockHeld(RagPipelineError):
     """Another live run holds the output directory's lock (exit 2: the user's command conflicts)."""
@@ -82,18 +80,19 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
-def inspect_lock(directory: str | Path, *, stale_s: float = 60.0) -> dict[str, Any] | None:
+def inspect_lock(directory: str | Path, *, stale_s: float = 60.0, path: Path | None = None) -> dict[str, Any] | None:
     """The holder of a run directory's lock as a reader (``rag-pipeline status``) sees it, by the same staleness
     rules as :meth:`DirLock.acquire`; never takes, refreshes or changes the lock.
 
     Args:
         directory: the run directory; ``stale_s``: the run's ``run.lock_stale_s``.
+        path: the lock file (default: the directory's ``.rag-pipeline/lock.json``).
 
     Returns:
         None when there is no lock file; else ``{"host", "pid", "started", "heartbeat_age_s" (float, by the
         filesystem's clock), "alive" (bool), "reason" (why it is stale, or None while alive)}``.
     """
-    lock = DirLock(directory, stale_s=stale_s)
+    lock = DirLock(directory, stale_s=stale_s, path=path)
     info = _read(lock.path)
     if info is None:
         return None
@@ -119,6 +118,7 @@ class DirLock:
 
     Args:
         directory: the run directory (must exist).
+        path: the lock file (default ``directory/.rag-pipeline/lock.json``; its folder is created on acquire).
         refresh_s: seconds between heartbeats (mtime refreshes) of the holder.
         stale_s: a lock whose heartbeat is older than this (and whose holder cannot be checked locally) is
             taken over.
@@ -128,9 +128,10 @@ class DirLock:
         OSError: the directory cannot be written.
     """
 
-    def __init__(self, directory: str | Path, *, refresh_s: float = 10.0, stale_s: float = 60.0) -> None:
+    def __init__(self, directory: str | Path, *, refresh_s: float = 10.0, stale_s: float = 60.0,
+                 path: Path | None = None) -> None:
         self.directory = Path(directory)
-        self.path = self.directory / LOCK_FILE
+        self.path = Path(path) if path is not None else meta_path(self.directory, LOCK_FILE)
         self.refresh_s = refresh_s
         self.stale_s = stale_s
         self.token = uuid.uuid4().hex
@@ -163,7 +164,7 @@ class DirLock:
 
     def _fs_now(self) -> float:
         """Current time by the filesystem's clock: mtime of a file written now in the directory."""
-        probe = self.directory / f"_lock.probe.{self.token}"
+        probe = self.path.parent / f"_lock.probe.{self.token}"
         try:
             probe.write_bytes(b"")
             return probe.stat().st_mtime
@@ -197,6 +198,7 @@ class DirLock:
         once; one that has missed heartbeats is watched until it is refreshed (refused) or stale (taken over),
         so a job requeued on another node just after its first node died waits for the lock instead of failing.
         """
+        self.path.parent.mkdir(exist_ok=True)
         attempts = 0
         while attempts < 20:
             attempts += 1
@@ -233,7 +235,7 @@ class DirLock:
         raise LockHeld(f"output dir {self.directory}: could not take the lock {self.path} (contended)")
 
     def _take_over(self, info: dict[str, Any], reason: str) -> None:
-        aside = self.directory / f"_lock.stale.{self.token}"
+        aside = self.path.parent / f"_lock.stale.{self.token}"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:

@@ -24,10 +24,12 @@ import pyarrow as pa
 
 from pipeline.errors import InputError, RunError
 from pipeline.output.files import input_fingerprint, now
+from pipeline.output.layout import META_DIR, RUN_FILE
+from pipeline.output.migrate import migrate
 from pipeline.output.reading import (
-    RUN_FILE,
     is_run_dir,
     iter_tables_of_parts,
+    not_an_output,
     part_paths,
     read_part_schema,
     scan_batches,
@@ -106,11 +108,9 @@ def _resolve_shards(root_p: Path) -> tuple[int, dict[int, Path]]:
     elif is_run_dir(root_p):
         n, present = 1, {0: root_p}
     else:
-        raise InputError(
-            f"{root_p}: not a rag-pipeline output (no {RUN_FILE} and no shard-I-of-N directories)"
-        )
+        raise not_an_output(root_p)
     if not present:
-        raise InputError(f"{root_p}: no shard has started yet (no shard-I-of-{n}/{RUN_FILE})")
+        raise InputError(f"{root_p}: no shard has started yet (no shard-I-of-{n}/{META_DIR}/{RUN_FILE})")
     return n, present
 
 
@@ -134,13 +134,13 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
                  memory_limit_mb: int = ORDERED_MEMORY_LIMIT_MB) -> dict[str, Any]:
     """Combine the shards of ``root`` into ``output`` (default ``ROOT.merged``) after verifying exactly-once.
 
-    Reads the input named in the shards' ``_run.json`` (which must agree and be unchanged since), validates
+    Reads the input named in the shards' ``run.json`` (which must agree and be unchanged since), validates
     it like the run does (:func:`pipeline.dataset.records.scan_input`, bad records rejected, with the shards'
     ``config["run"]`` id_field / query_field / max_query_chars / limit) and checks, by sorted id digests
     (module docstring), that every valid record has exactly one row across the shards. A root that is itself
     a run directory is treated as one shard. Rows are copied part by part (shard order, then part order),
     re-chunked to ``part_rows``, with schemas unified; the rejected records go to the merged
-    ``_rejected.jsonl``. With ``ordered`` the rows are written in input order (by ``input_index``): DuckDB sorts
+    ``rejected.jsonl``. With ``ordered`` the rows are written in input order (by ``input_index``): DuckDB sorts
     them out of core under ``memory_limit_mb`` (spilling to a hidden directory inside ``output``) into one
     temporary file, which is then cut into parts of ``part_rows`` rows.
 
@@ -152,7 +152,7 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
         memory_limit_mb: DuckDB's ``memory_limit`` for the ordered sort, MiB.
 
     Returns:
-        The merged ``_manifest.json`` content: ``complete``, ``total_records``, ``rows``, ``rejected``,
+        The merged ``manifest.json`` content: ``complete``, ``total_records``, ``rows``, ``rejected``,
         ``counts`` (rag_status / gen_status), ``n_shards``, ``merged_from``, ``misplaced``, ``created``.
 
     Raises:
@@ -251,6 +251,7 @@ def merge_shards(root: str | Path, output: str | Path | None = None, *, part_row
             schema = s
         elif not s.equals(schema):
             schema = pa.unify_schemas([schema, s], promote_options="permissive")
+    migrate(out)  # a merge output of an earlier version: its names into .rag-pipeline/ before it is replaced
     dest = OutputDir(out, track_ids=False)
     dest.prepare(
         input_path=input_path,

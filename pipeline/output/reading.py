@@ -1,12 +1,10 @@
 """Reading committed rows: part discovery and streamed, column-projected scans (pyarrow.dataset).
 
-Only files matching ``part-NNNNN.parquet`` exactly are committed rows. Every other file a run, a retry or a merge
-writes into an output directory is named so that the usual readers of a directory skip it as well (each record
-then reads exactly once with ``pyarrow.parquet.read_table(D)``, ``pandas.read_parquet(D)``,
-``duckdb.read_parquet('D/**/*.parquet')`` and ``datasets.load_dataset('parquet', data_dir=D)``): its name starts
-with ``_`` or ``.`` (pyarrow and pandas skip those) and does not end in ``.parquet`` (DuckDB's glob and datasets
-take only that suffix). Temporary files are ``.NAME.tmp`` (:data:`TMP_PREFIX`), retry parts
-``_retry-NNNNN.pending`` (:data:`RETRY_PART_RE`).
+Only files matching ``part-NNNNN.parquet`` exactly are committed rows. Everything else a run, a retry or a merge
+writes into an output directory lives in its hidden ``.rag-pipeline/`` folder (:mod:`pipeline.output.layout`), or
+is a temporary file ``.NAME.tmp`` (:data:`TMP_PREFIX`), so that each record reads exactly once with
+``pyarrow.parquet.read_table(D)``, ``pandas.read_parquet(D)``, ``duckdb.read_parquet('D/**/*.parquet')`` and
+``datasets.load_dataset('parquet', data_dir=D)``.
 """
 
 from __future__ import annotations
@@ -20,22 +18,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, RunError
+from pipeline.output.layout import META_DIR, RUN_FILE, locate
 from pipeline.output.schema import COLUMN_TYPES
 from pipeline.output.sharding import shard_dirs
 
-RUN_FILE = "_run.json"
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
-#: replacement rows of ``run --retry-failed`` not yet applied to the parts (never read as committed rows);
-#: ``retry-NNNNN.parquet`` is the name earlier versions gave them (still applied when found).
-RETRY_PART_RE = re.compile(r"^(?:_retry-(\d{5,})\.pending|retry-(\d{5,})\.parquet)$")
 #: prefix of a file being written (``.NAME.tmp``, renamed to ``NAME`` when complete): hidden from every reader.
 TMP_PREFIX = "."
-
-
-def retry_part_index(name: str) -> int | None:
-    """The index NNNNN of a retry part's file name (:data:`RETRY_PART_RE`), or None for another name."""
-    m = RETRY_PART_RE.match(name)
-    return None if m is None else int(m.group(1) or m.group(2))
 
 
 def tmp_path(dest: str | Path) -> Path:
@@ -58,8 +47,14 @@ def part_paths(path: str | Path) -> list[Path]:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """True if ``path`` holds a ``_run.json`` (a run or shard directory)."""
-    return (Path(path) / RUN_FILE).is_file()
+    """True if ``path`` holds a ``.rag-pipeline/run.json`` (a run or shard directory; an earlier version's
+    ``_run.json`` counts too: :func:`pipeline.output.layout.locate`)."""
+    return locate(path, RUN_FILE).is_file()
+
+
+def not_an_output(path: str | Path) -> InputError:
+    """The error for a directory that is neither a run directory nor a root of shard directories."""
+    return InputError(f"{path}: not a rag-pipeline output (no {META_DIR}/{RUN_FILE} and no shard-I-of-N directories)")
 
 
 def run_dirs(path: str | Path) -> list[Path]:
@@ -75,7 +70,7 @@ def run_dirs(path: str | Path) -> list[Path]:
         return [p]
     shards = [d for _, _, d in shard_dirs(p)]
     if not shards:
-        raise InputError(f"{p}: not a rag-pipeline output (no {RUN_FILE} and no shard-I-of-N directories)")
+        raise not_an_output(p)
     return shards
 
 

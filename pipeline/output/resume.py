@@ -1,10 +1,10 @@
 """What a resume may change in a run directory, and which committed rows it re-processes. Pure rules: no file
-is read here (:class:`pipeline.output.rundir.OutputDir` reads the parts and ``_run.json`` and applies them).
+is read here (:class:`pipeline.output.rundir.OutputDir` reads the parts and ``run.json`` and applies them).
 
 **A resume may extend a run** (``--limit 3`` then ``--limit 5``, or no limit): the records of a run are the
 first ``run.limit`` valid records of the input (of its shard with ``--shard I/N``: the indices ``i % N == I``
 among them), so the records of a larger limit include those of a smaller one, and the count of records
-(``total_records`` of ``_run.json``) says which set a directory holds. :func:`check_limit_change` accepts a
+(``total_records`` of ``run.json``) says which set a directory holds. :func:`check_limit_change` accepts a
 total that stays or grows and refuses one that shrinks: committed rows would fall outside the run.
 
 **Which rows a retry re-processes** (:func:`retry_reasons`), one reason per row, first match in this order:

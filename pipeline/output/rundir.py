@@ -1,16 +1,18 @@
 """One run directory and its commit protocol.
 
-Layout (``--output``, or ``--output/shard-I-of-N`` with ``--shard I/N``)::
+Layout (``--output``, or ``--output/shard-I-of-N`` with ``--shard I/N``; :mod:`pipeline.output.layout`)::
 
-    _run.json          input (absolute path), fingerprint {size, sha256}, shard, total_records, config, created
-    part-00000.parquet committed rows (one row per record; the parts themselves are the durable ledger)
+    part-00000.parquet          committed rows (one row per record; the parts themselves are the durable ledger)
     part-00001.parquet ...
-    _rejected.jsonl    bad input records (on_bad_record=skip); one JSON object a line, with "line" and "id" if known
-    _manifest.json     written at the end of a run; ``{"complete": true, ...}`` when every record has a row
-    _retry-00000.pending  replacement rows of ``run --retry-failed`` until they are applied to the parts
+    .rag-pipeline/run.json      input (absolute path), fingerprint {size, sha256}, shard, total_records, config,
+                                created
+    .rag-pipeline/rejected.jsonl  bad input records (on_bad_record=skip); one JSON object a line, with "line" and
+                                "id" if known
+    .rag-pipeline/manifest.json written at the end of a run; ``{"complete": true, ...}`` when every record has a row
+    .rag-pipeline/retry-00000.pending  replacement rows of ``run --retry-failed`` until they are applied
 
-Only committed parts end in ``.parquet`` and lack a leading ``_``/``.``, so that reading the directory with
-pyarrow, pandas, DuckDB or datasets gives each record once (:mod:`pipeline.output.reading`).
+Only committed parts live outside ``.rag-pipeline/``, so that reading the directory with pyarrow, pandas, DuckDB
+or datasets gives each record once (:mod:`pipeline.output.reading`).
 
 Commit protocol (:meth:`OutputDir.commit_part`): the part is written to ``.part-NNNNN.parquet.tmp``, fsynced,
 renamed with :func:`os.replace` (atomic on POSIX) and the directory is fsynced. A crash at any instant leaves
@@ -33,17 +35,19 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, RunError
 from pipeline.output.files import atomic_write_bytes, atomic_write_json, fsync_dir, now, read_json
-from pipeline.output.ledger import Ledger
-from pipeline.output.lock import LOCK_FILE
-from pipeline.output.reading import (
-    PART_RE,
-    RETRY_PART_RE,
+from pipeline.output.layout import (
+    LOCK_FILE,
+    MANIFEST_FILE,
+    META_DIR,
+    REJECTED_FILE,
     RUN_FILE,
-    part_paths,
-    read_part_footer,
+    locate,
+    meta_dir,
     retry_part_index,
-    tmp_path,
+    retry_part_path,
 )
+from pipeline.output.ledger import Ledger
+from pipeline.output.reading import PART_RE, part_paths, read_part_footer, tmp_path
 from pipeline.output.resume import COLUMNS as RETRY_COLUMNS
 from pipeline.output.resume import (
     FINISH_REASON_COLUMN,
@@ -58,12 +62,9 @@ log = logging.getLogger(__name__)
 LIMIT_KEY = "run.limit"
 """The identity key a resume may raise (the run grows); every other identity key must stay."""
 
-MANIFEST_FILE = "_manifest.json"
-REJECTED_FILE = "_rejected.jsonl"
-
 
 class OutputDir:
-    """One run directory: ``_run.json``, committed Parquet parts, manifest and rejected records.
+    """One run directory: committed Parquet parts, and ``.rag-pipeline/`` run file, manifest and rejected records.
 
     One process writes a given directory at a time (the run's main process), through ONE ``OutputDir`` for
     the whole run: its ledger is loaded on first use and updated in memory by every commit.
@@ -88,18 +89,18 @@ class OutputDir:
 
     @property
     def run_file(self) -> Path:
-        """Path of ``_run.json``."""
-        return self.path / RUN_FILE
+        """Path of ``.rag-pipeline/run.json`` (:func:`pipeline.output.layout.locate`)."""
+        return locate(self.path, RUN_FILE)
 
     @property
     def manifest_file(self) -> Path:
-        """Path of ``_manifest.json``."""
-        return self.path / MANIFEST_FILE
+        """Path of ``.rag-pipeline/manifest.json``."""
+        return locate(self.path, MANIFEST_FILE)
 
     @property
     def rejected_file(self) -> Path:
-        """Path of ``_rejected.jsonl``."""
-        return self.path / REJECTED_FILE
+        """Path of ``.rag-pipeline/rejected.jsonl``."""
+        return locate(self.path, REJECTED_FILE)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -116,9 +117,9 @@ class OutputDir:
         settings: dict[str, Any] | None = None,
         allow_config_change: bool = False,
     ) -> None:
-        """Create (or reopen for resuming) the run directory and write ``_run.json``.
+        """Create (or reopen for resuming) the run directory and write ``.rag-pipeline/run.json``.
 
-        A directory that already holds a ``_run.json`` for the same input (absolute path and fingerprint),
+        A directory that already holds a ``run.json`` for the same input (absolute path and fingerprint),
         shard and identity is resumed: its committed parts stay, ``total_records`` and ``config`` are updated
         and ``created`` is kept. ``run.limit`` may differ when ``total_records`` stays or grows: the run is
         extended (:func:`pipeline.output.resume.check_limit_change`; the change is appended to
@@ -135,18 +136,18 @@ class OutputDir:
                 with any different value is refused (the message names the key).
             settings: ``{"rag.max_tokens": ..., "rag.prompt_file": <sha256>, ...}``: what decides the content
                 of a row; a resume with a different value is refused unless ``allow_config_change`` (then the
-                change is appended to ``config_changes`` in ``_run.json``).
+                change is appended to ``config_changes`` in ``run.json``).
             allow_config_change: accept changed ``settings`` on resume.
 
         Raises:
             InputError: the directory belongs to another input, a changed input, another shard or another
                 identity (a ``run.limit`` with fewer records included), a setting changed without
                 ``allow_config_change``, an interrupted ``--overwrite`` (and ``overwrite`` is False), parts without
-                ``_run.json``, or an unreadable ``_run.json``.
+                ``run.json``, or an unreadable ``run.json``.
             OSError: the directory cannot be created or written.
         """
         input_abs = str(Path(input_path).expanduser().resolve())
-        self.path.mkdir(parents=True, exist_ok=True)
+        meta_dir(self.path).mkdir(parents=True, exist_ok=True)
         if overwrite:
             self._clear()
         created = now()
@@ -201,7 +202,7 @@ class OutputDir:
         elif self.parts():
             raise InputError(f"output dir {self.path} holds committed parts but no {RUN_FILE}: they cannot be "
                              "resumed safely; use --overwrite or another --output")
-        for tmp in self.path.glob("*.tmp"):
+        for tmp in [*self.path.glob("*.tmp"), *meta_dir(self.path).glob("*.tmp")]:
             log.info("removing stale temporary file %s", tmp)
             tmp.unlink(missing_ok=True)
         info = {
@@ -223,23 +224,28 @@ class OutputDir:
         """Discard what a previous run wrote (parts, tmp files, retry parts, manifest, rejected records).
 
         Ordered so that an interruption at any instant never leaves parts that a later resume would adopt:
-        ``_run.json`` is first replaced (atomically) by a tombstone ``{"state": "overwriting"}`` that every
-        resume refuses, then the files are deleted; :meth:`prepare` writes the new ``_run.json`` last.
+        ``run.json`` is first replaced (atomically) by a tombstone ``{"state": "overwriting"}`` that every
+        resume refuses, then the files are deleted; :meth:`prepare` writes the new ``run.json`` last. The lock,
+        the logs, the live state and the report stay.
         """
-        entries = list(self.path.iterdir())
-        if any(p.name != LOCK_FILE and not p.name.startswith("_lock.") for p in entries):
-            atomic_write_json(self.run_file, {"state": "overwriting", "since": now()})
-        for p in entries:
-            ours = p.name in (MANIFEST_FILE, REJECTED_FILE)
-            if ours or PART_RE.match(p.name) or RETRY_PART_RE.match(p.name) or p.name.endswith(".tmp"):
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
+        meta = meta_dir(self.path)
+        top = [p for p in self.path.iterdir() if p.name != META_DIR]
+        inside = list(meta.iterdir()) if meta.is_dir() else []
+        if top or any(p.name != LOCK_FILE and not p.name.startswith("_lock.") for p in inside):
+            atomic_write_json(meta / RUN_FILE, {"state": "overwriting", "since": now()})
+        doomed = [p for p in top if PART_RE.match(p.name) or p.name.endswith(".tmp")]
+        doomed += [p for p in inside if p.name in (MANIFEST_FILE, REJECTED_FILE) or retry_part_index(p.name) is not None
+                   or p.name.endswith(".tmp")]
+        for p in doomed:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        fsync_dir(meta)
         fsync_dir(self.path)
 
     def run_info(self) -> dict[str, Any]:
-        """Contents of ``_run.json``.
+        """Contents of ``run.json``.
 
         Raises:
             InputError: missing or invalid.
@@ -247,7 +253,7 @@ class OutputDir:
         return read_json(self.run_file, "run file")
 
     def manifest(self) -> dict[str, Any] | None:
-        """Contents of ``_manifest.json``, or ``None`` if the run has not written one.
+        """Contents of ``manifest.json``, or ``None`` if the run has not written one.
 
         Raises:
             InputError: the file exists but is invalid.
@@ -375,13 +381,15 @@ class OutputDir:
         return sel
 
     def retry_parts(self) -> list[Path]:
-        """Committed retry parts (``_retry-NNNNN.pending``: replacement rows not yet applied), in index order."""
-        found = [(k, p) for p in self.path.iterdir() if (k := retry_part_index(p.name)) is not None]
+        """Committed retry parts (``.rag-pipeline/retry-NNNNN.pending``: replacement rows not yet applied), in
+        index order."""
+        meta = meta_dir(self.path)
+        found = [(k, p) for p in meta.iterdir() if (k := retry_part_index(p.name)) is not None] if meta.is_dir() else []
         return [p for _, p in sorted(found)]
 
     def commit_retry_part(self, table: pa.Table) -> Path:
-        """Commit replacement rows (of ids that already have a committed row) as the next ``_retry-NNNNN.pending``
-        (a Parquet file whose name no reader of the directory takes for rows).
+        """Commit replacement rows (of ids that already have a committed row) as the next
+        ``.rag-pipeline/retry-NNNNN.pending`` (a Parquet file no reader of the directory takes for rows).
 
         Same atomic protocol as :meth:`commit_part`. The rows replace the committed rows of the same ids when
         :meth:`apply_retries` runs (at the end of the retry, or at the start of the next run after a crash).
@@ -401,10 +409,11 @@ class OutputDir:
             if bad or len(set(ids)) != len(ids):
                 raise RunError(f"retry commit to {self.path}: ids without a committed row, duplicated or already "
                                f"retried: {bad[:5] or ids[:5]}")
-            found = [k for p in self.path.iterdir() if (k := retry_part_index(p.name)) is not None]
-            dest = self.path / f"_retry-{max(found, default=-1) + 1:05d}.pending"
+            found = [retry_part_index(p.name) or 0 for p in self.retry_parts()]
+            dest = retry_part_path(self.path, max(found, default=-1) + 1)
+            dest.parent.mkdir(exist_ok=True)
             _write_atomic(table, dest)
-            fsync_dir(self.path)
+            fsync_dir(dest.parent)
             self._retry_ids.update(ids)
         return dest
 
@@ -463,7 +472,7 @@ class OutputDir:
         fsync_dir(self.path)
         for rp in retry:
             rp.unlink(missing_ok=True)
-        fsync_dir(self.path)
+        fsync_dir(meta_dir(self.path))
         with self._lock:
             self._retry_ids = None
         log.info("%s: %d retried rows applied from %d retry parts", self.path, replaced, len(retry))
@@ -472,15 +481,16 @@ class OutputDir:
     # -- bookkeeping files -------------------------------------------------------------------
 
     def write_manifest(self, manifest: dict[str, Any]) -> Path:
-        """Write ``_manifest.json`` atomically. ``status`` reads its ``"complete"`` (bool) key.
+        """Write ``manifest.json`` atomically. ``status`` reads its ``"complete"`` (bool) key.
 
         Raises:
             OSError: the write failed.
         """
+        meta_dir(self.path).mkdir(parents=True, exist_ok=True)
         return atomic_write_json(self.manifest_file, manifest)
 
     def write_rejected(self, lines: list[dict[str, Any]]) -> Path:
-        """Write ``_rejected.jsonl`` atomically, one JSON object per rejected record.
+        """Write ``rejected.jsonl`` atomically, one JSON object per rejected record.
 
         Each object should carry ``"line"`` (1-based line number in a JSONL input, row number in a
         Parquet input) and ``"id"`` when known.
@@ -489,10 +499,11 @@ class OutputDir:
             OSError: the write failed.
         """
         data = "".join(json.dumps(obj, default=str) + "\n" for obj in lines).encode()
+        meta_dir(self.path).mkdir(parents=True, exist_ok=True)
         return atomic_write_bytes(self.rejected_file, data)
 
     def rejected(self) -> list[dict[str, Any]]:
-        """Rejected records of ``_rejected.jsonl`` (empty if absent); unparseable lines are skipped."""
+        """Rejected records of ``rejected.jsonl`` (empty if absent); unparseable lines are skipped."""
         if not self.rejected_file.exists():
             return []
         out = []
@@ -508,7 +519,7 @@ class OutputDir:
         return out
 
     def rejected_count(self) -> int:
-        """Number of lines of ``_rejected.jsonl`` (0 if absent), streamed."""
+        """Number of lines of ``rejected.jsonl`` (0 if absent), streamed."""
         if not self.rejected_file.exists():
             return 0
         with self.rejected_file.open("rb") as fh:
@@ -516,7 +527,7 @@ class OutputDir:
 
 
 def _previous(prev: dict[str, Any], key: str, current: dict[str, Any]) -> dict[str, Any]:
-    """``prev[key]``; for a ``_run.json`` written before it was recorded, the values of the same dotted keys
+    """``prev[key]``; for a ``run.json`` written before it was recorded, the values of the same dotted keys
     in ``prev["config"]`` (the keys that cannot be found there are not compared)."""
     if isinstance(prev.get(key), dict):
         return prev[key]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.output.reading import RUN_FILE, is_run_dir
+from pipeline.output.reading import is_run_dir, not_an_output
 from pipeline.output.rundir import OutputDir
 from pipeline.output.sharding import default_merge_dir, shard_dirs
 from pipeline.output.stats import scan_stats
@@ -21,17 +21,17 @@ def dir_status(path: str | Path) -> dict[str, Any]:
 
     Returns:
         ``{"path", "shard", "input", "total", "done", "committed", "rejected", "complete", "manifest",
-        "rag_status", "gen_status", "run"}``: ``total`` from ``_run.json`` (records expected), ``committed``
+        "rag_status", "gen_status", "run"}``: ``total`` from ``run.json`` (records expected), ``committed``
         rows in committed parts, ``done`` = committed rows plus, while a run is running, the rows it finished
-        and has not committed yet (from its ``_state.json``: the counts its progress line shows),
-        ``rejected`` lines of ``_rejected.jsonl``, ``manifest`` whether ``_manifest.json`` exists,
+        and has not committed yet (from its ``state.json``: the counts its progress line shows),
+        ``rejected`` lines of ``rejected.jsonl``, ``manifest`` whether ``manifest.json`` exists,
         ``complete`` = the manifest says ``"complete": true`` and committed + rejected >= total; the two
         status fields map each value (``"null"`` for a missing one) to a row count (uncommitted rows of a
         running run included); ``run``: :func:`pipeline.output.livestate.run_liveness` (running / stopped /
         complete, heartbeat age, phase, and for a running run its live state under ``"live"``).
 
     Raises:
-        InputError: ``_run.json`` missing or invalid.
+        InputError: ``run.json`` missing or invalid.
         RunError: a committed part is unreadable.
     """
     import time
@@ -101,7 +101,7 @@ def single_n(root: Path) -> tuple[int, dict[int, Path]]:
 
 
 def _rejected_lines(od: OutputDir) -> set[Any]:
-    """Line numbers of ``_rejected.jsonl``, streamed."""
+    """Line numbers of ``rejected.jsonl``, streamed."""
     out: set[Any] = set()
     if od.rejected_file.exists():
         with od.rejected_file.open() as fh:
@@ -124,7 +124,7 @@ def run_status(path: str | Path) -> dict[str, Any]:
         shards that exist (a missing shard's record count is unknown until it starts).
 
     Raises:
-        InputError: not an output directory, mixed shard counts, an invalid ``_run.json``.
+        InputError: not an output directory, mixed shard counts, an invalid ``run.json``.
         RunError: a committed part is unreadable.
     """
     root = Path(path)
@@ -133,7 +133,7 @@ def run_status(path: str | Path) -> dict[str, Any]:
     if is_run_dir(root):
         return {**dir_status(root), "sharded": False}
     if not shard_dirs(root):
-        raise InputError(f"{root}: not a rag-pipeline output (no {RUN_FILE} and no shard-I-of-N directories)")
+        raise not_an_output(root)
     n, by_index = single_n(root)
     shards, missing = [], []
     agg: dict[str, Any] = {"total": 0, "done": 0, "rag_status": {}, "gen_status": {}}

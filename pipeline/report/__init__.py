@@ -19,13 +19,12 @@ from typing import Any
 
 from pipeline.errors import OutputError
 from pipeline.output.files import atomic_write_bytes
+from pipeline.output.layout import REPORT_FILE, meta_path
+from pipeline.output.migrate import migrate
 from pipeline.report.aggregate import ReportStats, scan_report
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "_report.html"
-"""Default page of `rag-pipeline report` inside OUTPUT: its leading `_` keeps it out of a read of the directory
-(pyarrow and pandas skip such names; a file they cannot parse would stop them)."""
 
 
 def write_report(output: str | Path, html_path: str | Path | None = None, *, top_errors: int = 20) -> dict[str, Any]:
@@ -33,7 +32,8 @@ def write_report(output: str | Path, html_path: str | Path | None = None, *, top
 
     Args:
         output: a run directory or the root of a sharded run (``shard-I-of-N/``).
-        html_path: the file to write; default ``OUTPUT/_report.html``.
+        html_path: the file to write; default ``OUTPUT/.rag-pipeline/report.html`` (hidden, like all of the
+            directory's bookkeeping, so that a read of the directory takes only rows: :mod:`pipeline.output.layout`).
         top_errors: error groups listed.
 
     Returns:
@@ -41,16 +41,22 @@ def write_report(output: str | Path, html_path: str | Path | None = None, *, top
         "draw_s"}``.
 
     Raises:
-        InputError: ``output`` is not an output directory, or its ``_run.json`` is invalid.
+        InputError: ``output`` is not an output directory, or its ``run.json`` is invalid.
         RunError: a committed part is unreadable.
         OutputError: the report file cannot be written (missing directory, permissions, disk full).
     """
     from pipeline.report.page import build_html
     from pipeline.report.plots import all_figures
 
-    dest = Path(html_path) if html_path is not None else Path(output) / REPORT_FILE
+    dest = Path(html_path) if html_path is not None else meta_path(output, REPORT_FILE)
     t0 = time.perf_counter()
     stats: ReportStats = scan_report(output)
+    if html_path is None:
+        try:  # an earlier version's report at the top of the directory is replaced by this one
+            migrate(output, names=(REPORT_FILE,))
+            dest.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot write the report {dest}: {exc.strerror or exc}") from None
     t1 = time.perf_counter()
     figures = all_figures(stats)
     page = build_html(stats, figures, source=str(output), generated_at=time.time(), top_errors=top_errors)

@@ -365,7 +365,7 @@ def scan_report(path: str | Path) -> ReportStats:
     parts). Token columns are read when at least one part has them (parts without them give nulls).
 
     Raises:
-        InputError: ``path`` is not an output directory, or a ``_run.json`` is invalid.
+        InputError: ``path`` is not an output directory, or a ``run.json`` is invalid.
         RunError: a committed part is unreadable.
     """
     dirs = run_dirs(path)

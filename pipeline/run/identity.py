@@ -6,7 +6,7 @@
   checked as well (:meth:`pipeline.output.OutputDir.prepare`).
 * **Settings** (:data:`SETTING_KEYS` and the prompt templates' content): decide *what* a row says (prompts,
   model, retrieval, generation lengths). A resume with other values would mix rows made two ways; it is refused
-  unless the user passes ``--allow-config-change`` (then the change is logged in ``_run.json``).
+  unless the user passes ``--allow-config-change`` (then the change is logged in ``run.json``).
 
 Operational settings (endpoints, ports, process counts, timeouts, part size) may change freely on resume.
 """

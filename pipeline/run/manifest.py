@@ -1,4 +1,4 @@
-"""The run report written to ``_manifest.json`` at the end of every invocation."""
+"""The run report written to ``manifest.json`` at the end of every invocation."""
 
 from __future__ import annotations
 

@@ -33,6 +33,8 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import Interrupted, OutageError, RunError
 from pipeline.messages import EndpointsUp
+from pipeline.output.layout import INPUT_SCAN_FILE, LOGS_DIR, meta_dir, meta_path
+from pipeline.output.migrate import migrate
 from pipeline.run.manifest import build_manifest, server_report
 from pipeline.run.signals import StopSignals
 
@@ -49,7 +51,7 @@ class RunResult:
         done_before: records already committed by earlier (interrupted) runs.
         processed: records committed by this invocation.
         complete: every record of the partition has its row.
-        manifest: the _manifest.json content.
+        manifest: the manifest.json content.
     """
 
     output_dir: Path
@@ -95,7 +97,7 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     written to the manifest (``this_invocation.retried``).
 
     Returns:
-        RunResult; the rows are in ``output_dir/part-*.parquet``, the report in ``_manifest.json``.
+        RunResult; the rows are in ``output_dir/part-*.parquet``, the report in ``manifest.json``.
 
     Raises:
         InputError / ConfigError: no input or output named, bad input, prompt template or setting, or an output
@@ -121,6 +123,9 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
     created = not out_dir.exists()
     with _output_errors(out_dir, "create"):
         out_dir.mkdir(parents=True, exist_ok=True)
+        migrate(out_dir, stale_s=cfg.run.lock_stale_s)  # an earlier version's names into .rag-pipeline/
+        if shard:
+            migrate(out_root, names=(INPUT_SCAN_FILE,))
     lock = DirLock(out_dir, refresh_s=cfg.run.lock_refresh_s, stale_s=cfg.run.lock_stale_s)
     with _output_errors(out_dir, "lock"):
         lock.acquire()
@@ -128,9 +133,10 @@ def run_pipeline(cfg: Config, *, progress: bool = True) -> RunResult:
         return _run_locked(cfg, progress, out_dir, shard, lock)
     finally:
         lock.release()
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # only if nothing was written (the run stopped before preparing it)
+        if created:  # only if nothing was written (the run stopped before preparing it)
+            for d in (meta_dir(out_dir), out_dir):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
 def _refuse_staged_ingest(cfg: Config) -> None:
@@ -224,7 +230,7 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
               "max_query_chars": cfg.run.max_query_chars, "on_bad_record": cfg.run.on_bad_record}
     fingerprint = input_fingerprint(input_path)
     if shard:  # the shards of one input share one scan: a task then parses only its own records
-        scan = scan_input_cached(input_path, out_dir.parent / "_input_scan.json", fingerprint, **fields)
+        scan = scan_input_cached(input_path, meta_path(out_dir.parent, INPUT_SCAN_FILE), fingerprint, **fields)
     else:
         scan = scan_input(input_path, **fields)
     n_records = min(scan.n_valid, cfg.run.limit) if cfg.run.limit else scan.n_valid
@@ -238,7 +244,7 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
             log.warning("%s: applied the rows of an interrupted --retry-failed", out_dir)
         if scan.rejected:
             od.write_rejected(scan.rejected)
-            log.warning("%d bad input lines skipped; see %s", len(scan.rejected), out_dir / "_rejected.jsonl")
+            log.warning("%d bad input lines skipped; see %s", len(scan.rejected), od.rejected_file)
     ledger = od.ledger  # loaded once for the whole run (resume: the ids committed by earlier invocations)
     retry = None  # --retry-failed / --retry-truncated: which committed rows are done again (pipeline.output.resume)
     if cfg.run.retry_failed or cfg.run.retry_truncated:
@@ -267,7 +273,7 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
     live = LiveState(out_dir, total=total, done_before=n_done_before, interval_s=cfg.run.progress_interval_s,
                      writer=writer, parts=started)
     main_log = contextlib.ExitStack()
-    main_log.enter_context(log_to_file(out_dir / "_logs" / "main.log"))
+    main_log.enter_context(log_to_file(meta_path(out_dir, LOGS_DIR) / "main.log"))
     interrupted: str | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -439,7 +445,7 @@ def _start_servers(cfg: Config, out_dir: Path, signals: StopSignals, stack: cont
         verify_endpoints(endpoints, api_key_from_env(cfg.servers.api_key_env), cfg.llm.connect_timeout_s + 10)
         backend = "attached"
     else:
-        log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else out_dir / "_logs"
+        log_dir = Path(cfg.servers.log_dir) if cfg.servers.log_dir else meta_path(out_dir, LOGS_DIR)
         fetch_default_model(cfg)  # first use of the default CPU model: into the model cache
         pool = ServerPool(cfg, log_dir)
         stack.callback(pool.stop)  # whatever happens next
@@ -504,7 +510,7 @@ def _share_store(cfg: Config, servers: Servers, out_dir: Path, signals: StopSign
         return mode, cfg, None
     store_path = Path(cfg.store.path).resolve()
     store_path.mkdir(parents=True, exist_ok=True)
-    server = StoreServer(store_path, "127.0.0.1", log_path=out_dir / "_logs" / "chroma-store.log",
+    server = StoreServer(store_path, "127.0.0.1", log_path=meta_path(out_dir, LOGS_DIR) / "chroma-store.log",
                          shutdown_timeout_s=cfg.servers.shutdown_timeout_s)
     supervisor = StoreSupervisor(server, stopping=lambda: signals.count > 0)
     stack.callback(supervisor.stop)
@@ -534,7 +540,7 @@ def _start_workers(cfg: Config, servers: Servers, records: Iterator[Any], store_
     scheduler = Scheduler(cfg, records, inflight=servers.inflight, rag_urls=servers.endpoints,
                           gen_urls=servers.gen_endpoints, health=health, now=time.monotonic())
     workers = WorkerSet(cfg, scheduler, endpoints=servers.endpoints, gen_endpoints=servers.gen_endpoints,
-                        rag_targets=servers.rag_targets, n_gpus=servers.n_gpus, log_dir=out_dir / "_logs")
+                        rag_targets=servers.rag_targets, n_gpus=servers.n_gpus, log_dir=meta_path(out_dir, LOGS_DIR))
     stack.callback(lambda: workers.shutdown(force=signals.count >= 2))
     if store_sup is not None:
         scheduler.observe_store(store_sup.down(), store_sup.restarted_at)

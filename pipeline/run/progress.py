@@ -2,7 +2,7 @@
 
 On a terminal: two tqdm bars (retrieval, generation), as before. When stderr is not a terminal (a log file,
 Slurm's output, CI), or with ``--no-progress`` (no bars): one plain line every ``interval_s`` seconds, written
-to ``stderr`` directly (and to the run's ``_logs/main.log``), e.g.::
+to ``stderr`` directly (and to the run's ``.rag-pipeline/logs/main.log``), e.g.::
 
     2026-12-03 14:05:01 [progress] 1200/40000 rows (3.0%) | retrieval 1260 | rag ok=1100 soft_fail=90
     hard_fail=10 | gen ok=1190 failed=0 skipped=10 | 21.40 records/s (last 5 min) | ETA 30m13s

@@ -104,7 +104,7 @@ def preflight(cfg: Config, *, gpus: int | None = None, scan_cache: Path | None =
         cfg: the run's configuration (as each array task will build it).
         gpus: GPUs each task will see (``submit --gpus-per-node``), for ``servers.backend = "auto"``; None =
             unknown (``auto`` is then not resolved: :func:`pipeline.servers.attach.check_model_settings`).
-        scan_cache: write the input scan there (``OUTPUT_ROOT/_input_scan.json``), so that the shards of the
+        scan_cache: write the input scan there (``OUTPUT_ROOT/.rag-pipeline/input_scan.json``), so that the shards of the
             array reuse it (:func:`pipeline.dataset.records.scan_input_cached`); None = do not keep it.
 
     Returns:

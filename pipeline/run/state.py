@@ -1,4 +1,4 @@
-"""The run's live state: ``OUTPUT/_state.json``, rewritten by the main loop while the run runs.
+"""The run's live state: ``OUTPUT/.rag-pipeline/state.json``, rewritten by the main loop while the run runs.
 
 :class:`LiveState` is fed by the orchestrator: the phase at each start-up step, every finished row (counts per
 status, errors), and a :meth:`LiveState.tick` from the main loop (every ~0.2 s) that rewrites the file when
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.output.livestate import STATE_FILE
+from pipeline.output.layout import STATE_FILE, meta_path
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _iso(wall_s: float) -> str:
 
 
 class LiveState:
-    """The live state of one invocation of ``run`` and its ``_state.json`` (see the module docstring).
+    """The live state of one invocation of ``run`` and its ``state.json`` (see the module docstring).
 
     Args:
         out_dir: the run directory.
@@ -134,7 +134,7 @@ class LiveState:
     def __init__(self, out_dir: str | Path, *, total: int, done_before: int, interval_s: float, writer: Any,
                  parts: Any = None, progress: Any = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = Path(out_dir) / STATE_FILE
+        self.path = meta_path(out_dir, STATE_FILE)
         self.total = total
         self.done_before = done_before
         self.interval_s = float(interval_s)
@@ -318,6 +318,7 @@ class LiveState:
         try:
             snap = self.snapshot(now)
             self._written_commits = snap["committed_rows"]
+            self.path.parent.mkdir(exist_ok=True)
             atomic_write_json(self.path, snap)
         except OSError as exc:
             if not self._write_failed:

@@ -104,7 +104,7 @@ class ServerPool:
 
     Example::
 
-        with ServerPool(cfg, "out/_logs") as pool:
+        with ServerPool(cfg, "out/.rag-pipeline/logs") as pool:
             client = LLMClient(pool.ready_endpoints, cfg.llm)
     """
 

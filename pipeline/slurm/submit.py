@@ -1,7 +1,7 @@
 """Slurm array submission (`rag-pipeline submit`); each task copies its store to its node
 (:mod:`pipeline.store.staging`), so no store server is needed.
 
-``submit`` writes two batch scripts into ``OUTPUT/_slurm/``:
+``submit`` writes two batch scripts into ``OUTPUT/.rag-pipeline/slurm/``:
 
 * ``array.sbatch``: an array ``0-(S-1)`` of S shards (``--shards S``, default ``--nodes N``), throttled to K
   tasks at a time with ``%K`` (``--max-concurrent K``; default N when there are more shards than nodes), so a
@@ -17,8 +17,8 @@
   of leaving it pending forever).
 
 Each task and the merge job record their start and their end (state, exit code, log files) in
-``OUT/_slurm/tasks/`` (:mod:`pipeline.slurm.tasks`), so that ``rag-pipeline status OUT`` tells what became of
-each one without Slurm accounting; ``OUT/_slurm/submit.json`` holds the job ids.
+``OUT/.rag-pipeline/slurm/tasks/`` (:mod:`pipeline.slurm.tasks`), so that ``rag-pipeline status OUT`` tells what became of
+each one without Slurm accounting; ``OUT/.rag-pipeline/slurm/submit.json`` holds the job ids.
 
 Every value that goes into a script is quoted with :func:`shlex.quote` (sbatch parses ``#SBATCH`` lines with
 the same quoting rules); ``%`` in paths used as Slurm filename patterns is escaped as ``%%``.
@@ -40,7 +40,9 @@ from pathlib import Path
 
 from pipeline.errors import InputError, OutageError, RunError
 from pipeline.output import default_merge_dir, shard_dirs
-from pipeline.slurm.tasks import MERGE_RECORD, SLURM_DIR, TASKS_DIR, record_function, write_submit_record
+from pipeline.output.layout import SLURM_DIR, meta_path
+from pipeline.output.migrate import migrate
+from pipeline.slurm.tasks import MERGE_RECORD, TASKS_DIR, record_function, write_submit_record
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class SubmitOptions:
         max_concurrent: K, array tasks running at once (Slurm ``--array=0-(S-1)%K``); 0 = ``nodes`` when
             ``shards`` exceeds it, else no throttle.
         outage_requeues: times a task that stopped on an endpoint outage (the run's exit 75, after
-            ``run.max_outage_s``) requeues itself, counted per task in ``_slurm/outages/<task index>``; 0 =
+            ``run.max_outage_s``) requeues itself, counted per task in ``.rag-pipeline/slurm/outages/<task index>``; 0 =
             never (the task fails with 75 and the merge job is cancelled).
     """
 
@@ -118,8 +120,8 @@ class SubmitOptions:
 
     @property
     def slurm_dir(self) -> Path:
-        """``output_dir/_slurm``: the scripts and the per-task logs."""
-        return Path(self.output_dir).absolute() / SLURM_DIR
+        """``output_dir/.rag-pipeline/slurm``: the scripts, the task records and the per-task logs."""
+        return meta_path(Path(self.output_dir).absolute(), SLURM_DIR)
 
     def task_argv(self) -> list[str]:
         """The command of one array task, without the ``--shard`` value (added by the script)."""
@@ -427,6 +429,7 @@ def submit(
     a_text, m_text = array_script(opts), merge_script(opts)
     if dry_run:
         return SubmitResult(a_text, m_text)
+    migrate(opts.output_dir)  # a root an earlier version submitted: its names into .rag-pipeline/
     sdir = opts.slurm_dir
     (sdir / "logs").mkdir(parents=True, exist_ok=True)
     a_path, m_path = sdir / "array.sbatch", sdir / "merge.sbatch"
@@ -446,7 +449,7 @@ def submit(
 
 
 def _record_submission(opts: SubmitOptions, array_id: str, merge_id: str | None) -> None:
-    """``_slurm/submit.json``: what `rag-pipeline status` needs to follow the jobs (pipeline.slurm.tasks)."""
+    """``.rag-pipeline/slurm/submit.json``: what `rag-pipeline status` needs to follow the jobs (pipeline.slurm.tasks)."""
     try:
         write_submit_record(opts.slurm_dir, {
             "array_job_id": array_id, "merge_job_id": merge_id, "n_shards": opts.n_shards,

@@ -2,11 +2,11 @@
 
 A Slurm without accounting (no ``sacct``) forgets a finished job a few minutes after it ends, and a task that
 failed before writing anything leaves no shard directory. So the batch scripts record each task themselves, in
-``OUTPUT/_slurm/tasks/I.json`` (the merge job in ``merge.json``), replaced atomically (written to ``.I.json.tmp``,
+``OUTPUT/.rag-pipeline/slurm/tasks/I.json`` (the merge job in ``merge.json``), replaced atomically (written to ``.I.json.tmp``,
 then renamed): ``{"state": "running", "exit_code": null}`` when the task starts, and when it ends ``done``
 (exit 0), ``failed`` (its exit code) or ``requeued`` (the script requeued it: time limit near, endpoint outage),
 with the task's job id, restart count, host, time (ISO 8601) and its log files (names under
-``OUTPUT/_slurm/logs``). ``submit`` writes ``OUTPUT/_slurm/submit.json`` (the job ids, the shard count, the
+``OUTPUT/.rag-pipeline/slurm/logs``). ``submit`` writes ``OUTPUT/.rag-pipeline/slurm/submit.json`` (the job ids, the shard count, the
 merge output).
 
 :func:`slurm_status` joins them: `squeue` (``--me``, one line per array task) says which tasks are pending or
@@ -25,9 +25,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pipeline.output.layout import SLURM_DIR, locate
+
 log = logging.getLogger(__name__)
 
-SLURM_DIR = "_slurm"
 TASKS_DIR = "tasks"
 SUBMIT_FILE = "submit.json"
 MERGE_RECORD = "merge"
@@ -38,7 +39,7 @@ def record_function(tasks_dir: Path, name: str, job: str, log_stem: str) -> list
     """Lines of a bash function ``record STATE EXIT_CODE`` that replaces ``tasks_dir/NAME.json`` atomically.
 
     Args:
-        tasks_dir: ``OUTPUT/_slurm/tasks`` (shell-quoted into the script).
+        tasks_dir: ``OUTPUT/.rag-pipeline/slurm/tasks`` (shell-quoted into the script).
         name: the record's file stem, a shell word such as ``${SLURM_ARRAY_TASK_ID}`` or ``merge``.
         job: the job id as a shell word, e.g. ``${task}``.
         log_stem: the log file name without ``.out``/``.err``, as a shell word, e.g. ``run-${task}``.
@@ -59,7 +60,7 @@ def record_function(tasks_dir: Path, name: str, job: str, log_stem: str) -> list
 
 
 def write_submit_record(slurm_dir: Path, info: dict[str, Any]) -> None:
-    """Write ``_slurm/submit.json`` (atomically).
+    """Write ``slurm_dir/submit.json`` (atomically).
 
     Raises:
         OSError: the directory is not writable.
@@ -71,15 +72,15 @@ def write_submit_record(slurm_dir: Path, info: dict[str, Any]) -> None:
 
 
 def is_slurm_root(root: str | Path) -> bool:
-    """True if ``root`` was submitted by ``rag-pipeline submit`` (it holds ``_slurm/submit.json``)."""
-    return (Path(root) / SLURM_DIR / SUBMIT_FILE).is_file()
+    """True if ``root`` was submitted by ``rag-pipeline submit`` (it holds ``.rag-pipeline/slurm/submit.json``)."""
+    return (locate(root, SLURM_DIR) / SUBMIT_FILE).is_file()
 
 
 def read_records(root: str | Path) -> dict[str, dict[str, Any]]:
     """The task records of ``root`` by name (``"0"``, ``"1"``, ..., ``"merge"``); unreadable ones are left out
     (a record is replaced atomically, so only a foreign file can be unreadable)."""
     out: dict[str, dict[str, Any]] = {}
-    d = Path(root) / SLURM_DIR / TASKS_DIR
+    d = locate(root, SLURM_DIR) / TASKS_DIR
     if not d.is_dir():
         return out
     for p in d.glob("*.json"):
@@ -158,21 +159,22 @@ def slurm_status(root: str | Path, queue: dict[str, tuple[str, str]] | None = No
         satisfied).
 
     Raises:
-        InputError: ``root`` holds no ``_slurm/submit.json``.
+        InputError: ``root`` holds no ``.rag-pipeline/slurm/submit.json``.
     """
     from pipeline.errors import InputError
     from pipeline.output.files import read_json
 
     r = Path(root)
-    info = read_json(r / SLURM_DIR / SUBMIT_FILE, "Slurm submission record")
+    sdir = locate(r, SLURM_DIR)
+    info = read_json(sdir / SUBMIT_FILE, "Slurm submission record")
     if "array_job_id" not in info:
-        raise InputError(f"{r / SLURM_DIR / SUBMIT_FILE}: no array_job_id")
+        raise InputError(f"{sdir / SUBMIT_FILE}: no array_job_id")
     if queue is None:
         queue = squeue_states()
     known = queue is not None
     queue = queue or {}
     records = read_records(r)
-    logs = r / SLURM_DIR / "logs"
+    logs = sdir / "logs"
     array_id = str(info["array_job_id"])
     n = int(info.get("n_shards") or 0)
     tasks = []

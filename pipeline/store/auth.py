@@ -2,7 +2,7 @@
 
 Chroma 1.x ships no authentication, so a server reachable from the network must sit behind a proxy that checks a
 token; the client sends it in a header read from an environment variable (``store.token_env``), never from the
-configuration, so that it is neither logged nor written to ``_run.json`` or the manifest.
+configuration, so that it is neither logged nor written to ``run.json`` or the manifest.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ duplicated memory is small next to a GPU node's RAM while the shared server cost
 
 @dataclass(frozen=True)
 class StoreMode:
-    """The decision for one run, recorded in ``_manifest.json["store"]``.
+    """The decision for one run, recorded in ``manifest.json["store"]``.
 
     Attributes:
         mode: ``"local"`` (each RAG worker opens the local store), ``"shared"`` (the run's own Chroma server over

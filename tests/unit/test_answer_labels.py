@@ -145,8 +145,8 @@ def _output(tmp_path):
     from pipeline.output.schema import row_schema
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "_run.json").write_text("{}", encoding="utf-8")
+    (out / ".rag-pipeline").mkdir(parents=True)
+    (out / ".rag-pipeline/run.json").write_text("{}", encoding="utf-8")
     rows = [{"id": rid, "query": "q", "generation": gen, "rag_status": st, "contexts": [],
              "gen_status": "skipped" if gen is None else "ok",
              "generation_json": json.dumps(obj) if obj else None} for rid, gen, st, obj in ROWS]

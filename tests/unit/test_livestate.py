@@ -15,8 +15,9 @@ import pytest
 
 from pipeline import logs
 from pipeline.output.files import atomic_write_json
-from pipeline.output.livestate import STATE_FILE, live_counts, read_state, run_liveness
-from pipeline.output.lock import LOCK_FILE, DirLock
+from pipeline.output.layout import LOCK_FILE, STATE_FILE, meta_path
+from pipeline.output.livestate import live_counts, read_state, run_liveness
+from pipeline.output.lock import DirLock
 from pipeline.run.scheduler import RAG
 from pipeline.run.state import LiveState, RateWindow
 from tests.unit.scheduling import A, held, inc, make, rag_fail, rag_ok
@@ -312,13 +313,13 @@ def test_reader_running_while_the_lock_is_held_then_died_then_stopped_or_complet
         lock.release()
     # a run killed -9: its lock file stays, with a pid that no longer exists on this machine
     info = json.loads(json.dumps({**lock._identity(), "pid": _dead_pid(), "pid_started": 1.0}))
-    (tmp_path / LOCK_FILE).write_text(json.dumps(info))
+    meta_path(tmp_path, LOCK_FILE).write_text(json.dumps(info))
     state = read_state(tmp_path)
-    atomic_write_json(tmp_path / STATE_FILE, {**state, "pid": info["pid"]})
+    atomic_write_json(meta_path(tmp_path, STATE_FILE), {**state, "pid": info["pid"]})
     run = run_liveness(tmp_path, complete=False)
     assert run["state"] == "stopped" and run["live"] is None
     assert run["reason"].startswith("the run died: process") and "is gone" in run["reason"]
-    (tmp_path / LOCK_FILE).unlink()
+    meta_path(tmp_path, LOCK_FILE).unlink()
     run = run_liveness(tmp_path, complete=False)  # no lock, the state still says running: died as well
     assert run["state"] == "stopped" and "died" in run["reason"]
     live.finish(complete=False, reason="SIGTERM")

@@ -183,8 +183,8 @@ def test_throughput_bins_from_commit_times():
 
 
 def _write_run(d, parts: list[pa.Table]) -> None:
-    d.mkdir(parents=True)
-    (d / "_run.json").write_text('{"input": "/data/in.jsonl", "total_records": 12}')
+    (d / ".rag-pipeline").mkdir(parents=True)
+    (d / ".rag-pipeline/run.json").write_text('{"input": "/data/in.jsonl", "total_records": 12}')
     for i, t in enumerate(parts):
         pq.write_table(t, d / f"part-{i:05d}.parquet")
     (d / "part-00099.parquet.tmp").write_bytes(b"not a committed part")

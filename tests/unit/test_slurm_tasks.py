@@ -12,9 +12,9 @@ from pipeline.slurm.tasks import is_slurm_root, slurm_status, write_submit_recor
 
 def _root(tmp_path: Path, n: int, records: dict[str, dict]) -> Path:
     root = tmp_path / "out"
-    write_submit_record(root / "_slurm", {"array_job_id": "41", "merge_job_id": "42", "n_shards": n,
+    write_submit_record(root / ".rag-pipeline/slurm", {"array_job_id": "41", "merge_job_id": "42", "n_shards": n,
                                           "merge_output": str(tmp_path / "out.merged")})
-    tasks = root / "_slurm" / "tasks"
+    tasks = root / ".rag-pipeline/slurm" / "tasks"
     tasks.mkdir(parents=True)
     for name, rec in records.items():
         job = "42" if name == "merge" else f"41_{name}"
@@ -36,7 +36,7 @@ def test_each_task_from_the_queue_or_its_record(tmp_path: Path) -> None:
     st = slurm_status(root, queue=queue)
     by = {t["index"]: t for t in st["tasks"]}
     assert [by[i]["state"] for i in range(6)] == ["done", "failed", "lost", "pending", "not started", "pending"]
-    assert by[1]["exit_code"] == 4 and by[1]["log_err"] == str(root / "_slurm" / "logs" / "run-41_1.err")
+    assert by[1]["exit_code"] == 4 and by[1]["log_err"] == str(root / ".rag-pipeline/slurm" / "logs" / "run-41_1.err")
     assert by[5]["reason"] == "JobArrayTaskLimit" and by[4]["log_err"].endswith("run-41_4.err")
     assert st["failed"] == [1, 2]
     assert st["merge"]["state"] == "cancelled" and "task(s) 1, 2 failed" in st["merge"]["reason"]
