@@ -190,7 +190,7 @@ def test_taken_metrics_port_is_one_line_exit_2_before_any_server_starts(tmp_path
     assert lines == [lines[-1]] and lines[0].startswith("Error: [run] metrics_port: port "), err
     assert f"port {port} on 127.0.0.1 is already in use" in err and "--metrics-port" in err
     assert "Traceback" not in err
-    # no server was started: its log would be in _logs beside main's own log
+    # no server was started: its log would be in .rag-pipeline/logs beside main's own log
     assert sorted(p.name for p in (out / ".rag-pipeline/logs").glob("*")) in ([], ["main.log"])
     assert not committed_parts(out)
     assert time.monotonic() - t0 < 60

@@ -92,6 +92,10 @@ def format_status(st: dict[str, Any]) -> str:
             lines.append(f"  merged: {merged['done']}/{merged['total']} rows, {state} ({merged['path']})")
         else:
             lines.append("  merged: not yet (rag-pipeline merge)")
+    else:
+        from pipeline.output.layout import LOGS_DIR, MANIFEST_FILE, locate
+
+        lines.append(f"  manifest {locate(st['path'], MANIFEST_FILE)}  logs {locate(st['path'], LOGS_DIR)}/")
     return "\n".join(lines)
 
 

@@ -144,5 +144,9 @@ def run_cmd(config_file: str | None, progress: bool, **params) -> None:
     from pipeline.run.orchestrator import run_pipeline
 
     result = run_pipeline(cfg, progress=progress)
+    from pipeline.output.layout import LOGS_DIR, MANIFEST_FILE, meta_path
+
     click.echo(summary_table(result.manifest), err=True)
+    click.echo(f"manifest {meta_path(result.output_dir, MANIFEST_FILE)}  logs {meta_path(result.output_dir, LOGS_DIR)}/",
+               err=True)
     click.echo(str(result.output_dir))

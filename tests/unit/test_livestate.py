@@ -369,6 +369,7 @@ def test_status_text_of_a_running_run_says_heartbeat_rate_eta_and_uncommitted_ro
     assert "rate: 0.42 records/s over the last 5 min, ETA 14 s; last row 2 s ago" in text
     assert "12 rows committed, 2 finished and not committed yet" in text
     assert f"endpoint {A}: 5/5 in flight, probe up" in text and "gen dispatch paused: held 30 s" in text
+    assert text.splitlines()[-1] == "  manifest out/.rag-pipeline/manifest.json  logs out/.rag-pipeline/logs/"
     dead = {**st, "done": 12, "committed": 12,
             "run": {**st["run"], "state": "stopped", "live": None, "reason": "the run died: process 4242 is gone"}}
     assert "run: stopped: the run died: process 4242 is gone; host node17, pid 4242; last heartbeat 3 s ago" in \
