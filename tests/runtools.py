@@ -157,3 +157,17 @@ def read_rows(out: Path) -> list[dict]:
     for part in committed_parts(out):
         rows += pq.read_table(part).to_pylist()
     return rows
+
+
+EARLIER = {"run.json": "_run.json", "manifest.json": "_manifest.json", "rejected.jsonl": "_rejected.jsonl",
+           "state.json": "_state.json", "report.html": "_report.html", "logs": "_logs",
+           "input_scan.json": "_input_scan.json", "slurm": "_slurm"}
+"""The names an earlier version gave the bookkeeping at the top of a directory."""
+
+
+def as_earlier_version(d: Path) -> None:
+    """Rename ``d/.rag-pipeline/*`` to the earlier top-level names and drop the folder."""
+    meta = d / ".rag-pipeline"
+    for p in sorted(meta.iterdir()):
+        os.rename(p, d / EARLIER[p.name])
+    meta.rmdir()

@@ -9,7 +9,6 @@ The directories are written by the real output code and then renamed to the earl
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,24 +21,11 @@ from pipeline.output import default_merge_dir, run_status, shard_dir
 from pipeline.output.lock import DirLock, LockHeld
 from pipeline.output.migrate import migrate
 from tests.readers import assert_each_once, reader_params
+from tests.runtools import as_earlier_version
 from tests.test_exactly_once import records  # noqa: F401  (fixture)
 from tests.test_status_merge import ALL_IDS, make_shard
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-EARLIER = {"run.json": "_run.json", "manifest.json": "_manifest.json", "rejected.jsonl": "_rejected.jsonl",
-           "state.json": "_state.json", "report.html": "_report.html", "logs": "_logs",
-           "input_scan.json": "_input_scan.json", "slurm": "_slurm"}
-"""The names an earlier version gave the bookkeeping at the top of a directory."""
-
-
-def _as_earlier_version(d: Path) -> None:
-    """Rename ``d/.rag-pipeline/*`` to the earlier top-level names and drop the folder."""
-    meta = d / ".rag-pipeline"
-    for p in sorted(meta.iterdir()):
-        os.rename(p, d / EARLIER[p.name])
-    meta.rmdir()
-
 
 def _earlier_root(tmp_path: Path, records: Path) -> Path:  # noqa: F811
     """A 2-shard root as an earlier version left it: shards with logs and a report, the root's input scan and
@@ -50,11 +36,11 @@ def _earlier_root(tmp_path: Path, records: Path) -> Path:  # noqa: F811
         (d / ".rag-pipeline" / "logs").mkdir()
         (d / ".rag-pipeline" / "logs" / "main.log").write_text("log\n")
         (d / ".rag-pipeline" / "report.html").write_text("<html></html>")
-        _as_earlier_version(d)
+        as_earlier_version(d)
     (root / ".rag-pipeline" / "slurm" / "tasks").mkdir(parents=True)
     (root / ".rag-pipeline" / "slurm" / "tasks" / "0.json").write_text('{"state": "done", "exit_code": 0}')
     (root / ".rag-pipeline" / "input_scan.json").write_text("{}")
-    _as_earlier_version(root)
+    as_earlier_version(root)
     return root
 
 
@@ -90,7 +76,7 @@ def test_after_the_move_every_reader_takes_each_record_once(reader, tmp_path: Pa
 
 def test_a_live_earlier_run_is_left_alone_and_a_dead_ones_lock_is_moved(tmp_path: Path, records: Path) -> None:  # noqa: F811
     d = make_shard(tmp_path / "out", records, 0, 1).path
-    _as_earlier_version(d)
+    as_earlier_version(d)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock = DirLock(d)

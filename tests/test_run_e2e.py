@@ -15,6 +15,7 @@ import pytest
 from tests.fixtures.llm import requires_llama
 from tests.runtools import (
     REPO,
+    as_earlier_version,
     processes_with_marker,
     read_ids,
     read_rows,
@@ -179,6 +180,8 @@ def test_signal_stops_cleanly_commits_and_resumes_exactly_once(tmp_path, example
     manifest = json.loads((out / ".rag-pipeline/manifest.json").read_text())
     assert manifest["complete"] is False and manifest["interrupted_by"]
     assert not list(out.glob("*.tmp"))
+    if sig == signal.SIGTERM:  # resumed as after an upgrade: the directory in an earlier version's layout
+        as_earlier_version(out)
 
     proc, marker = start_run(args)
     _, err = proc.communicate(timeout=600)
@@ -186,6 +189,8 @@ def test_signal_stops_cleanly_commits_and_resumes_exactly_once(tmp_path, example
     ids = read_ids(out)
     assert len(ids) == 16 and len(set(ids)) == 16
     assert set(first) <= set(ids)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == [".rag-pipeline"]
+    assert json.loads((out / ".rag-pipeline/manifest.json").read_text())["complete"] is True
 
 
 def test_generation_pool_never_imports_heavy_libraries(llama_endpoints):
