@@ -87,15 +87,12 @@ def read_part_footer(part: Path) -> pq.FileMetaData:
 
 
 def read_part_schema(part: Path) -> pa.Schema:
-    """Schema of one committed part (footer only).
+    """Arrow schema of one committed part, with its metadata (from :func:`read_part_footer`).
 
     Raises:
         RunError: the part is unreadable.
     """
-    try:
-        return pq.read_schema(part)
-    except (OSError, pa.ArrowException) as exc:
-        raise RunError(f"{part}: cannot read committed part: {exc}") from None
+    return read_part_footer(part).schema.to_arrow_schema()
 
 
 def _raise_unreadable(parts: list[Path], columns: list[str], exc: Exception) -> None:

@@ -274,6 +274,7 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                      writer=writer, parts=started)
     main_log = contextlib.ExitStack()
     main_log.enter_context(log_to_file(meta_path(out_dir, LOGS_DIR) / "main.log"))
+    log.info("output %s: rows in part-*.parquet; manifest, live state and logs in %s/", out_dir, meta_dir(out_dir))
     interrupted: str | None = None
     try:
         with contextlib.ExitStack() as stack:
