@@ -6,10 +6,14 @@
   server requires the key (401 without it) and the key is on no command line and in no log;
 * `ingest` and `run --chroma-url` reach a real Chroma server through an authenticating proxy with the token of
   --store-token-env (Authorization: Bearer, or X-Chroma-Token): the token is sent, and is in no output, log,
-  `run.json` or `manifest.json`; without it the run stops with one line, exit 4.
+  `run.json` or `manifest.json`; without it the run stops with one line, exit 4;
+* the same over https, the proxy's certificate signed by a throwaway site CA (made with the `openssl` CLI):
+  `ingest` and `run` verify it with --store-ca-file and every row retrieves through it; without the CA, with a
+  certificate for another host name, or https to a plain http port, one line naming the TLS problem, exit 4; a
+  missing or unusable CA file, one line, exit 2, before anything is sent.
 
 The proxy is a stand-in for the user's own (nginx, Caddy...): a few lines of http.server that check the token and
-forward each request to the real Chroma server.
+forward each request to the real Chroma server (over TLS when given a certificate).
 """
 
 from __future__ import annotations
@@ -358,8 +362,12 @@ def test_https_certificate_not_accepted(tmp_path: Path, https_chroma) -> None:
     line = _one_line_error(_cli("run", *run_args(records, tmp_path / "out", cfg, "--chroma-url", url, *token,
                                                  *unreached), env=env), 4)
     assert "TLS certificate not accepted" in line and "--store-ca-file" in line, line
+    # also when the run would ingest first (its collection need not exist yet)
+    line = _one_line_error(_cli("run", *run_args(records, tmp_path / "out1", cfg, "--chroma-url", url, *token,
+                                                 "--ingest", str(corpus), *unreached), env=env), 4)
+    assert "TLS certificate not accepted" in line, line
     assert proxy.seen == []  # no request got through
-    assert not list((tmp_path / "out").rglob("*.parquet"))
+    assert not list((tmp_path / "out").rglob("*.parquet")) and not list((tmp_path / "out1").rglob("*.parquet"))
 
     # the right CA, but a certificate that does not name the URL's host
     other = ["--chroma-url", https_chroma["other_url"], "--store-ca-file", ca, *token]

@@ -11,8 +11,8 @@ safe). So the checks are light:
   answers (its https certificate verified against that bundle), and the collection is found with
   ``GET /api/v2/tenants/default_tenant/databases/default_database/collections/NAME`` (404 = missing).
 
-Only the token and the CA bundle are checked when rank0 will ingest (``run.ingest``): then the collection may be
-absent; the ingest source must exist.
+When rank0 will ingest (``run.ingest``) the collection may be absent: only the ingest source (it must exist) and
+a server's answer to the heartbeat are checked.
 
 Before any of that, :func:`require_store_named` refuses a store or collection nobody named: the bundled defaults
 name none, so every command that reads or writes the store retrieves only from what the user chose.
@@ -84,6 +84,8 @@ def check_store(cfg: Config) -> None:
     if cfg.run.ingest:
         if not Path(cfg.run.ingest).exists():
             raise InputError(f"{cfg.run.ingest}: ingest source not found (--ingest)")
+        if cfg.store.chroma_url:  # the server must answer (certificate, token); the collection may not exist yet
+            _check_server(cfg.store, [], headers, verify)
         return
     names = [cfg.store.collection, *cfg.retrieval.collections]
     if cfg.store.chroma_url:
