@@ -14,7 +14,7 @@ def _store_options(fn):
                        help="BM25 index directory (default: <store>/bm25; with --chroma-url: a shared path, "
                             "or none and retrieval builds it in memory).")(fn)
     fn = config_option("--collection", key="store.collection", help="Collection name.")(fn)
-    fn = config_option("--store-ca-file", key="store.ca_file",
+    fn = config_option("--store-ca-file", key="store.ca_file", metavar="FILE",
                        help="PEM bundle of the CA that signed --chroma-url's certificate (e.g. your site's own CA); "
                             "default: the public CAs of certifi.")(fn)
     fn = config_option("--store-token-header", key="store.token_header",
