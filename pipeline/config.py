@@ -64,6 +64,9 @@ class StoreConfig:
     token_header: str = _f(
         "Authorization", "Header carrying the token: 'Authorization' sends 'Bearer <token>', any other name (e.g. "
         "X-Chroma-Token) the token itself.")
+    ca_file: str = _f(
+        "", "PEM bundle of the CA(s) that signed the certificate of an https chroma_url (e.g. your site's own CA); "
+        "empty = the default trust store of Python's requests/httpx (certifi's public CAs).")
     local_dir: str = _f(
         "", "run: node-local directory the store (Chroma + BM25) is staged to before the run, one copy per node and "
         "store version (pipeline/store/staging.py); empty = read store.path in place. submit sets it.")

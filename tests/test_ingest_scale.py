@@ -15,6 +15,7 @@ import sys
 import time
 import tracemalloc
 
+import certifi
 import psutil
 import pytest
 
@@ -265,10 +266,13 @@ def test_run_with_a_shared_store_retrieves_what_a_local_run_does(tmp_path, examp
     store_copy = tmp_path / "store"
     shutil.copytree(example_store.store_cfg.path, store_copy)
     got = {}
-    for mode, store in (("off", example_store.store_cfg.path), ("on", str(store_copy))):
+    # a CA bundle set for a user's https server (e.g. in a shared config) does not follow the run's own plain-http
+    # server to its RAG workers
+    ca = ("--store-ca-file", certifi.where())
+    for mode, store, extra in (("off", example_store.store_cfg.path, ()), ("on", str(store_copy), ca)):
         out = tmp_path / f"out-{mode}"
         proc, marker = start_run(run_args(records, out, cfg, "--endpoints", ",".join(llama_endpoints),
-                                          "--store", store, "--collection", "example", "--store-shared", mode))
+                                          "--store", store, "--collection", "example", "--store-shared", mode, *extra))
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         assert wait_no_survivors(marker) == []  # the Chroma server too

@@ -9,11 +9,14 @@ from pipeline.config import choices
 
 
 def _store_options(fn):
-    """--store / --chroma-url / --collection / --bm25-path, shared by both commands."""
+    """--store / --chroma-url (token, CA) / --collection / --bm25-path, shared by both commands."""
     fn = config_option("--bm25-path", key="store.bm25_path", type=click.Path(file_okay=False),
                        help="BM25 index directory (default: <store>/bm25; with --chroma-url: a shared path, "
                             "or none and retrieval builds it in memory).")(fn)
     fn = config_option("--collection", key="store.collection", help="Collection name.")(fn)
+    fn = config_option("--store-ca-file", key="store.ca_file", metavar="FILE",
+                       help="PEM bundle of the CA that signed --chroma-url's certificate (e.g. your site's own CA); "
+                            "default: the public CAs of certifi.")(fn)
     fn = config_option("--store-token-header", key="store.token_header",
                        help="Header carrying the token: Authorization (Bearer <token>) or e.g. X-Chroma-Token.")(fn)
     fn = config_option("--store-token-env", key="store.token_env",

@@ -86,6 +86,9 @@ def context_lines(manifest: dict) -> list[str]:
                help="Environment variable holding the token sent to --chroma-url (never logged).")
 @config_option("--store-token-header", key="store.token_header",
                help="Header carrying the token: Authorization (Bearer <token>, default) or e.g. X-Chroma-Token.")
+@config_option("--store-ca-file", key="store.ca_file", metavar="FILE",
+               help="PEM bundle of the CA that signed --chroma-url's certificate (e.g. your site's own CA); "
+                    "default: the public CAs of certifi.")
 @config_option("--store-local-dir", key="store.local_dir", type=click.Path(file_okay=False),
                help="Copy --store to this node-local directory first (once per node and store version) and read "
                     "the copy; submit sets it.")

@@ -165,15 +165,18 @@ def ingest_source(
 
     Raises:
         pipeline.errors.InputError: bad SOURCE with ``on_error="fail"`` (file and line named); nothing written.
-        pipeline.errors.ConfigError: invalid chunking parameters or on_error value; nothing written.
+        pipeline.errors.ConfigError: invalid chunking parameters or on_error value, an unusable ``store.ca_file``
+            or ``store.token_env``; nothing written.
         pipeline.errors.StoreError: no store or collection named, the store cannot be opened/written, or another
             ingest holds the store.
     """
     from pipeline.retrieval.bm25 import BM25Settings, index_root, rebuild, set_build_marker, stored_build
+    from pipeline.store.auth import ca_file
     from pipeline.store.client import describe, get_collection, open_client, reset_collection, store_errors
     from pipeline.store.preflight import require_store_named
 
     require_store_named(store_cfg)  # before anything is read: never a store in the current directory by default
+    ca_file(store_cfg)  # an unusable CA bundle of a Chroma server: refused before the source is read
     t0 = time.perf_counter()
     check_chunking(ingest_cfg.chunk_chars, ingest_cfg.chunk_overlap)
     bm25 = bm25 or BM25Settings()

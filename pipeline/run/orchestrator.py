@@ -516,7 +516,7 @@ def _share_store(cfg: Config, servers: Servers, out_dir: Path, signals: StopSign
     supervisor = StoreSupervisor(server, stopping=lambda: signals.count > 0)
     stack.callback(supervisor.stop)
     url = server.start(abort=lambda: signals.count > 0)
-    store = dataclasses.replace(cfg.store, chroma_url=url, token_env="",  # the run's own server takes no token
+    store = dataclasses.replace(cfg.store, chroma_url=url, token_env="", ca_file="",  # plain http, no token
                                 bm25_path=cfg.store.bm25_path or str(store_path / "bm25"))
     log.info("vector store shared: one Chroma server %s over %s for %d RAG workers", url, store_path, n_rag)
     return dataclasses.replace(mode, url=url), dataclasses.replace(cfg, store=store), supervisor

@@ -9,7 +9,8 @@ the writer is done); a deleted and recreated collection makes old handles raise
 ``NotFoundError: Collection [uuid] does not exist.``, fixed by ``get_or_create_collection(name)``.
 Several nodes read node-local copies of a store (:mod:`pipeline.store.staging`); a user's own Chroma server
 (behind an authenticating proxy: Chroma 1.x has no authentication of its own) is reached through
-``store.chroma_url`` with the token of ``store.token_env`` (:func:`pipeline.store.auth.token_headers`).
+``store.chroma_url`` with the token of ``store.token_env`` (:func:`pipeline.store.auth.token_headers`), its https
+certificate verified against ``store.ca_file`` (:func:`pipeline.store.auth.ca_file`).
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def open_client(store_cfg: StoreConfig, *, create: bool = True) -> ClientAPI:
 
     Raises:
         pipeline.errors.StoreError: a missing store directory (``create=False``), an invalid URL, or the
-            client cannot be opened / the server cannot be reached (the message never holds the token).
-        pipeline.errors.ConfigError: see :func:`pipeline.store.auth.token_headers`.
+            client cannot be opened / the server cannot be reached, a TLS certificate not accepted included
+            (:func:`pipeline.store.auth.tls_problem`; the message never holds the token).
+        pipeline.errors.ConfigError: see :func:`pipeline.store.auth.token_headers` and
+            :func:`pipeline.store.auth.ca_file`.
     """
     import chromadb
     from chromadb.config import Settings
@@ -92,17 +95,20 @@ def open_client(store_cfg: StoreConfig, *, create: bool = True) -> ClientAPI:
         if url.scheme not in ("http", "https") or not url.hostname:
             raise StoreError(f"invalid chroma_url {store_cfg.chroma_url!r} (expected https://host:port)")
         port = url.port or (443 if url.scheme == "https" else 8000)
-        from pipeline.store.auth import redact, token_headers
+        from pipeline.store.auth import ca_file, redact, tls_problem, token_headers
 
         headers = token_headers(store_cfg)
+        ca = ca_file(store_cfg)
+        if ca:  # chromadb hands it to its httpx client as ``verify``
+            settings = Settings(anonymized_telemetry=False, chroma_server_ssl_verify=ca)
         with store_errors(f"connect to Chroma server {store_cfg.chroma_url}"):
             try:
                 return chromadb.HttpClient(
                     host=url.hostname, port=port, ssl=url.scheme == "https", headers=headers, settings=settings
                 )
             except Exception as exc:  # noqa: BLE001 - httpx/requests connection errors of many types
-                raise StoreError(f"cannot connect to Chroma server {store_cfg.chroma_url}: "
-                                 f"{redact(str(exc), headers)}") from None
+                reason = tls_problem(exc, store_cfg) or redact(str(exc), headers)
+                raise StoreError(f"cannot connect to Chroma server {store_cfg.chroma_url}: {reason}") from None
     if not str(store_cfg.path).strip():
         from pipeline.store.preflight import STORE_MISSING
 

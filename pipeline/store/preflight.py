@@ -7,11 +7,12 @@ safe). So the checks are light:
 * local store (``store.path``): the directory exists and its ``chroma.sqlite3`` lists the collection (read
   through :mod:`pipeline.store.chroma_files`; when the file's layout is not the expected one, e.g. a future Chroma
   version, the check is skipped and rank0's own check applies);
-* Chroma server (``store.chroma_url``): ``GET /api/v2/heartbeat`` answers, and the collection is found with
+* Chroma server (``store.chroma_url``): ``store.ca_file`` (when set) is a PEM CA bundle, ``GET /api/v2/heartbeat``
+  answers (its https certificate verified against that bundle), and the collection is found with
   ``GET /api/v2/tenants/default_tenant/databases/default_database/collections/NAME`` (404 = missing).
 
-Nothing is checked when rank0 will ingest (``run.ingest``): then the collection may be absent; the ingest source
-must exist.
+When rank0 will ingest (``run.ingest``) the collection may be absent: only the ingest source (it must exist) and
+a server's answer to the heartbeat are checked.
 
 Before any of that, :func:`require_store_named` refuses a store or collection nobody named: the bundled defaults
 name none, so every command that reads or writes the store retrieves only from what the user chose.
@@ -70,20 +71,25 @@ def check_store(cfg: Config) -> None:
     """Check the store and collections the run reads (see the module docstring).
 
     Raises:
+        ConfigError: ``store.token_env`` or ``store.ca_file`` is unusable (:mod:`pipeline.store.auth`).
         InputError: ``run.ingest`` names a source that does not exist.
         StoreError: no store or collection named, the store directory or server is missing/unreachable, or a
             collection does not exist.
     """
     require_store_named(cfg.store, INGEST_HINT)
+    from pipeline.store.auth import ca_file, token_headers
+
+    headers = token_headers(cfg.store) if cfg.store.chroma_url else {}
+    verify = ca_file(cfg.store) or True
     if cfg.run.ingest:
         if not Path(cfg.run.ingest).exists():
             raise InputError(f"{cfg.run.ingest}: ingest source not found (--ingest)")
+        if cfg.store.chroma_url:  # the server must answer (certificate, token); the collection may not exist yet
+            _check_server(cfg.store, [], headers, verify)
         return
     names = [cfg.store.collection, *cfg.retrieval.collections]
     if cfg.store.chroma_url:
-        from pipeline.store.auth import token_headers
-
-        _check_server(cfg.store.chroma_url.rstrip("/"), names, token_headers(cfg.store))
+        _check_server(cfg.store, names, headers, verify)
     else:
         _check_local(Path(cfg.store.path), names)
 
@@ -100,24 +106,25 @@ def _check_local(path: Path, names: list[str]) -> None:
     _require(names, found, str(path))
 
 
-def _check_server(url: str, names: list[str], headers: dict[str, str]) -> None:
+def _check_server(store_cfg: StoreConfig, names: list[str], headers: dict[str, str], verify: str | bool) -> None:
     import requests
 
+    url = store_cfg.chroma_url.rstrip("/")
     try:
-        beat = requests.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=HTTP_TIMEOUT_S)
+        beat = requests.get(f"{url}/api/v2/heartbeat", headers=headers, timeout=HTTP_TIMEOUT_S, verify=verify)
         if beat.status_code in (401, 403):
             raise StoreError(f"Chroma server {url}: HTTP {beat.status_code}: token missing or rejected "
                              "(store.token_env, store.token_header)")
         beat.raise_for_status()
     except requests.RequestException as exc:
-        raise StoreError(f"Chroma server {url} does not answer: {_reason(exc)}") from None
+        raise StoreError(_unreachable(store_cfg, exc)) from None
     missing = []
     for name in names:
         try:
             r = requests.get(f"{url}/api/v2/tenants/default_tenant/databases/default_database/collections/{name}",
-                             headers=headers, timeout=HTTP_TIMEOUT_S)
+                             headers=headers, timeout=HTTP_TIMEOUT_S, verify=verify)
         except requests.RequestException as exc:
-            raise StoreError(f"Chroma server {url} does not answer: {_reason(exc)}") from None
+            raise StoreError(_unreachable(store_cfg, exc)) from None
         if r.status_code in (401, 403):
             raise StoreError(f"Chroma server {url}: HTTP {r.status_code} for collection {name!r}: token missing or "
                              "rejected (store.token_env, store.token_header)")
@@ -129,9 +136,15 @@ def _check_server(url: str, names: list[str], headers: dict[str, str]) -> None:
                          f"(rag-pipeline ingest SOURCE --chroma-url {url} --collection {missing[0]})")
 
 
-def _reason(exc: Exception) -> str:
-    """A request error's message: requests names the URL and the cause, never the request's headers (the token)."""
-    return str(exc)
+def _unreachable(store_cfg: StoreConfig, exc: Exception) -> str:
+    """The message for a request that got no answer: a TLS failure named as such
+    (:func:`pipeline.store.auth.tls_problem`), else requests' message, which names the URL and the cause, never
+    the request's headers (the token)."""
+    from pipeline.store.auth import tls_problem
+
+    url = store_cfg.chroma_url.rstrip("/")
+    problem = tls_problem(exc, store_cfg)
+    return f"Chroma server {url}: {problem}" if problem else f"Chroma server {url} does not answer: {exc}"
 
 
 def _require(names: list[str], found: set[str], where: str) -> None:

@@ -1,5 +1,6 @@
 """The pure rules of staging a store on a node and of the network listeners: version and copy check, free space,
-stale-copy selection, which bind addresses need a credential, the store token's header, secret server arguments.
+stale-copy selection, which bind addresses need a credential, the store token's header, the CA bundle of an https
+store server and how a TLS failure is named, secret server arguments.
 
 Nothing here copies a store or starts a server: the real staging (two processes sharing one copy) is in
 tests/test_store_staging.py, the refusals of the commands in tests/test_network_listeners.py.
@@ -16,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.servers.base import ServerSpec
 from pipeline.servers.plan import plan_servers
 from pipeline.servers.process import ALLOW_FLAG, is_loopback, open_listener_problem
-from pipeline.store.auth import redact, token_headers
+from pipeline.store.auth import ca_file, redact, tls_problem, token_headers
 from pipeline.store.staging import (
     SPACE_RESERVE_BYTES,
     CopyEntry,
@@ -150,3 +151,52 @@ def test_token_refusals_never_show_the_token(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="token_header: empty"):
         token_headers(_store(chroma_url="https://h", token_env="CHROMA_TOK", token_header=" "))
     assert redact("401 for Bearer t0k3n and t0k3n", {"Authorization": "Bearer t0k3n"}) == "401 for *** and ***"
+
+
+# --- the CA bundle of an https store server ---------------------------------------------------------------
+def test_ca_file_checked_before_use(tmp_path) -> None:
+    import certifi  # a PEM bundle that is always installed (requests depends on it)
+
+    https = "https://chroma.example:8443"
+    assert ca_file(_store(chroma_url=https)) is None  # the default trust store
+    assert ca_file(_store(ca_file=str(tmp_path / "missing.pem"))) is None  # a local store: not used, not checked
+    assert ca_file(_store(chroma_url=https, ca_file=certifi.where())) == certifi.where()
+    with pytest.raises(ConfigError, match=r"\[store\] ca_file: .*missing.pem: CA bundle not found"):
+        ca_file(_store(chroma_url=https, ca_file=str(tmp_path / "missing.pem")))
+    with pytest.raises(ConfigError, match="a directory, expected a PEM file"):
+        ca_file(_store(chroma_url=https, ca_file=str(tmp_path)))
+    (tmp_path / "notpem.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="notpem.pem: not a readable PEM CA bundle"):
+        ca_file(_store(chroma_url=https, ca_file=str(tmp_path / "notpem.pem")))
+    with pytest.raises(ConfigError, match="verifies an https:// server, but chroma_url is http://127.0.0.1:8000"):
+        ca_file(_store(chroma_url="http://127.0.0.1:8000", ca_file=certifi.where()))
+
+
+class _Wrapped(Exception):
+    """Stands for urllib3's MaxRetryError: the cause sits in ``reason``."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__("max retries")
+        self.reason = reason
+
+
+def test_tls_problem_is_found_among_the_causes() -> None:
+    import ssl
+
+    verify = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    verify.verify_message = "unable to get local issuer certificate"
+    as_httpx = ConnectionError("connect failed")
+    as_httpx.__cause__ = verify
+    as_requests = OSError(_Wrapped(verify))  # requests: SSLError(MaxRetryError(reason=...))
+    store = _store(chroma_url="https://h:8443")
+    for exc in (as_httpx, as_requests):
+        line = tls_problem(exc, store)
+        assert line is not None and "\n" not in line
+        assert line.startswith("TLS certificate not accepted: unable to get local issuer certificate")
+        assert "store.ca_file is not set" in line and "--store-ca-file" in line
+    line = tls_problem(as_httpx, _store(chroma_url="https://h:8443", ca_file="/etc/site-ca.pem"))
+    assert line is not None and "checked against store.ca_file /etc/site-ca.pem" in line
+    handshake = ConnectionError("connect failed")
+    handshake.__context__ = ssl.SSLError(1, "[SSL] record layer failure")
+    assert (tls_problem(handshake, store) or "").startswith("TLS handshake failed")
+    assert tls_problem(ConnectionRefusedError(111, "Connection refused"), store) is None
