@@ -20,8 +20,9 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # `run` needs none (`submit` uses the cluster's own Slurm). The tests need: slurm-wlm + munge (the real
 # single-node Slurm of the Slurm tests), shellcheck (lints launch_servers.sh and the scripts), procps (`ps` in
 # tests/test_serve_store.py) and gettext-base, chromium + chromium-driver (the headless browser
-# tests/test_report.py opens the HTML report in).
-TEST_APT_PKGS=(slurm-wlm munge shellcheck gettext-base procps chromium chromium-driver)
+# tests/test_report.py opens the HTML report in), openssl (the throwaway CA and certificates of the https store
+# tests in tests/test_network_listeners.py).
+TEST_APT_PKGS=(slurm-wlm munge shellcheck gettext-base procps chromium chromium-driver openssl)
 if [ "${RAG_PIPELINE_TEST_DEPS:-0}" = 1 ] && [ "${RAG_PIPELINE_SKIP_APT:-0}" != 1 ] &&
   command -v apt-get >/dev/null 2>&1; then
   missing=()
