@@ -15,7 +15,7 @@ import pytest
 
 from tests.runtools import REPO
 
-TEST_PKGS = "slurm-wlm munge shellcheck gettext-base procps chromium chromium-driver"
+TEST_PKGS = "slurm-wlm munge shellcheck gettext-base procps chromium chromium-driver openssl"
 
 STUB = """#!/bin/bash
 echo "{name} $*" >> "{log}"

@@ -274,7 +274,6 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
                      writer=writer, parts=started)
     main_log = contextlib.ExitStack()
     main_log.enter_context(log_to_file(meta_path(out_dir, LOGS_DIR) / "main.log"))
-    log.info("output %s: rows in part-*.parquet; manifest, live state and logs in %s/", out_dir, meta_dir(out_dir))
     interrupted: str | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -310,6 +309,8 @@ def _run_locked(cfg: Config, progress: bool, out_dir: Path, shard: tuple[int, in
 
                 stack.callback(commit_at_exit)
                 live.set_phase("running")
+                log.info("output %s: rows in part-*.parquet; manifest, live state and logs in %s/", out_dir,
+                         meta_dir(out_dir))  # once the run runs: a start-up error stays one line
                 _schedule(cfg, scheduler, workers, writer, signals, servers, store_sup, progress_view, live, metrics)
             else:
                 stack.callback(writer.commit)
